@@ -1,0 +1,95 @@
+"""ClientApp: thin glue between Flower messages and ``pf2lora_core.client.ClientRuntime``.
+
+The private level lives in ``context.state`` (fast, within a run) and is mirrored to disk
+(``PrivateStore``, atomic) so that a restarted process resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pf2lora_core.client import ClientRuntime, runtime_for
+from pf2lora_core.constants import (
+    ARRAYS_KEY,
+    GLOBAL,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PERSONALIZED,
+    PRIVATE_META_KEY,
+    PRIVATE_STATE_KEY,
+)
+from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
+from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, PrivateStore
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore]:
+    config = msg.content["config"]
+    runtime = runtime_for(str(config[CONFIG_YAML_KEY]))
+    client = _client_id(context, runtime.exp.federation.num_clients)
+    root = str(context.node_config.get("state-dir", runtime.exp.federation.state_dir))
+    return runtime, client, PrivateStore(root, str(config[RUN_KEY]), client)
+
+
+def _client_id(context: Context, num_clients: int) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "node config lacks 'partition-id'; start the SuperNode with "
+            '--node-config "partition-id=K num-partitions=N"'
+        )
+    client = int(context.node_config["partition-id"])
+    declared = int(context.node_config.get("num-partitions", num_clients))
+    if declared != num_clients or not 0 <= client < num_clients:
+        raise ValueError(
+            f"partition-id={client}, num-partitions={declared} do not fit federation.num_clients={num_clients}; "
+            "make the federation's num-supernodes equal federation.num_clients"
+        )
+    return client
+
+
+def _private(context: Context, store: PrivateStore) -> PrivateState | None:
+    """This client's private level: context.state first, else disk, else None (fresh init)."""
+    if PRIVATE_STATE_KEY in context.state.array_records:
+        meta = context.state[PRIVATE_META_KEY]
+        return PrivateState(
+            tensors=context.state[PRIVATE_STATE_KEY].to_torch_state_dict(),
+            round=int(meta[ROUND_META]),
+            steps_total=int(meta[STEPS_META]),
+        )
+    return store.load()
+
+
+def _keep_private(context: Context, store: PrivateStore, state: PrivateState) -> None:
+    """Mirror the private level to context.state and (atomically) to disk."""
+    context.state[PRIVATE_STATE_KEY] = ArrayRecord(state.tensors)
+    context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
+    store.save(state)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    runtime, client, store = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    common = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    previous = _private(context, store)
+    out = runtime.train(client, server_round, common, previous.tensors if previous else None)
+    if out.private:
+        steps = (previous.steps_total if previous else 0) + runtime.exp.local_steps
+        _keep_private(context, store, PrivateState(out.private, server_round, steps))
+    metrics = {CLIENT_KEY: client, NUM_EXAMPLES: out.num_examples, **out.metrics}
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(out.common), METRICS_KEY: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    runtime, client, store = _setup(msg, context)
+    common = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    private = _private(context, store)
+    out = runtime.evaluate(client, common, private.tensors if private else None)
+    metrics = flatten_eval(client, out.num_examples, {PERSONALIZED: out.personalized, GLOBAL: out.global_})
+    details = ConfigRecord({DETAILS_KEY: encode_details({"rank": out.rank})})
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,194 @@
+"""Two-level LoRA on any torch/transformers model through peft.
+
+The adapted layer computes ``W0 x + s B A x + s~ D C x``: peft keeps several LoRA adapters
+per layer in dicts keyed by adapter name and sums the active ones, so the common adapter
+``(A, B)`` and the private adapter ``(C, D)`` are two named peft adapters (``COMMON`` and
+``PRIVATE``), both active. peft initialises ``B`` and ``D`` to zero, so at initialisation the
+adapted model computes exactly the base model.
+
+A *level* is the set of trainable tensors that travel (or stay) together: the common level is
+the common adapter plus, by default, the newly initialised head; the private level is the
+private adapter (plus the head when ``head_level == PRIVATE``). Levels are keyed by full
+parameter names, which include the adapter name, so two levels never share a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from pf2lora_core.constants import COMMON, LEVELS, PRIVATE
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One LoRA adapter: rank and alpha (peft's scaling is ``alpha / rank``)."""
+
+    rank: int
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class TwoLevelModel:
+    """A peft model carrying a common and (optionally) a private LoRA adapter.
+
+    Parameters
+    ----------
+    base:
+        Any ``nn.Module`` (a transformers model or a tiny MLP).
+    target_modules:
+        Module-name suffixes to adapt (peft semantics), e.g. ``["query", "value"]``.
+    common, private:
+        Adapter specs; ``private=None`` gives a one-level model (HOMLoRA and friends).
+    head_modules:
+        Names of modules trained in full (the classification head). Usually the modules whose
+        weights the checkpoint did not contain.
+    head_level:
+        Level the head belongs to: ``COMMON`` (sent to the server) or ``PRIVATE``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        target_modules: Sequence[str],
+        common: AdapterSpec,
+        private: AdapterSpec | None = None,
+        head_modules: Sequence[str] = (),
+        head_level: str = COMMON,
+    ) -> None:
+        if head_level not in LEVELS:
+            raise ValueError(f"head_level must be one of {LEVELS}, got {head_level!r}")
+        if head_level == PRIVATE and private is None:
+            raise ValueError("head_level='private' needs a private adapter (private rank > 0)")
+        self.specs: dict[str, AdapterSpec] = {COMMON: common}
+        if private is not None:
+            self.specs[PRIVATE] = private
+        self.head_level = head_level
+        self.model: PeftModel = get_peft_model(base, _lora_config(common, target_modules), adapter_name=COMMON)
+        if private is not None:
+            self.model.add_adapter(PRIVATE, _lora_config(private, target_modules))
+        self.model.base_model.set_adapter(list(self.specs))
+        self._head_names = _head_parameter_names(self.model, head_modules)
+        for name, param in self.model.named_parameters():
+            if name in self._head_names:
+                param.requires_grad_(True)
+
+    # ------------------------------------------------------------------ parameters by level
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def level_of(self, name: str) -> str | None:
+        """The level a parameter name belongs to, or None for frozen base weights."""
+        if name in self._head_names:
+            return self.head_level
+        for level in self.specs:
+            if f".{level}." in name:
+                return level
+        return None
+
+    def parameters(self, level: str) -> dict[str, nn.Parameter]:
+        """Trainable tensors of one level, by full parameter name (ordered)."""
+        return {n: p for n, p in self.model.named_parameters() if self.level_of(n) == level}
+
+    def export(self, level: str) -> StateDict:
+        """Detached float32 CPU copies of one level: what may leave the client."""
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.parameters(level).items()}
+
+    def load(self, level: str, state: Mapping[str, Tensor]) -> None:
+        """Copy ``state`` into one level; keys and shapes must match exactly."""
+        params = self.parameters(level)
+        check_state(state, {n: tuple(p.shape) for n, p in params.items()}, what=f"{level} level")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.device, param.dtype))
+
+    def shapes(self, level: str) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.parameters(level).items()}
+
+    def num_parameters(self, level: str) -> int:
+        return sum(p.numel() for p in self.parameters(level).values())
+
+    # ------------------------------------------------------------------ forward modes
+    @contextmanager
+    def only(self, *levels: str) -> Iterator[None]:
+        """Run with only the given adapters active (e.g. ``only(COMMON)`` for the global model)."""
+        active = [lvl for lvl in self.specs if lvl in levels]
+        self.model.base_model.set_adapter(active)
+        try:
+            yield
+        finally:
+            # set_adapter also flips requires_grad; restoring every level restores training.
+            self.model.base_model.set_adapter(list(self.specs))
+            for name, param in self.model.named_parameters():
+                if name in self._head_names:
+                    param.requires_grad_(True)
+
+    def to(self, device: torch.device | str) -> TwoLevelModel:
+        self.model.to(device)
+        return self
+
+    # ------------------------------------------------------------------ rank analysis input
+    def lora_modules(self) -> dict[str, nn.Module]:
+        """Adapted (peft LoRA) modules by name."""
+        return {n: m for n, m in self.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+
+    def full_updates(self, levels: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Per adapted module, the dense update ``sum over levels of scaling * B @ A``."""
+        use = list(self.specs) if levels is None else [lvl for lvl in levels if lvl in self.specs]
+        updates: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, module in self.lora_modules().items():
+                delta = None
+                for level in use:
+                    a = module.lora_A[level].weight.float()
+                    b = module.lora_B[level].weight.float()
+                    term = module.scaling[level] * (b @ a)
+                    delta = term if delta is None else delta + term
+                if delta is not None:
+                    updates[name] = delta.cpu()
+        return updates
+
+
+def _lora_config(spec: AdapterSpec, target_modules: Sequence[str]) -> LoraConfig:
+    if spec.rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {spec.rank}")
+    # lora_dropout=0: the hypergradient differentiates one fixed stochastic objective per
+    # step; extra adapter-level dropout would only add variance to the finite differences.
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(target_modules), lora_dropout=0.0)
+
+
+def _head_parameter_names(model: nn.Module, head_modules: Sequence[str]) -> set[str]:
+    """Full parameter names under the head modules (matched as dotted-name suffixes)."""
+    names: set[str] = set()
+    found: set[str] = set()
+    for mod_name, module in model.named_modules():
+        for head in head_modules:
+            if mod_name == head or mod_name.endswith("." + head):
+                found.add(head)
+                names.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters())
+    missing = set(head_modules) - found
+    if missing:
+        raise ValueError(f"head module(s) {sorted(missing)} not found in the model")
+    return {n for n in names if ".lora_" not in n}
+
+
+def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise ValueError naming what is wrong when ``state`` does not match ``shapes``."""
+    missing = sorted(set(shapes) - set(state))
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{what}: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{what}: {name} has shape {tuple(state[name].shape)}, expected {shape}")

@@ -1,0 +1,92 @@
+"""The interface every federated algorithm implements (one module each, one registry)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.hypergrad import LossFn
+from pf2lora_core.runtime import derived_seed
+from pf2lora_core.solver import seeded_loss
+
+StateDict = dict[str, Tensor]
+# (batch, params) -> loss of the batch with ``params`` substituted (None: the model's own)
+Objective = Callable[[Any, "dict[str, Tensor] | None"], Tensor]
+
+
+@dataclass
+class LoRAParams:
+    """Options shared by every LoRA algorithm (values and reasons live in ``conf/algorithm``)."""
+
+    name: str
+    rank: int  # r, rank of the common adapter
+    lora_alpha: float  # scaling s = lora_alpha / rank
+    lr: float  # beta, AdamW learning rate of the common adapter
+    weight_decay: float
+
+    def validate(self) -> None:
+        _positive(self, "rank", "lora_alpha", "lr")
+        if self.weight_decay < 0:
+            raise ValueError(f"algorithm.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def _positive(params: object, *names: str) -> None:
+    for name in names:
+        value = getattr(params, name)
+        if not value > 0:
+            raise ValueError(f"algorithm.{name} must be > 0, got {value}")
+
+
+@dataclass
+class LocalContext:
+    """What a client hands its algorithm for one round of local work."""
+
+    model: TwoLevelModel
+    objective: Objective
+    batches: Iterator[Any]  # endless iterator over the client's training batches
+    steps: int  # K local steps
+    seed: int  # per (run, client, round): dropout masks and any sampling
+    device: torch.device
+
+    def loss_for(self, batch: Any, step: int) -> LossFn:
+        """The batch's loss with one fixed random stream for every pass of this step."""
+        return seeded_loss(lambda params: self.objective(batch, params), derived_seed(self.seed, step), self.device)
+
+
+class Algorithm(ABC):
+    """A federated LoRA algorithm: which adapters a client holds, its local update, its aggregation.
+
+    Client side: ``adapters`` (built once per client), ``train`` (K local steps on the model,
+    whose common level was just loaded from the server). The client sends ``model.export(COMMON)``
+    and keeps the private level. Server side: ``aggregate`` the clients' common levels.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[LoRAParams]]
+
+    def __init__(self, params: LoRAParams) -> None:
+        params.validate()
+        self.params = params
+
+    @abstractmethod
+    def adapters(self) -> tuple[AdapterSpec, AdapterSpec | None]:
+        """(common, private) adapter specs; private None for one-level algorithms."""
+
+    @abstractmethod
+    def train(self, ctx: LocalContext) -> dict[str, float]:
+        """Run the round's local steps in place on ``ctx.model``; return train metrics."""
+
+    def aggregate(self, states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
+        """Server rule for the common level (FedAvg by default)."""
+        return weighted_mean(states, weights)
+
+    def adamw(self, params: Mapping[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The common level's AdamW (lr beta); a fresh one every round (see solver docstring)."""
+        return torch.optim.AdamW(list(params.values()), lr=self.params.lr, weight_decay=self.params.weight_decay)

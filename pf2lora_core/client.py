@@ -1,0 +1,132 @@
+"""A client's local work, free of Flower: load levels, train a round, evaluate.
+
+``ClientRuntime`` holds what a client process keeps between messages: the frozen base model with
+both adapters attached, the tokenizer, the task and the algorithm. In a Ray simulation one
+process serves many clients in turn, so the runtime is cached per process (``runtime_for``) and
+a client's own state (its private level) is loaded into the shared model at every message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pf2lora_core import data
+from pf2lora_core.adapters import TwoLevelModel
+from pf2lora_core.algorithms import LocalContext
+from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.experiment import Experiment, from_yaml
+from pf2lora_core.models import load_classifier
+from pf2lora_core.rank import rank_report
+from pf2lora_core.runtime import derived_seed, resolve_device, seed_everything
+from pf2lora_core.solver import autocast_context, iterate_forever
+from pf2lora_core.tasks import ClassificationTask
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass
+class TrainOutcome:
+    common: StateDict  # what is sent
+    private: StateDict  # what is kept
+    metrics: dict[str, float]
+    num_examples: int
+
+
+@dataclass
+class EvalOutcome:
+    personalized: dict[str, float]
+    global_: dict[str, float]
+    rank: dict  # rank_report(...) of the client's full update
+    num_examples: int
+
+
+def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, object]:
+    """Base model + adapters, initialised from the run seed (identical on server and clients)."""
+    labels = data.task_label_names(exp.task, exp.seed)
+    seed_everything(exp.seed)
+    loaded = load_classifier(exp.model, num_labels=len(labels))
+    common, private = exp.algorithm.adapters()
+    model = TwoLevelModel(
+        loaded.model,
+        target_modules=exp.model.target_modules,
+        common=common,
+        private=private,
+        head_modules=loaded.head_modules,
+        head_level=exp.model.head_level,
+    ).to(device)
+    return model, loaded.tokenizer
+
+
+class ClientRuntime:
+    """Per-process client state shared by all clients this process serves."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.device = resolve_device(str(exp.cfg.device))
+        self.model, self.tokenizer = build_model(exp, self.device)
+        # Every client's private level starts from the same seeded init (C random, D = 0).
+        self.initial_private = self.model.export(PRIVATE) if self.has_private else {}
+        bf16 = bool(exp.cfg.bf16)
+        self.task = ClassificationTask(
+            exp.task.metric, self.device, autocast=lambda: autocast_context(self.device, bf16)
+        )
+
+    @property
+    def has_private(self) -> bool:
+        return PRIVATE in self.model.levels
+
+    def split(self, client: int) -> data.ClientSplit:
+        e = self.exp
+        return data.client_split(e.task, e.partition, e.federation.num_clients, client, e.seed, self.tokenizer)
+
+    def _load(self, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
+        self.model.load(COMMON, common)
+        if self.has_private:
+            self.model.load(PRIVATE, private if private else self.initial_private)
+
+    def train(
+        self, client: int, server_round: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None
+    ) -> TrainOutcome:
+        self._load(common, private)
+        split = self.split(client)
+        seed = derived_seed(self.exp.seed, client, server_round)
+        batches = data.batches(split.train, self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed)
+        module = self.model.model
+        ctx = LocalContext(
+            model=self.model,
+            objective=lambda batch, params: self.task.loss(module, batch, params),
+            batches=iterate_forever(batches),
+            steps=int(self.exp.cfg.local_steps),
+            seed=seed,
+            device=self.device,
+        )
+        module.train()
+        metrics = self.exp.algorithm.train(ctx)
+        return TrainOutcome(
+            common=self.model.export(COMMON),
+            private=self.model.export(PRIVATE) if self.has_private else {},
+            metrics=metrics,
+            num_examples=len(split.train),
+        )
+
+    def evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
+        self._load(common, private)
+        split = self.split(client)
+        bs = self.exp.task.eval_batch_size
+        test = data.batches(split.test, bs, self.tokenizer, shuffle=False, seed=0)
+        personalized = self.task.evaluate(self.model.model, test)
+        with self.model.only(COMMON):
+            global_ = self.task.evaluate(self.model.model, test)
+        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
+        return EvalOutcome(personalized=personalized, global_=global_, rank=rank, num_examples=len(split.test))
+
+
+@functools.lru_cache(maxsize=2)
+def runtime_for(config_yaml: str) -> ClientRuntime:
+    """The process-wide runtime for a resolved config (built once, reused every round)."""
+    return ClientRuntime(from_yaml(config_yaml))

@@ -1,0 +1,130 @@
+"""Typed schema of the experiment configuration.
+
+The *values* live in one place, the Hydra tree under ``conf/`` (each number documented there
+with its reason). These dataclasses are the schema only: every field is required, so a key
+missing from ``conf/`` or an unknown key is an error, and ``parse`` turns a composed
+``DictConfig`` into typed objects once, at the edge, validating values with a clear message.
+
+Algorithm-specific options are validated by the algorithm's own ``Params`` dataclass (see
+``pf2lora_core.algorithms``), so adding an algorithm never touches this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what to fix."""
+
+
+@dataclass
+class TaskConfig:
+    kind: str = MISSING  # classification | causal_lm
+    source: str = MISSING  # packaged | hub | files
+    name: str = MISSING  # packaged/hub dataset name (e.g. rotten_tomatoes, glue/sst2)
+    data_files: dict[str, str] = field(default_factory=dict)  # files source: split -> path
+    text_columns: list[str] = field(default_factory=list)  # one (single) or two (pair) columns
+    label_column: str = MISSING
+    label_names: list[str] = field(default_factory=list)  # optional: fixes the label order
+    metric: str = MISSING  # accuracy | matthews_correlation
+    max_length: int = MISSING
+    max_examples: int = MISSING  # subset of the pooled data before partitioning (0 = all)
+    test_fraction: float = MISSING  # of each client's partition
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    source: str = MISSING  # packaged | hub | path
+    name: str = MISSING  # packaged name, hub id or local path
+    target_modules: list[str] = field(default_factory=list)
+    head_level: str = MISSING  # common | private
+    head_modules: list[str] = field(default_factory=list)  # empty: modules not in the checkpoint
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = MISSING  # s_split | dirichlet | pathological | iid
+    s: float = MISSING  # s_split: fraction of each label dealt label-sorted
+    alpha: float = MISSING  # dirichlet concentration
+    classes_per_partition: int = MISSING  # pathological
+    min_partition_size: int = MISSING  # dirichlet: resample until every client has this many
+
+
+@dataclass
+class FederationConfig:
+    kind: str = MISSING  # simulation | deployment
+    num_clients: int = MISSING
+    fraction_train: float = MISSING
+    fraction_evaluate: float = MISSING
+    min_train_clients: int = MISSING
+    client_cpus: int = MISSING  # Flower takes whole CPUs per ClientApp
+    client_gpus: float = MISSING
+    state_dir: str = MISSING  # where clients mirror their private state
+    max_update_norm: float = MISSING  # reject replies whose update norm exceeds this (0 = off)
+    wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
+    audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
+
+
+@dataclass
+class ExperimentConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: Any = MISSING  # validated by the algorithm's Params
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    name: str = MISSING
+    seed: int = MISSING
+    rounds: int = MISSING
+    local_steps: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    bf16: bool = MISSING
+    output_dir: str = MISSING
+    run_dir: str = MISSING  # empty: <output_dir>/<timestamp>-<name>
+    eval_every: int = MISSING
+    rank_threshold: float = MISSING  # relative singular-value threshold of the effective rank
+
+
+def schema() -> DictConfig:
+    """The structured (typed, closed) schema that composed configs are merged into."""
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def validate_structure(cfg: DictConfig) -> DictConfig:
+    """Merge into the schema: unknown keys, wrong types and missing values raise ConfigError."""
+    try:
+        merged = OmegaConf.merge(schema(), cfg)
+        missing = sorted(k for k in _missing_keys(merged))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid configuration: {_first_line(err)}") from None
+    if missing:
+        raise ConfigError(f"invalid configuration: missing value for {', '.join(missing)}")
+    return merged
+
+
+def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            out.append(full)
+        elif isinstance(cfg[key], DictConfig):
+            out.extend(_missing_keys(cfg[key], full + "."))
+    return out
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return " ".join(line.strip() for line in text[:3] if line.strip())
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError for ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"invalid configuration: {key}: {message}")

@@ -1,0 +1,40 @@
+"""Names shared across layers: adapter levels, record keys, metric keys, file names.
+
+A key spelled as a literal in two places is a bug waiting; every layer imports it from here.
+"""
+
+from __future__ import annotations
+
+# Adapter levels. They double as the peft adapter names, so a parameter's level can be read
+# off its name (``...lora_A.common.weight``).
+COMMON = "common"
+PRIVATE = "private"
+LEVELS = (COMMON, PRIVATE)
+
+# Where the classification head lives (config ``model.head_level``).
+HEAD_LEVELS = LEVELS
+
+# Keys inside Flower records (used by server_app / client_app; defined here so tests share them).
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+PRIVATE_STATE_KEY = "pf2lora.private"  # ArrayRecord in context.state
+PRIVATE_META_KEY = "pf2lora.private-meta"  # ConfigRecord: round, local_steps_total
+LOWER_STATE_KEY = "pf2lora.lower"  # optional lower-level optimiser/algorithm state
+
+# Metric names.
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+ACCURACY = "accuracy"
+MCC = "matthews_correlation"
+PERSONALIZED = "personalized"
+GLOBAL = "global"
+
+# Run-directory contract (DESIGN.md).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOTS_DIR = "plots"
+CHECKPOINTS_DIR = "checkpoints"
+AUDIT_DIR = "audit"  # federation.audit_replies: every reply the server received

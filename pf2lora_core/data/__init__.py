@@ -1,0 +1,41 @@
+"""Data: sources pooled into one dataset, label-skewed partitions, per-client tokenized splits."""
+
+from __future__ import annotations
+
+from pf2lora_core.data.client import (
+    Batches,
+    ClientSplit,
+    batches,
+    clear_caches,
+    client_split,
+    collate,
+    partition_label_histograms,
+    task_label_names,
+)
+from pf2lora_core.data.partition import PARTITIONERS, SSplitPartitioner, make_partitioner
+from pf2lora_core.data.sources import (
+    SOURCES,
+    default_metric,
+    label_names,
+    load_examples,
+    resolve_text_columns,
+)
+
+__all__ = [
+    "PARTITIONERS",
+    "SOURCES",
+    "Batches",
+    "ClientSplit",
+    "SSplitPartitioner",
+    "batches",
+    "clear_caches",
+    "client_split",
+    "collate",
+    "default_metric",
+    "label_names",
+    "load_examples",
+    "make_partitioner",
+    "partition_label_histograms",
+    "resolve_text_columns",
+    "task_label_names",
+]

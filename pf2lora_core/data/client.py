@@ -1,0 +1,323 @@
+"""One client's tokenized train/test split, cached per process, and its mini-batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import datasets
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from pf2lora_core.config import PartitionConfig, TaskConfig
+from pf2lora_core.data.columns import LABEL, LABELS, MODEL_INPUTS, ROW, TEST, TRAIN
+from pf2lora_core.data.partition import make_partitioner
+from pf2lora_core.data.sources import label_names, load_examples, resolve_text_columns
+
+T = TypeVar("T")
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientSplit:
+    """A client's data: its partition split into train and test, tokenized.
+
+    Attributes
+    ----------
+    train, test : datasets.Dataset
+        Columns ``input_ids``, ``attention_mask`` (``token_type_ids`` where the tokenizer
+        makes them) and ``labels``; unpadded (``collate`` pads per batch).
+    label_names : list[str]
+        Name of each label id.
+    train_label_hist, test_label_hist : list[int]
+        Number of examples per label id.
+    """
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str]
+    train_label_hist: list[int]
+    test_label_hist: list[int]
+
+
+@dataclass(frozen=True)
+class ClientRows:
+    """Rows of the pooled dataset that form one client's train and test split."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
+# Deliberate per-process caches. A Ray simulation worker serves many clients over many rounds:
+# the pooled data is loaded once per (task, seed), tokenized once per (task, seed, tokenizer),
+# partitioned once per (task, partition, num_clients, seed); each client's split is built once.
+POOLED_CACHE: dict[Hashable, datasets.Dataset] = {}
+TOKENIZED_CACHE: dict[Hashable, datasets.Dataset] = {}
+ROWS_CACHE: dict[Hashable, list[ClientRows]] = {}
+SPLIT_CACHE: dict[Hashable, ClientSplit] = {}
+
+
+def clear_caches() -> None:
+    """Empty every data cache of this process (tests; freeing memory)."""
+    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE):
+        cache.clear()
+
+
+def client_split(
+    task: TaskConfig,
+    partition: PartitionConfig,
+    num_clients: int,
+    client: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> ClientSplit:
+    """The tokenized train/test split of ``client`` (cached: a second call returns the same object).
+
+    Parameters
+    ----------
+    task : TaskConfig
+        What data to load, ``max_length`` for truncation and ``test_fraction`` of each partition.
+    partition : PartitionConfig
+        How the pooled data is divided among clients.
+    num_clients : int
+        Number of partitions.
+    client : int
+        This client's partition id, in ``[0, num_clients)``.
+    seed : int
+        Seeds the pool's order, the partition and the train/test split.
+    tokenizer : PreTrainedTokenizerBase
+        Tokenizes one text or a text pair; cached by its class and ``name_or_path``.
+
+    Returns
+    -------
+    ClientSplit
+        The client's tokenized train and test data with their label histograms.
+    """
+    if not 0 <= client < num_clients:
+        raise ValueError(f"client {client} out of range: {num_clients} clients have ids 0..{num_clients - 1}")
+    key = (_freeze(task), _freeze(partition), num_clients, client, seed, _tokenizer_key(tokenizer))
+    return _cached(
+        SPLIT_CACHE, key, lambda: _build_split(task, partition, num_clients, client, seed, tokenizer)
+    )
+
+
+def task_label_names(task: TaskConfig, seed: int) -> list[str]:
+    """Label names of the pooled dataset (fixes the classifier's number of outputs)."""
+    return label_names(_pooled(task, seed))
+
+
+def partition_label_histograms(
+    task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
+) -> list[dict[str, list[int]]]:
+    """Every client's train and test label histogram, without tokenizing (for summary.json).
+
+    Returns
+    -------
+    list[dict[str, list[int]]]
+        One ``{"train": [...], "test": [...]}`` per client: counts per label id.
+    """
+    pooled = _pooled(task, seed)
+    labels, num_labels = np.asarray(pooled[LABEL]), len(label_names(pooled))
+    return [
+        {TRAIN: _histogram(labels[rows.train], num_labels), TEST: _histogram(labels[rows.test], num_labels)}
+        for rows in _client_rows(task, partition, num_clients, seed)
+    ]
+
+
+def collate(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict[str, Any]]], Batch]:
+    """Collate function: pads a list of tokenized rows to the batch's longest, as torch tensors."""
+    pad = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+
+    def collate_rows(rows: list[dict[str, Any]]) -> Batch:
+        return dict(pad(rows))
+
+    return collate_rows
+
+
+class Batches:
+    """Re-iterable mini-batches of a tokenized dataset.
+
+    Each pass over it uses a new order when ``shuffle``; pass ``e`` always uses the order
+    seeded by ``(seed, e)``, so a run is reproducible from its seed.
+    """
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerBase,
+        shuffle: bool,
+        seed: int,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._ds = ds.select_columns([c for c in ds.column_names if c in MODEL_INPUTS])
+        self._batch_size = batch_size
+        self._collate = collate(tokenizer)
+        self._shuffle = shuffle
+        self._seed = seed
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._ds) / self._batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self._ds)
+        order = (
+            np.random.default_rng([self._seed, self._epoch]).permutation(n) if self._shuffle else np.arange(n)
+        )
+        self._epoch += 1
+        return self._generate(order)
+
+    def _generate(self, order: np.ndarray) -> Iterator[Batch]:
+        for start in range(0, len(order), self._batch_size):
+            columns = self._ds[order[start : start + self._batch_size]]
+            yield self._collate(
+                [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+            )
+
+
+def batches(
+    ds: datasets.Dataset, batch_size: int, tokenizer: PreTrainedTokenizerBase, shuffle: bool, seed: int
+) -> Batches:
+    """Re-iterable mini-batches of ``ds`` (see ``Batches``)."""
+    return Batches(ds, batch_size, tokenizer, shuffle, seed)
+
+
+# --- building blocks (each cached) --------------------------------------------------------
+
+
+def _build_split(
+    task: TaskConfig,
+    partition: PartitionConfig,
+    num_clients: int,
+    client: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> ClientSplit:
+    pooled = _pooled(task, seed)
+    tokenized = _tokenized(task, seed, tokenizer)
+    rows = _client_rows(task, partition, num_clients, seed)[client]
+    names = label_names(pooled)
+    labels = np.asarray(pooled[LABEL])
+    return ClientSplit(
+        train=tokenized.select(rows.train),
+        test=tokenized.select(rows.test),
+        label_names=names,
+        train_label_hist=_histogram(labels[rows.train], len(names)),
+        test_label_hist=_histogram(labels[rows.test], len(names)),
+    )
+
+
+def _pooled(task: TaskConfig, seed: int) -> datasets.Dataset:
+    return _cached(POOLED_CACHE, (_freeze(task), seed), lambda: load_examples(task, seed))
+
+
+def _tokenized(task: TaskConfig, seed: int, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    key = (_freeze(task), seed, _tokenizer_key(tokenizer))
+    return _cached(TOKENIZED_CACHE, key, lambda: _tokenize(_pooled(task, seed), task, tokenizer, key))
+
+
+def _tokenize(
+    pooled: datasets.Dataset, task: TaskConfig, tokenizer: PreTrainedTokenizerBase, key: Hashable
+) -> datasets.Dataset:
+    """Tokenize one text or a pair, truncated to ``task.max_length``; padding is per batch."""
+    text_columns = resolve_text_columns(task)
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return dict(tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=task.max_length))
+
+    tokenized = pooled.map(
+        encode,
+        batched=True,
+        remove_columns=[c for c in pooled.column_names if c != LABEL],
+        keep_in_memory=True,
+        # Our own fingerprint: hashing the closure (tokenizer included) is slow and may fail.
+        new_fingerprint=hashlib.sha256(repr(key).encode()).hexdigest()[:32],
+        desc="tokenizing",
+    )
+    return tokenized.rename_column(LABEL, LABELS)
+
+
+def _client_rows(
+    task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
+) -> list[ClientRows]:
+    key = (_freeze(task), _freeze(partition), num_clients, seed)
+    return _cached(ROWS_CACHE, key, lambda: _assign_rows(task, partition, num_clients, seed))
+
+
+def _assign_rows(
+    task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
+) -> list[ClientRows]:
+    """Partition the pooled rows with the configured partitioner, then split each into train/test."""
+    pooled = _pooled(task, seed)
+    labels = np.asarray(pooled[LABEL])
+    partitioner = make_partitioner(partition, num_clients, seed)
+    # The partitioner sees only labels and row numbers: cheap, and the rows come back out.
+    partitioner.dataset = pooled.select_columns([LABEL]).add_column(ROW, list(range(len(pooled))))
+    parts = [np.asarray(partitioner.load_partition(k)[ROW], dtype=np.int64) for k in range(num_clients)]
+    rngs = [np.random.default_rng([seed, k]) for k in range(num_clients)]
+    return [
+        _train_test(rows, labels[rows], task.test_fraction, rng)
+        for rows, rng in zip(parts, rngs, strict=True)
+    ]
+
+
+def _train_test(
+    rows: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> ClientRows:
+    """Stratified split: each label gives its share to test, so test mirrors the partition's mix."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"task.test_fraction must lie in [0, 1), got {test_fraction}")
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = _apportion(counts, _test_size(len(rows), test_fraction))
+    test = [rng.permutation(rows[labels == c])[:q] for c, q in zip(classes, per_class, strict=True)]
+    test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    return ClientRows(train=np.setdiff1d(rows, test_rows), test=test_rows)
+
+
+def _test_size(n: int, test_fraction: float) -> int:
+    """Rounded share of ``n``; at least one test and one train example when there are two."""
+    size = round(test_fraction * n)
+    return min(max(size, 1), n - 1) if test_fraction > 0 and n >= 2 else size
+
+
+def _apportion(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` over classes in proportion to ``counts`` (largest remainder method)."""
+    if total == 0 or counts.sum() == 0:
+        return np.zeros_like(counts)
+    quotas = counts * total / counts.sum()
+    shares = np.floor(quotas).astype(np.int64)
+    leftover = total - int(shares.sum())
+    shares[np.argsort(-(quotas - shares), kind="stable")[:leftover]] += 1
+    return shares
+
+
+def _histogram(labels: np.ndarray, num_labels: int) -> list[int]:
+    return np.bincount(labels, minlength=num_labels).astype(int).tolist()
+
+
+def _cached(cache: dict[Hashable, T], key: Hashable, build: Callable[[], T]) -> T:
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    return type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", ""))
+
+
+def _freeze(value: Any) -> Hashable:
+    """A hashable copy of a config value (dataclass, mapping, list) for cache keys."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple((f.name, _freeze(getattr(value, f.name))) for f in dataclasses.fields(value))
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(_freeze(v) for v in value)
+    return value

@@ -1,0 +1,169 @@
+"""Compose the Hydra tree, validate it once, and hand out typed pieces.
+
+``compose(overrides)`` builds the config from ``conf/`` exactly as ``pf2lora-sweep`` or
+``flwr run . --run-config "overrides='...'"`` would; ``parse`` validates structure and values and
+returns an ``Experiment``. Everything downstream reads the ``Experiment``, never raw strings.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pf2lora_core.algorithms import Algorithm, algorithm_class
+from pf2lora_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    FederationConfig,
+    ModelConfig,
+    PartitionConfig,
+    TaskConfig,
+    check,
+    validate_structure,
+)
+from pf2lora_core.constants import HEAD_LEVELS
+
+CONF_ENV = "PF2LORA_CONF"
+
+
+def conf_dir() -> Path:
+    """The Hydra tree: ``$PF2LORA_CONF`` or ``conf/`` beside the package."""
+    override = os.environ.get(CONF_ENV)
+    path = Path(override) if override else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no Hydra config tree at {path} (set {CONF_ENV} to the conf/ directory)")
+    return path
+
+
+def split_overrides(text: str) -> list[str]:
+    """Hydra override strings from one shell-like string (``"algorithm=homlora partition.s=0.5"``)."""
+    return shlex.split(text) if text.strip() else []
+
+
+def compose(overrides: list[str] | str = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides; errors become ``ConfigError``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(overrides, str):
+        overrides = split_overrides(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+@dataclass
+class Experiment:
+    """A validated experiment: typed sections plus the algorithm object."""
+
+    cfg: DictConfig  # resolved, validated (what config.yaml holds)
+    task: TaskConfig
+    model: ModelConfig
+    partition: PartitionConfig
+    federation: FederationConfig
+    algorithm: Algorithm
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.cfg.rounds)
+
+    @property
+    def local_steps(self) -> int:
+        return int(self.cfg.local_steps)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
+
+
+def parse(cfg: DictConfig) -> Experiment:
+    """Validate a composed config (structure, then values) and build the typed experiment."""
+    cfg = validate_structure(cfg)
+    typed: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    algorithm = _build_algorithm(cfg.algorithm)
+    _check_values(typed)
+    return Experiment(
+        cfg=cfg,
+        task=typed.task,
+        model=typed.model,
+        partition=typed.partition,
+        federation=typed.federation,
+        algorithm=algorithm,
+    )
+
+
+def from_yaml(text: str) -> Experiment:
+    """Rebuild an Experiment from a resolved ``config.yaml`` (what the server sends clients)."""
+    return parse(OmegaConf.create(text))
+
+
+def load(overrides: list[str] | str = ()) -> Experiment:
+    return parse(compose(overrides))
+
+
+def _build_algorithm(section: DictConfig) -> Algorithm:
+    if "name" not in section:
+        raise ConfigError("invalid configuration: algorithm.name is missing")
+    try:
+        cls = algorithm_class(str(section.name))
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+    known = {f.name for f in fields(cls.Params)}
+    unknown = sorted(set(section) - known)
+    missing = sorted(known - set(section))
+    check(not unknown, "algorithm", f"unknown key(s) {unknown} for {section.name}; valid: {sorted(known)}")
+    check(not missing, "algorithm", f"missing key(s) {missing} for {section.name}")
+    try:
+        structured = OmegaConf.merge(OmegaConf.structured(cls.Params), section)
+        return cls(OmegaConf.to_object(structured))  # type: ignore[arg-type]
+    except Exception as err:
+        raise ConfigError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
+
+
+def _check_values(c: ExperimentConfig) -> None:
+    check(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
+    check(c.local_steps >= 1, "local_steps", f"must be >= 1, got {c.local_steps}")
+    check(c.eval_every >= 1, "eval_every", f"must be >= 1, got {c.eval_every}")
+    check(0 < c.rank_threshold < 1, "rank_threshold", f"must be in (0, 1), got {c.rank_threshold}")
+    check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
+    check(len(c.model.target_modules) > 0, "model.target_modules", "name at least one module to adapt")
+    check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
+    check(c.task.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
+    check(c.task.max_length >= 2, "task.max_length", "must be >= 2")
+    check(c.task.max_examples >= 0, "task.max_examples", "must be >= 0 (0 = all)")
+    check(0 < c.task.test_fraction < 1, "task.test_fraction", f"must be in (0, 1), got {c.task.test_fraction}")
+    check(len(c.task.text_columns) in (1, 2), "task.text_columns", "give one column or a pair of columns")
+    check(0 <= c.partition.s <= 1, "partition.s", f"must be in [0, 1], got {c.partition.s}")
+    check(c.partition.alpha > 0, "partition.alpha", "must be > 0")
+    fed = c.federation
+    check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    check(0 < fed.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
+    check(0 <= fed.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
+    check(
+        1 <= fed.min_train_clients <= fed.num_clients,
+        "federation.min_train_clients",
+        f"must be in [1, num_clients={fed.num_clients}]",
+    )
+    check(fed.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = off)")
+    if c.model.head_level == "private":
+        check(
+            c.algorithm.get("private_rank", 0) > 0,
+            "model.head_level",
+            "a private head needs an algorithm with a private adapter",
+        )

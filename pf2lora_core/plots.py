@@ -1,0 +1,83 @@
+"""PNG plots of a run: per-round curves, per-client bars, rank spectra (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+
+from pf2lora_core.constants import GLOBAL, PERSONALIZED, TRAIN_LOSS
+
+
+def round_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Train loss and mean personalized / global metric per round."""
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [r["round"] for r in history]
+    ax_loss.plot(rounds, [r.get(TRAIN_LOSS) or float("nan") for r in history], marker="o")
+    ax_loss.set(xlabel="round", ylabel="train loss (weighted)", title="training")
+    evald = [r for r in history if PERSONALIZED in r]
+    for kind in (PERSONALIZED, GLOBAL):
+        ax_metric.plot([r["round"] for r in evald], [r[kind]["mean"] for r in evald], marker="o", label=f"{kind} mean")
+        ax_metric.plot([r["round"] for r in evald], [r[kind]["worst"] for r in evald], ls="--", label=f"{kind} worst")
+    metric = evald[0][PERSONALIZED]["metric"] if evald else ""
+    ax_metric.set(xlabel="round", ylabel=metric, title="evaluation")
+    ax_metric.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def client_bars(summary: Mapping[str, Any], path: Path) -> None:
+    """Personalized and global metric per client."""
+    metric = summary[PERSONALIZED]["metric"]
+    clients = summary["clients"]
+    xs = range(len(clients))
+    fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.7), 4))
+    w = 0.4
+    ax.bar([x - w / 2 for x in xs], [c[PERSONALIZED].get(metric, 0) or 0 for c in clients], w, label=PERSONALIZED)
+    ax.bar([x + w / 2 for x in xs], [c[GLOBAL].get(metric, 0) or 0 for c in clients], w, label=GLOBAL)
+    ax.set_xticks(list(xs), [str(c["client"]) for c in clients])
+    ax.set(xlabel="client", ylabel=metric, title=f"{summary['algorithm']}: per-client {metric}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rank_spectra(
+    spectra: Mapping[str, Sequence[float]], path: Path, title: str, true_ranks: Mapping[str, int] | None = None
+) -> None:
+    """Normalised singular values (log scale) per client; dashed line at the true rank if known."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, sv in spectra.items():
+        if not sv or sv[0] == 0:
+            continue
+        line = ax.semilogy(range(1, len(sv) + 1), [s / sv[0] for s in sv], marker="o", ms=3, label=label)[0]
+        if true_ranks and label in true_ranks:
+            ax.axvline(true_ranks[label] + 0.5, color=line.get_color(), ls=":", lw=1)
+    ax.set(xlabel="index", ylabel="sigma_i / sigma_1", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_plots(run: Any, history: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+    """All plots of a federated run into ``run.plots``."""
+    if history:
+        round_curves(history, run.plots / "rounds.png")
+    if summary["clients"]:
+        client_bars(summary, run.plots / "clients.png")
+        spectra = {}
+        for c in summary["clients"]:
+            modules = c["rank"].get("modules", {})
+            if modules:
+                first = sorted(modules)[0]
+                spectra[f"client {c['client']}"] = modules[first]["singular_values"]
+        if spectra:
+            rank_spectra(spectra, run.plots / "rank_spectra.png", "update spectrum (first adapted module)")

@@ -1,0 +1,206 @@
+"""PF2LoRA's local solver: K bilevel steps on one client (DESIGN.md, "training is bilevel").
+
+One local step on client k, with ``x`` the common adapter and ``y`` the private one::
+
+    y' = y - alpha * grad_y f(x, y)                                    (lower level, plain SGD)
+    h  = grad_x f(x, y') - alpha * H_xy f(x, y) @ grad_y f(x, y')       (hypergradient, eq. 1)
+    x  = AdamW(x, h; lr=beta)                                          (upper level)
+    y  = y'
+
+The HVP in ``h`` comes from ``pf2lora_core.hypergrad``. All passes of one step see the same
+batch and the same dropout masks (the RNG is re-seeded per pass from one per-step seed), so
+``h`` is the exact derivative of one fixed stochastic objective.
+
+Choices the paper leaves open, and ours:
+
+- *Batches*: the inner step, the outer gradient and the HVP use the same minibatch (the
+  forward finite difference then reuses the inner pass's ``grad_x f(x, y)`` for free).
+- *Optimizer state across rounds*: AdamW's moments are reset at the start of every round.
+  The server replaces ``x`` by the average each round, so moments from the client's own previous
+  trajectory describe a different point; resetting also keeps clients stateless for ``x``.
+- *Initialisation*: peft's LoRA init for both levels (A, C Kaiming-uniform; B, D zero), so the
+  adapted model starts equal to the base model and ``D C = 0`` until the private level learns.
+  The private level is initialised once per client from the run seed and then persists.
+- *reuse_inner_grad* (off by default, not in the paper): the next step's inner gradient is the
+  ``grad_y f(x_t, y_{t+1})`` the outer pass has just computed (stale in ``x`` by one outer step),
+  and the HVP is taken at ``y'`` (the outer pass's own ``grad_x`` is then the forward-difference
+  base): two gradient evaluations per step instead of three.
+- *joint* mode (the paper's ablation, no bilevel): one gradient of ``f(x, y)`` updates both
+  levels at once, ``y`` by SGD (alpha) and ``x`` by AdamW (beta).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pf2lora_core.hypergrad import Evaluator, GradPass, HvpMethod, LossFn, _norm
+
+BILEVEL = "bilevel"
+JOINT = "joint"
+MODES = (BILEVEL, JOINT)
+
+
+@dataclass
+class StepStats:
+    """What a local step reports (averaged over the round by the caller)."""
+
+    loss: float
+    hvp_norm: float = 0.0
+    passes: int = 0
+
+
+@dataclass
+class RoundStats:
+    losses: list[float] = field(default_factory=list)
+    passes: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(len(self.losses), 1)
+
+
+@contextmanager
+def same_noise(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with the global RNG seeded to ``seed`` and restore it afterwards (fixed dropout masks)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+class BilevelSolver:
+    """Runs PF2LoRA local steps on parameter dicts ``x`` (common) and ``y`` (private).
+
+    Parameters
+    ----------
+    x, y:
+        Upper- and lower-level parameters by name (the model's own ``nn.Parameter`` objects).
+    hvp:
+        An ``HvpMethod``; ignored in ``joint`` mode.
+    inner_lr:
+        ``alpha``, the lower level's SGD step size.
+    outer_optimizer:
+        Optimizer over ``x`` (AdamW with lr ``beta`` in PF2LoRA).
+    """
+
+    def __init__(
+        self,
+        x: dict[str, nn.Parameter],
+        y: dict[str, nn.Parameter],
+        hvp: HvpMethod,
+        inner_lr: float,
+        outer_optimizer: torch.optim.Optimizer,
+        mode: str = BILEVEL,
+        reuse_inner_grad: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not y:
+            raise ValueError("the bilevel solver needs a non-empty private (lower) level")
+        self.x, self.y = x, y
+        self.hvp, self.alpha, self.opt = hvp, inner_lr, outer_optimizer
+        self.mode, self.reuse = mode, reuse_inner_grad
+        self._carried: list[Tensor] | None = None  # inner gradient carried by reuse_inner_grad
+
+    def reset_carry(self) -> None:
+        """Forget the carried inner gradient (call when x jumped, e.g. at a new round)."""
+        self._carried = None
+
+    def step(self, loss: LossFn) -> StepStats:
+        ev = Evaluator(loss, dict(self.x), list(self.y))
+        y = [p.detach() for p in self.y.values()]
+        if self.mode == JOINT:
+            return self._joint(ev, y)
+        if self.reuse:
+            return self._step_reuse(ev, y)
+        return self._step_exact_rule(ev, y)
+
+    # -------------------------------------------------------------- the rule of DESIGN.md
+    def _step_exact_rule(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
+        inner = self.hvp.gradient_pass(ev, y)  # grad_x f(x,y) [FD base], grad_y f(x,y)
+        y_new = [t - self.alpha * g for t, g in zip(y, inner.grad_y, strict=True)]
+        outer = ev.grads(y_new)  # grad_x f(x,y'), v = grad_y f(x,y')
+        hv = self.hvp.hvp(ev, y, outer.grad_y, inner)
+        self._update(outer.grad_x, hv, y_new)
+        return StepStats(loss=float(inner.loss), hvp_norm=_hvp_norm(hv), passes=3 if hv is not None else 2)
+
+    def _step_reuse(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
+        passes = 0
+        if self._carried is None:
+            self._carried = ev.grads(y).grad_y
+            passes += 1
+        y_new = [t - self.alpha * g for t, g in zip(y, self._carried, strict=True)]
+        outer: GradPass = self.hvp.gradient_pass(ev, y_new)
+        hv = self.hvp.hvp(ev, y_new, outer.grad_y, outer)  # HVP at y' (see module docstring)
+        self._carried = outer.grad_y
+        self._update(outer.grad_x, hv, y_new)
+        return StepStats(loss=float(outer.loss), hvp_norm=_hvp_norm(hv), passes=passes + (2 if hv is not None else 1))
+
+    def _joint(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
+        g = ev.grads(y)
+        y_new = [t - self.alpha * gy for t, gy in zip(y, g.grad_y, strict=True)]
+        self._update(g.grad_x, None, y_new)
+        return StepStats(loss=float(g.loss), passes=1)
+
+    def _update(self, grad_x: list[Tensor], hv: list[Tensor] | None, y_new: list[Tensor]) -> None:
+        """Outer AdamW step with h = grad_x - alpha * hv, then commit y <- y'."""
+        for p, g, i in zip(self.x.values(), grad_x, range(len(grad_x)), strict=True):
+            h = g if hv is None else g - self.alpha * hv[i]
+            p.grad = h.to(p.dtype)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, t in zip(self.y.values(), y_new, strict=True):
+                p.copy_(t)
+
+
+def hypergradient(solver_hvp: HvpMethod, loss: LossFn, x: dict[str, Tensor], y: dict[str, Tensor], alpha: float) -> list[Tensor]:
+    """The hypergradient ``h`` of eq. (1) at ``(x, y)`` without updating anything (for tests)."""
+    ev = Evaluator(loss, x, list(y))
+    y0 = [t.detach() for t in y.values()]
+    inner = solver_hvp.gradient_pass(ev, y0)
+    y_new = [t - alpha * g for t, g in zip(y0, inner.grad_y, strict=True)]
+    outer = ev.grads(y_new)
+    hv = solver_hvp.hvp(ev, y0, outer.grad_y, inner)
+    if hv is None:
+        return outer.grad_x
+    return [g - alpha * h for g, h in zip(outer.grad_x, hv, strict=True)]
+
+
+def _hvp_norm(hv: list[Tensor] | None) -> float:
+    return 0.0 if hv is None else float(_norm(hv))
+
+
+def seeded_loss(
+    loss: Callable[[dict[str, Tensor] | None], Tensor], seed: int, device: torch.device
+) -> LossFn:
+    """Wrap ``loss`` so that every call sees the same random stream (same dropout masks)."""
+
+    def fixed(params: dict[str, Tensor] | None) -> Tensor:
+        with same_noise(seed, device):
+            return loss(params)
+
+    return fixed
+
+
+def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[None]:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay float32)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def iterate_forever(batches: Iterable) -> Iterator:
+    """Cycle over an iterable of batches (a client's K steps may exceed one epoch)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("no training batches: the client's train split is empty")

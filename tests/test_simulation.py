@@ -1,0 +1,123 @@
+"""End to end through the real Flower simulation path (`flwr run .` with a local SuperLink).
+
+One 2-round, 3-client run of a tiny BERT on the packaged Rotten Tomatoes data with reply auditing
+on; the tests read its run directory, the audit of every reply, and the clients' private state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pf2lora_core.constants import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.state import PrivateStore
+from tests.tiny_bert import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS, ROUNDS, STEPS = 3, 2, 2
+
+pytestmark = pytest.mark.slow
+
+
+def _stop_superlinks(flwr_home: Path) -> None:
+    """Stop the SuperLink `flwr run` started for this FLWR_HOME, by PID."""
+    out = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True)
+    for pid in (int(p) for p in out.stdout.split()):
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("sim")
+    model = make_tiny_bert(tmp / "tiny-bert")
+    run_dir, state_dir, flwr_home = tmp / "run", tmp / "state", tmp / "flwr_home"
+    overrides = (
+        f"model.source=path model.name={model} federation.num_clients={CLIENTS} rounds={ROUNDS} "
+        f"local_steps={STEPS} task.max_examples=240 run_dir={run_dir} federation.state_dir={state_dir} "
+        "federation.audit_replies=true federation.min_train_clients=2"
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    cmd = [
+        "flwr", "run", ".", "--stream",
+        "--federation-config", f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
+        "--run-config", f"overrides='{overrides}'",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        _stop_superlinks(flwr_home)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert (run_dir / SUMMARY_FILE).exists(), log[-4000:]
+    return {"run": run_dir, "state": state_dir, "log": log}
+
+
+def test_run_directory_contract(simulation: dict) -> None:
+    run = simulation["run"]
+    assert (run / CONFIG_FILE).exists()
+    lines = (run / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert sorted(p.name for p in (run / CHECKPOINTS_DIR).iterdir()) == [
+        "common_round_0001.safetensors",
+        "common_round_0002.safetensors",
+    ]
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    for key in ("algorithm", "task", "model", "seed", "num_clients", "rounds", "partition", "clients",
+                "personalized", "global", "communication", "cost"):  # fmt: skip
+        assert key in summary
+    assert [c["client"] for c in summary["clients"]] == list(range(CLIENTS))
+    for c in summary["clients"]:
+        assert c["num_train"] > 0 and c["num_test"] > 0
+        assert set(c["label_histogram"]) == {"train", "test"}
+        assert c["rank"]["effective"] > 0
+    assert summary["personalized"]["worst"] <= summary["personalized"]["mean"]
+    assert summary["communication"]["bytes_up_per_round"] > 0
+    assert {p.name for p in (run / "plots").iterdir()} >= {"rounds.png", "clients.png"}
+    assert "personalized" in simulation["log"] and str(run.name) in simulation["log"]
+
+
+def test_no_private_tensor_in_any_reply(simulation: dict) -> None:
+    run, state = simulation["run"], simulation["state"]
+    privates = [PrivateStore(state, run.name, k).load() for k in range(CLIENTS)]
+    assert all(p is not None for p in privates)
+    replies = sorted((run / AUDIT_DIR).rglob("*.safetensors"))
+    assert len(replies) == CLIENTS * ROUNDS  # every train reply was recorded
+    private_values = [t for p in privates for t in p.tensors.values()]
+    assert all(float(t.abs().max()) > 0 for t in private_values if t.shape[0] > 2)  # trained, not trivially zero
+    for path in replies:
+        arrays = load_file(str(path))
+        assert not any(".private." in key for key in arrays), path
+        for array in arrays.values():
+            for value in private_values:
+                assert not (array.shape == value.shape and torch.allclose(array, value)), path
+    for meta in (run / AUDIT_DIR).rglob("*.json"):
+        assert ".private." not in meta.read_text()
+
+
+def test_private_state_persists_across_rounds(simulation: dict) -> None:
+    run, state = simulation["run"], simulation["state"]
+    for k in range(CLIENTS):
+        saved = PrivateStore(state, run.name, k).load()
+        assert saved is not None
+        assert saved.round == ROUNDS
+        # steps accumulate only if round 2 started from round 1's private level
+        assert saved.steps_total == ROUNDS * STEPS
