@@ -87,10 +87,13 @@ def make_clients(cfg: SyntheticConfig) -> tuple[Tensor, list[ClientData]]:
         return cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * torch.rand(n, generator=gen)
 
     shared = sigma(cfg.rank)
-    clients, next_col = [], cfg.rank
+    clients, next_col, next_drop = [], cfg.rank, 0
     for t in cfg.true_ranks:
-        keep = min(t, cfg.rank)
-        delta = (u[:, :keep] * shared[:keep]) @ v[:, :keep].T
+        keep = torch.ones(cfg.rank, dtype=torch.bool)
+        for _ in range(cfg.rank - t):
+            keep[next_drop % cfg.rank] = False
+            next_drop += 1
+        delta = (u[:, : cfg.rank][:, keep] * shared[keep]) @ v[:, : cfg.rank][:, keep].T
         if t > cfg.rank:  # client-specific directions, orthogonal to everything else
             cols = slice(next_col, next_col + t - cfg.rank)
             delta = delta + (u[:, cols] * sigma(t - cfg.rank)) @ v[:, cols].T

@@ -224,17 +224,13 @@ def test_glue_dispatch_pools_labelled_splits(monkeypatch: pytest.MonkeyPatch, na
 def test_generic_hub_dataset_drops_hidden_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     data = datasets.DatasetDict(
         {
-            "train": datasets.Dataset.from_dict(
-                {"review": ["a", "b", "c"], "stars": ["good", "bad", "good"]}
-            ),
+            "train": datasets.Dataset.from_dict({"review": ["a", "b", "c"], "stars": ["good", "bad", "good"]}),
             "test": datasets.Dataset.from_dict({"review": ["d", "e"], "stars": [None, None]}),
         }
     )
     calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: calls.append(a) or data)
-    task = make_task(
-        source="hub", name="someone/reviews:default", text_columns=["review"], label_column="stars"
-    )
+    task = make_task(source="hub", name="someone/reviews:default", text_columns=["review"], label_column="stars")
     ds = load_examples(task, seed=0)
     assert calls == [("someone/reviews", "default")]
     assert sorted(ds["review"]) == ["a", "b", "c"]

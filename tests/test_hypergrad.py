@@ -57,9 +57,7 @@ def _rel_err(a, b) -> float:
 
 
 def _ours(model, loss, method: str, **kw):
-    return hypergradient(
-        make_hvp(method, **kw), loss, model.parameters(COMMON), model.parameters(PRIVATE), ALPHA
-    )
+    return hypergradient(make_hvp(method, **kw), loss, model.parameters(COMMON), model.parameters(PRIVATE), ALPHA)
 
 
 @pytest.mark.parametrize("exact_ad", ["reverse", "forward"])

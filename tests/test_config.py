@@ -1,0 +1,62 @@
+"""The Hydra tree composes, validates once, and names the key on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pf2lora_core.algorithms import HOMLoRA, PF2LoRA
+from pf2lora_core.config import ConfigError
+from pf2lora_core.experiment import conf_dir, from_yaml, load
+
+GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in conf_dir().iterdir() if p.is_dir()}
+
+
+def test_default_composes_to_the_demo() -> None:
+    exp = load()
+    assert isinstance(exp.algorithm, PF2LoRA)
+    assert exp.federation.num_clients == 8 and exp.partition.s == 0.9
+    assert exp.model.name == "minilm-l6" and exp.task.name == "rotten_tomatoes"
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group: str, option: str) -> None:
+    exp = load([f"{group}={option}"])
+    assert exp.cfg[group] is not None
+
+
+def test_override_string_and_round_trip() -> None:
+    exp = load("algorithm=homlora partition.s=0.5 'name=my run'")
+    assert isinstance(exp.algorithm, HOMLoRA) and exp.partition.s == 0.5 and exp.cfg.name == "my run"
+    again = from_yaml(exp.to_yaml())
+    assert again.to_yaml() == exp.to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["algorithm.inner_lr=-1"], "inner_lr"),
+        (["partition.s=1.5"], "partition.s"),
+        (["+nonsense=1"], "nonsense"),
+        (["algorithm.not_a_key=1"], "not_a_key"),
+        (["algorithm=nope"], "algorithm/nope"),
+        (["rounds=zero"], "rounds"),
+        (["rounds=0"], "rounds"),
+        (["algorithm.hvp=newton"], "hvp"),
+        (["algorithm.private_rank=8"], "private_rank"),
+        (["federation.min_train_clients=9"], "min_train_clients"),
+        (["model.head_level=middle"], "head_level"),
+        (["algorithm=homlora", "model.head_level=private"], "head_level"),
+    ],
+)
+def test_invalid_config_is_one_clear_error(overrides: list[str], names: str) -> None:
+    with pytest.raises(ConfigError, match="invalid configuration") as err:
+        load(overrides)
+    assert names in str(err.value)
+
+
+def test_conf_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PF2LORA_CONF", str(tmp_path))
+    with pytest.raises(ConfigError, match="no Hydra config tree"):
+        conf_dir()

@@ -1,0 +1,54 @@
+"""Effective rank on matrices of known rank and spectrum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pf2lora_core.rank import entropy_rank, module_rank, rank_report, singular_values, threshold_rank
+
+
+def _matrix(sigmas: list[float], n: int = 12, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    s = torch.zeros(n, dtype=torch.float64)
+    s[: len(sigmas)] = torch.tensor(sigmas, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6, 12])
+def test_threshold_rank_of_known_rank(rank: int) -> None:
+    m = _matrix([2.0 - i * 0.1 for i in range(rank)])
+    assert threshold_rank(singular_values(m), 0.05) == rank
+
+
+def test_threshold_is_relative() -> None:
+    m = _matrix([10.0, 1.0, 0.4])
+    sigma = singular_values(m)
+    assert threshold_rank(sigma, 0.05) == 2  # 0.4 < 0.05 * 10
+    assert threshold_rank(sigma, 0.01) == 3
+
+
+def test_entropy_rank() -> None:
+    assert entropy_rank(singular_values(_matrix([1.0, 1.0, 1.0, 1.0]))) == pytest.approx(4.0, rel=1e-9)
+    assert entropy_rank(singular_values(_matrix([3.0]))) == pytest.approx(1.0, rel=1e-9)
+    p = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64) / 4
+    assert entropy_rank(singular_values(_matrix([2.0, 1.0, 1.0]))) == pytest.approx(
+        math.exp(float(-(p * p.log()).sum())), rel=1e-9
+    )
+
+
+def test_zero_matrix() -> None:
+    z = torch.zeros(4, 5)
+    r = module_rank(z, 0.1)
+    assert r.effective == 0 and r.entropy == 0.0
+
+
+def test_rank_report_mean_over_modules() -> None:
+    report = rank_report({"a": _matrix([1.0, 1.0]), "b": _matrix([1.0, 1.0, 1.0, 1.0])}, tau=0.05)
+    assert report["effective"] == 3.0
+    assert report["modules"]["a"]["effective"] == 2
+    assert len(report["modules"]["b"]["singular_values"]) == 12

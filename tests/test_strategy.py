@@ -1,0 +1,122 @@
+"""Common-only FedAvg: hand-computed aggregation and rejection of every kind of malformed reply."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from pf2lora_core.algorithms import HOMLoRA, LoRAParams
+from pf2lora_core.constants import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.outputs import RunDir, new_run_dir
+from pf2lora_core.protocol import CLIENT_KEY
+from server_app.strategy import CommonOnlyFedAvg, RoundLog
+
+SENT = {"a.lora_A.common.weight": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+
+
+@dataclass
+class _Meta:
+    src_node_id: int
+
+
+@dataclass
+class _Err:
+    reason: str
+
+
+@dataclass
+class FakeMsg:
+    """Duck-typed reply (Flower refuses to build Messages outside a runtime)."""
+
+    content: RecordDict | None
+    node: int
+    error: _Err | None = None
+    metadata: _Meta = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metadata = _Meta(self.node)
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+def records(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], n: float = 10, **extra: RecordDict) -> FakeMsg:
+    metrics = MetricRecord({CLIENT_KEY: node, NUM_EXAMPLES: n, TRAIN_LOSS: 0.5})
+    return FakeMsg(RecordDict({ARRAYS_KEY: records(arrays), METRICS_KEY: metrics, **extra}), node)
+
+
+def good(node: int, value: float, n: float = 10) -> FakeMsg:
+    return reply(node, {k: np.full(v.shape, value, np.float32) for k, v in SENT.items()}, n)
+
+
+def strategy(tmp_path: Path, min_clients: int = 1, max_norm: float = 0.0) -> CommonOnlyFedAvg:
+    algo = HOMLoRA(LoRAParams(name="homlora", rank=2, lora_alpha=2.0, lr=1e-3, weight_decay=0.0))
+    s = CommonOnlyFedAvg(
+        algorithm=algo, run=RunDir(new_run_dir(str(tmp_path), "t")), num_clients=4, fraction_train=1.0,
+        fraction_evaluate=1.0, min_train_clients=min_clients, max_update_norm=max_norm, audit_replies=False,
+        eval_every=1, num_rounds=1, metric="accuracy",
+    )  # fmt: skip
+    s.current = RoundLog(round=1)
+    s.sent = dict(SENT)
+    return s
+
+
+def test_aggregates_valid_replies_by_num_examples(tmp_path: Path) -> None:
+    s = strategy(tmp_path)
+    arrays, metrics = s.aggregate_train(1, [good(1, 1.0, n=10), good(2, 4.0, n=30)])
+    assert arrays is not None
+    out = arrays.to_numpy_ndarrays()
+    assert all(np.allclose(a, (10 * 1.0 + 30 * 4.0) / 40) for a in out)
+    assert metrics[TRAIN_LOSS] == pytest.approx(0.5)
+    assert (s.run.path / "checkpoints" / "common_round_0001.safetensors").exists()
+
+
+def _bad_cases() -> dict[str, tuple[FakeMsg, str]]:
+    ok = {k: np.ones(v.shape, np.float32) for k, v in SENT.items()}
+    nan = {**ok, "b": np.array([1, np.nan, 0, 0], np.float32)}
+    inf = {**ok, "b": np.array([1, np.inf, 0, 0], np.float32)}
+    return {
+        "missing key": (reply(5, {"b": ok["b"]}), "missing keys"),
+        "unexpected key": (reply(5, {**ok, "x.private.weight": ok["b"]}), "unexpected keys"),
+        "wrong shape": (reply(5, {**ok, "b": np.ones(5, np.float32)}), "shape"),
+        "wrong dtype": (reply(5, {**ok, "b": np.ones(4, np.float64)}), "dtype"),
+        "nan": (reply(5, nan), "NaN or Inf"),
+        "inf": (reply(5, inf), "NaN or Inf"),
+        "zero examples": (reply(5, ok, n=0), NUM_EXAMPLES),
+        "client error": (FakeMsg(None, 5, _Err("boom")), "client error: boom"),
+        "extra array record": (reply(5, ok, extra=records(ok)), "expected one ArrayRecord"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_malformed_reply_is_excluded_with_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    bad, reason = _bad_cases()[case]
+    s = strategy(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pf2lora.server"):
+        arrays, _ = s.aggregate_train(1, [good(1, 2.0), bad, good(2, 2.0)])
+    assert arrays is not None  # the round goes on with the rest
+    assert all(np.allclose(a, 2.0) for a in arrays.to_numpy_ndarrays())
+    assert len(s.current.rejected) == 1 and reason in s.current.rejected[0]["reason"]
+    assert "node 5" in caplog.text and reason in caplog.text
+
+
+def test_update_norm_bound(tmp_path: Path) -> None:
+    s = strategy(tmp_path, max_norm=1.0)
+    arrays, _ = s.aggregate_train(1, [good(1, 0.1), good(2, 10.0)])
+    assert arrays is not None and all(np.allclose(a, 0.1) for a in arrays.to_numpy_ndarrays())
+    assert "exceeds federation.max_update_norm" in s.current.rejected[0]["reason"]
+
+
+def test_too_few_valid_replies_keeps_common_unchanged(tmp_path: Path) -> None:
+    s = strategy(tmp_path, min_clients=2)
+    bad, _ = _bad_cases()["nan"]
+    assert s.aggregate_train(1, [good(1, 1.0), bad]) == (None, None)
