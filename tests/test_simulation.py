@@ -6,6 +6,7 @@ on; the tests read its run directory, the audit of every reply, and the clients'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,10 +33,8 @@ def _stop_superlinks(flwr_home: Path) -> None:
     out = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True)
     for pid in (int(p) for p in out.stdout.split()):
         if pid != os.getpid():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")

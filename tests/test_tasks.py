@@ -35,7 +35,7 @@ def test_multiclass_mcc_matches_formula() -> None:
     c, s = 4, 6
     t = [1, 3, 2]  # true counts
     p = [2, 2, 2]  # predicted counts
-    expected = (c * s - sum(a * b for a, b in zip(p, t))) / math.sqrt(
+    expected = (c * s - sum(a * b for a, b in zip(p, t, strict=True))) / math.sqrt(
         (s * s - sum(x * x for x in p)) * (s * s - sum(x * x for x in t))
     )
     assert matthews_correlation(preds, labels) == pytest.approx(expected)
