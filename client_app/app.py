@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from pf2lora_core.client import ClientRuntime, runtime_for
 from pf2lora_core.constants import (
     ARRAYS_KEY,
+    COMPUTE_SECONDS,
     GLOBAL,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -90,6 +91,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     private = _private(context, store)
     out = runtime.evaluate(client, common, private.tensors if private else None)
     metrics = flatten_eval(client, out.num_examples, {PERSONALIZED: out.personalized, GLOBAL: out.global_})
+    metrics[COMPUTE_SECONDS] = out.seconds
     details = ConfigRecord({DETAILS_KEY: encode_details({"rank": out.rank})})
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})
     return Message(content=content, reply_to=msg)

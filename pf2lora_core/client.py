@@ -9,6 +9,7 @@ a client's own state (its private level) is loaded into the shared model at ever
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from pf2lora_core import data
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, PRIVATE
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_classifier
 from pf2lora_core.rank import rank_report
@@ -33,7 +34,7 @@ StateDict = dict[str, Tensor]
 class TrainOutcome:
     common: StateDict  # what is sent
     private: StateDict  # what is kept
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # includes COMPUTE_SECONDS
     num_examples: int
 
 
@@ -43,6 +44,7 @@ class EvalOutcome:
     global_: dict[str, float]
     rank: dict  # rank_report(...) of the client's full update
     num_examples: int
+    seconds: float  # compute time of this evaluation
 
 
 def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, object]:
@@ -92,6 +94,7 @@ class ClientRuntime:
     def train(
         self, client: int, server_round: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None
     ) -> TrainOutcome:
+        start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)
         seed = derived_seed(self.exp.seed, client, server_round)
@@ -107,6 +110,7 @@ class ClientRuntime:
         )
         module.train()
         metrics = self.exp.algorithm.train(ctx)
+        metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
             common=self.model.export(COMMON),
             private=self.model.export(PRIVATE) if self.has_private else {},
@@ -115,6 +119,7 @@ class ClientRuntime:
         )
 
     def evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
+        start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)
         bs = self.exp.task.eval_batch_size
@@ -123,7 +128,7 @@ class ClientRuntime:
         with self.model.only(COMMON):
             global_ = self.task.evaluate(self.model.model, test)
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
-        return EvalOutcome(personalized=personalized, global_=global_, rank=rank, num_examples=len(split.test))
+        return EvalOutcome(personalized, global_, rank, len(split.test), time.perf_counter() - start)
 
 
 @functools.lru_cache(maxsize=2)

@@ -26,6 +26,7 @@ LOWER_STATE_KEY = "pf2lora.lower"  # optional lower-level optimiser/algorithm st
 # Metric names.
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
+COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or evaluate)
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"
 PERSONALIZED = "personalized"

@@ -21,7 +21,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from pf2lora_core.algorithms import Algorithm
-from pf2lora_core.constants import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS
+from pf2lora_core.constants import (
+    ARRAYS_KEY,
+    COMPUTE_SECONDS,
+    GLOBAL,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PERSONALIZED,
+    TRAIN_LOSS,
+)
 from pf2lora_core.outputs import RunDir, aggregate_metric
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
 from pf2lora_core.validation import check_structure, check_values
@@ -216,6 +224,9 @@ class CommonOnlyFedAvg(FedAvg):
             "bytes_down_per_client": cur.bytes_down,
             "bytes_up_per_client": cur.bytes_up,
             "train": {str(c): v for c, v in sorted(cur.train.items())},
+            # the clients' own work this round (train + evaluate), for the round-overhead ratio
+            "client_compute_s": sum(v.get(COMPUTE_SECONDS, 0.0) for v in cur.train.values())
+            + sum(e.get(COMPUTE_SECONDS, 0.0) for e in cur.evaluation.values()),
         }
         if cur.evaluation:
             for kind in (PERSONALIZED, GLOBAL):

@@ -6,12 +6,7 @@ on; the tests read its run directory, the audit of every reply, and the clients'
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pf2lora_core.constants import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.launch import flwr_run
 from pf2lora_core.state import PrivateStore
 from tests.tiny_bert import make_tiny_bert
 
@@ -26,15 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENTS, ROUNDS, STEPS = 3, 2, 2
 
 pytestmark = pytest.mark.slow
-
-
-def _stop_superlinks(flwr_home: Path) -> None:
-    """Stop the SuperLink `flwr run` started for this FLWR_HOME, by PID."""
-    out = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True)
-    for pid in (int(p) for p in out.stdout.split()):
-        if pid != os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +34,14 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"local_steps={STEPS} task.max_examples=240 run_dir={run_dir} federation.state_dir={state_dir} "
         "federation.audit_replies=true federation.min_train_clients=2"
     )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    cmd = [
-        "flwr", "run", ".", "--stream",
-        "--federation-config", f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
-        "--run-config", f"overrides='{overrides}'",
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        _stop_superlinks(flwr_home)
+    proc = flwr_run(
+        overrides,
+        f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
+        flwr_home,
+        ROOT,
+        timeout=300,
+        extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert (run_dir / SUMMARY_FILE).exists(), log[-4000:]
