@@ -10,9 +10,11 @@ How a *step* is timed: the context's batch iterator stamps the clock each time `
 a batch, which it does once at the start of every local step, so the gaps between stamps are
 whole steps (the last one ends when ``train`` returns). The first step of each ``train`` call
 is dropped: it carries the per-round set-up (a fresh AdamW's lazy state, and for
-``reuse_inner_grad`` the one extra gradient pass that starts the carry). Methods are interleaved
-(one call each per round, order rotated every round) so that machine drift hits them alike, and
-each method's figure is the median over all its steps; ratios divide by HOMLoRA's median.
+``reuse_inner_grad`` the one extra gradient pass that starts the carry). Each round runs every
+method once, each right next to a HOMLoRA call (which goes first alternates by round, the order
+of methods rotates), so that load from other processes hits the pair alike: a method's time
+ratio is the median over rounds of (its median step time / the adjacent HOMLoRA median step
+time). The table's seconds are medians over all steps.
 
 How *peak memory* is measured (same definition on both devices: bytes held by torch tensors):
 
@@ -100,6 +102,7 @@ class Arm:
     model: TwoLevelModel
     initial: dict[str, dict[str, Tensor]]
     seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # step time / adjacent HOMLoRA step time
     peak: int = 0
     working_set: int = 0
     notes: list[str] = field(default_factory=list)
@@ -258,15 +261,21 @@ def measure(
         meter = _CudaPeak(device) if device.type == "cuda" else _CpuPeak(arm.model.model)
         run_call(arm, batches, task, steps=2, device=device, meter=meter)
         arm.notes += warnings.messages[seen:]
+    base, methods = arms[0], arms[1:]
     for r in range(args.rounds):
-        shift = r % len(arms)
-        for arm in arms[shift:] + arms[:shift]:
-            arm.seconds += run_call(arm, batches, task, steps=args.steps, device=device)
+        shift = r % len(methods)
+        for arm in methods[shift:] + methods[:shift]:
+            # HOMLoRA right next to each method (alternating which goes first): per-pair ratios
+            pair = (base, arm) if r % 2 == 0 else (arm, base)
+            times = {a.name: run_call(a, batches, task, steps=args.steps, device=device) for a in pair}
+            for a in pair:
+                a.seconds += times[a.name]
+            arm.ratios.append(statistics.median(times[arm.name]) / statistics.median(times[base.name]))
 
 
 def report(arms: list[Arm], device: torch.device, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     base = arms[0]
-    t0, m0, w0 = statistics.median(base.seconds), base.peak, max(base.working_set, 1)
+    m0, w0 = base.peak, max(base.working_set, 1)
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
         f"PF2LoRA local step vs HOMLoRA local step: MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, "
@@ -279,7 +288,8 @@ def report(arms: list[Arm], device: torch.device, args: argparse.Namespace) -> d
     out: dict[str, dict[str, float]] = {}
     for arm in arms:
         t = statistics.median(arm.seconds)
-        row = {"time_ratio": round(t / t0, 3), "memory_ratio": round(arm.peak / m0, 3)}
+        ratio = statistics.median(arm.ratios) if arm.ratios else 1.0
+        row = {"time_ratio": round(ratio, 3), "memory_ratio": round(arm.peak / m0, 3)}
         print(
             f"{arm.name:<27} {t:>7.3f} {row['time_ratio']:>7.2f} {arm.peak / MiB:>9.1f} {row['memory_ratio']:>6.2f} "
             f"{arm.working_set / MiB:>9.1f} {arm.working_set / w0:>7.2f}"

@@ -12,8 +12,11 @@ when the method drops the term. Methods are chosen by name from ``HVP_METHODS``.
 
 - ``exact`` / reverse-over-reverse: the gradient pass builds a differentiable ``grad_y``
   (``create_graph=True``); the HVP is one more backward, ``grad_x <grad_y f, v>``.
-- ``exact`` / forward-over-reverse: ``torch.func.jvp`` of ``y -> grad_x f(x, y)`` along ``v``.
-  Falls back to reverse-over-reverse where the model does not support forward-mode AD.
+- ``exact`` / forward-over-reverse: the directional derivative of ``y -> grad_x f(x, y)`` along
+  ``v``, i.e. ``torch.func.jvp(grad(f))``, computed with ``torch.autograd.forward_ad`` dual
+  tensors (``y + eps v``) carried through one ordinary reverse pass: same numbers, without
+  functorch's per-op wrapper overhead. Falls back to reverse-over-reverse where the model does
+  not support forward-mode AD.
 - ``finite_difference``: ``(grad_x f(x, y + d v) - grad_x f(x, y)) / d`` with
   ``d = eps / ||v||`` (forward; the base gradient comes free from the gradient pass) or
   ``(grad_x f(x, y + d v) - grad_x f(x, y - d v)) / (2 d)`` (central, O(d^2) error).
@@ -31,6 +34,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -51,8 +55,8 @@ class GradPass:
     """Result of one gradient evaluation at a lower-level point ``y``."""
 
     loss: Tensor
-    grad_x: list[Tensor]
-    grad_y: list[Tensor]
+    grad_x: list[Tensor]  # empty when the pass was asked for ``grad_y`` only
+    grad_y: list[Tensor]  # empty when the pass was asked for ``grad_x`` only
     # differentiable grad_y, kept only by reverse-over-reverse for its HVP
     grad_y_graph: list[Tensor] | None = None
 
@@ -63,6 +67,9 @@ class Evaluator:
     ``x`` are the model's own upper-level parameters (updated in place by AdamW); the lower-level
     point ``y`` is passed explicitly and substituted through ``functional_call``, so a pass at
     ``y'`` or ``y + d v`` never touches (or invalidates) the tensors a held graph refers to.
+    Gradients are computed only for what the caller asks for: a pass that needs ``grad_x`` alone
+    (a finite-difference probe) leaves ``y`` out of the graph, and one that needs ``grad_y`` alone
+    skips the upper level's weight gradients (with ``create_graph`` also their second-order graph).
     """
 
     def __init__(self, loss: LossFn, x: dict[str, Tensor], y_names: Sequence[str]) -> None:
@@ -73,15 +80,23 @@ class Evaluator:
     def as_dict(self, y: Sequence[Tensor]) -> dict[str, Tensor]:
         return dict(zip(self.y_names, y, strict=True))
 
-    def grads(self, y: Sequence[Tensor], *, want_y: bool = True, create_graph: bool = False) -> GradPass:
-        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in y]
+    def grads(
+        self, y: Sequence[Tensor], *, want_x: bool = True, want_y: bool = True, create_graph: bool = False
+    ) -> GradPass:
+        if not (want_x or want_y):
+            raise ValueError("a gradient pass must want grad_x, grad_y or both")
+        if want_y:
+            leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in y]
+        else:
+            leaves = [t.detach() for t in y]
         ctx = math_attention() if create_graph else nullcontext()
+        xs = list(self.x.values()) if want_x else []
+        inputs = xs + (leaves if want_y else [])
         with ctx:
             loss = self.loss_fn(self.as_dict(leaves))
-            inputs = list(self.x.values()) + (leaves if want_y else [])
             grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
-        nx = len(self.x)
+        nx = len(xs)
         gy_graph = list(grads[nx:]) if create_graph else None
         return GradPass(
             loss=loss.detach(),
@@ -95,7 +110,8 @@ class Evaluator:
 
 
 def _norm(v: Sequence[Tensor]) -> Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in v))
+    """Euclidean norm of a list of tensors (float64 result; one fused kernel per list)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(v))).double())
 
 
 class HvpMethod:
@@ -103,9 +119,15 @@ class HvpMethod:
 
     #: whether the gradient pass must keep a differentiable grad_y
     needs_graph: bool = False
+    #: whether ``hvp`` reads the gradient pass's own ``grad_x`` (the forward-difference base)
+    needs_base_grad_x: bool = False
 
-    def gradient_pass(self, ev: Evaluator, y: Sequence[Tensor]) -> GradPass:
-        return ev.grads(y, create_graph=self.needs_graph)
+    def gradient_pass(self, ev: Evaluator, y: Sequence[Tensor], *, want_x: bool = True) -> GradPass:
+        """``f`` and its gradients at ``y``; ``want_x=False``: the caller needs no ``grad_x``.
+
+        ``grad_x`` is still computed when this method's ``hvp`` needs it (``needs_base_grad_x``).
+        """
+        return ev.grads(y, want_x=want_x or self.needs_base_grad_x, create_graph=self.needs_graph)
 
     def hvp(self, ev: Evaluator, y: Sequence[Tensor], v: Sequence[Tensor], at: GradPass) -> list[Tensor] | None:
         raise NotImplementedError
@@ -128,17 +150,24 @@ class FiniteDifference(HvpMethod):
             raise ValueError(f"finite-difference eps must be > 0, got {eps}")
         self.eps = eps
         self.scheme = scheme
+        self.needs_base_grad_x = scheme == "forward"
 
     def hvp(self, ev: Evaluator, y: Sequence[Tensor], v: Sequence[Tensor], at: GradPass) -> list[Tensor]:
         norm = float(_norm(v))
         if norm == 0.0:
-            return [torch.zeros_like(g) for g in at.grad_x]
+            return [torch.zeros_like(p) for p in ev.x.values()]
         d = self.eps / norm
-        plus = ev.grad_x([t.detach() + d * vi for t, vi in zip(y, v, strict=True)])
+        y0, v = [t.detach() for t in y], list(v)
+        plus = ev.grad_x(torch._foreach_add(y0, v, alpha=d))  # y + d v
         if self.scheme == "forward":
-            return [(gp - g0) / d for gp, g0 in zip(plus, at.grad_x, strict=True)]
-        minus = ev.grad_x([t.detach() - d * vi for t, vi in zip(y, v, strict=True)])
-        return [(gp - gm) / (2 * d) for gp, gm in zip(plus, minus, strict=True)]
+            base = at.grad_x if at.grad_x else ev.grad_x(y0)  # a pass asked without grad_x
+            diff = torch._foreach_sub(plus, base)
+            torch._foreach_div_(diff, d)
+            return diff
+        minus = ev.grad_x(torch._foreach_add(y0, v, alpha=-d))  # y - d v
+        diff = torch._foreach_sub(plus, minus)
+        torch._foreach_div_(diff, 2 * d)
+        return diff
 
 
 class ExactReverse(HvpMethod):
@@ -151,15 +180,19 @@ class ExactReverse(HvpMethod):
             at = ev.grads(y, create_graph=True)
         assert at.grad_y_graph is not None
         with math_attention():
-            out = torch.autograd.grad(
-                at.grad_y_graph, list(ev.x.values()), grad_outputs=list(v), allow_unused=True
-            )
+            out = torch.autograd.grad(at.grad_y_graph, list(ev.x.values()), grad_outputs=list(v), allow_unused=True)
         at.grad_y_graph = None  # the graph is consumed; drop the reference so memory is freed
         return [torch.zeros_like(p) if g is None else g for g, p in zip(out, ev.x.values(), strict=True)]
 
 
 class ExactForward(HvpMethod):
-    """Forward-over-reverse: ``torch.func.jvp`` of ``y -> grad_x f(x, y)`` along ``v``."""
+    """Forward-over-reverse: the tangent of ``y -> grad_x f(x, y)`` along ``v`` (``jvp(grad f)``).
+
+    ``y`` enters as dual tensors ``(y, v)`` and one reverse pass takes ``grad_x``; every op of
+    that pass (backward formulas included) propagates the tangent, so the tangent of ``grad_x``
+    is ``H_xy f(x, y) v``. ``y`` carries no reverse-mode gradient here: the pass differentiates
+    for ``x`` only.
+    """
 
     def __init__(self) -> None:
         self._fallback: ExactReverse | None = None
@@ -167,19 +200,17 @@ class ExactForward(HvpMethod):
     def hvp(self, ev: Evaluator, y: Sequence[Tensor], v: Sequence[Tensor], at: GradPass) -> list[Tensor]:
         if self._fallback is not None:
             return self._fallback.hvp(ev, y, v, at)
-        x0 = {n: p.detach() for n, p in ev.x.items()}
-
-        def grad_x_at(y_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-            return torch.func.grad(lambda xd: ev.loss_fn({**xd, **y_dict}))(x0)
-
+        x = list(ev.x.values())
         try:
-            with math_attention():
-                _, tangent = torch.func.jvp(grad_x_at, (ev.as_dict([t.detach() for t in y]),), (ev.as_dict(v),))
+            with math_attention(), fwad.dual_level():
+                duals = [fwad.make_dual(t.detach(), vi) for t, vi in zip(y, v, strict=True)]
+                grads = torch.autograd.grad(ev.loss_fn(ev.as_dict(duals)), x, allow_unused=True)
+                tangents = [None if g is None else fwad.unpack_dual(g).tangent for g in grads]
         except (NotImplementedError, RuntimeError) as err:
             log.warning("forward-over-reverse HVP unsupported by this model (%s); using reverse-over-reverse", err)
             self._fallback = ExactReverse()
             return self._fallback.hvp(ev, y, v, at)
-        return [tangent[n] for n in ev.x]
+        return [torch.zeros_like(p) if t is None else t for t, p in zip(tangents, x, strict=True)]
 
 
 def make_hvp(method: str, *, eps: float = 1e-3, scheme: str = "forward", exact_ad: str = "reverse") -> HvpMethod:

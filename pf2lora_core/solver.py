@@ -122,8 +122,9 @@ class BilevelSolver:
 
     # -------------------------------------------------------------- the rule of DESIGN.md
     def _step_exact_rule(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
-        inner = self.hvp.gradient_pass(ev, y)  # grad_x f(x,y) [FD base], grad_y f(x,y)
-        y_new = [t - self.alpha * g for t, g in zip(y, inner.grad_y, strict=True)]
+        # grad_y f(x,y) (+ grad_x f(x,y) only where the method needs it: the forward-difference base)
+        inner = self.hvp.gradient_pass(ev, y, want_x=False)
+        y_new = _sgd(y, inner.grad_y, self.alpha)
         outer = ev.grads(y_new)  # grad_x f(x,y'), v = grad_y f(x,y')
         hv = self.hvp.hvp(ev, y, outer.grad_y, inner)
         self._update(outer.grad_x, hv, y_new)
@@ -132,9 +133,9 @@ class BilevelSolver:
     def _step_reuse(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         passes = 0
         if self._carried is None:
-            self._carried = ev.grads(y).grad_y
+            self._carried = ev.grads(y, want_x=False).grad_y
             passes += 1
-        y_new = [t - self.alpha * g for t, g in zip(y, self._carried, strict=True)]
+        y_new = _sgd(y, self._carried, self.alpha)
         outer: GradPass = self.hvp.gradient_pass(ev, y_new)
         hv = self.hvp.hvp(ev, y_new, outer.grad_y, outer)  # HVP at y' (see module docstring)
         self._carried = outer.grad_y
@@ -143,42 +144,47 @@ class BilevelSolver:
 
     def _joint(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         g = ev.grads(y)
-        y_new = [t - self.alpha * gy for t, gy in zip(y, g.grad_y, strict=True)]
+        y_new = _sgd(y, g.grad_y, self.alpha)
         self._update(g.grad_x, None, y_new)
         return StepStats(loss=float(g.loss), passes=1)
 
     def _update(self, grad_x: list[Tensor], hv: list[Tensor] | None, y_new: list[Tensor]) -> None:
         """Outer AdamW step with h = grad_x - alpha * hv, then commit y <- y'."""
-        for p, g, i in zip(self.x.values(), grad_x, range(len(grad_x)), strict=True):
-            h = g if hv is None else g - self.alpha * hv[i]
-            p.grad = h.to(p.dtype)
+        params = list(self.x.values())
+        h = grad_x if hv is None else torch._foreach_add(grad_x, hv, alpha=-self.alpha)
+        for p, g in zip(params, h, strict=True):
+            p.grad = g.to(p.dtype)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for p, t in zip(self.y.values(), y_new, strict=True):
-                p.copy_(t)
+            torch._foreach_copy_(list(self.y.values()), y_new)
 
 
-def hypergradient(solver_hvp: HvpMethod, loss: LossFn, x: dict[str, Tensor], y: dict[str, Tensor], alpha: float) -> list[Tensor]:
+def _sgd(y: list[Tensor], grad: list[Tensor], lr: float) -> list[Tensor]:
+    """``y - lr * grad`` for a list of tensors (one fused kernel)."""
+    return torch._foreach_add(y, grad, alpha=-lr)
+
+
+def hypergradient(
+    solver_hvp: HvpMethod, loss: LossFn, x: dict[str, Tensor], y: dict[str, Tensor], alpha: float
+) -> list[Tensor]:
     """The hypergradient ``h`` of eq. (1) at ``(x, y)`` without updating anything (for tests)."""
     ev = Evaluator(loss, x, list(y))
     y0 = [t.detach() for t in y.values()]
-    inner = solver_hvp.gradient_pass(ev, y0)
-    y_new = [t - alpha * g for t, g in zip(y0, inner.grad_y, strict=True)]
+    inner = solver_hvp.gradient_pass(ev, y0, want_x=False)
+    y_new = _sgd(y0, inner.grad_y, alpha)
     outer = ev.grads(y_new)
     hv = solver_hvp.hvp(ev, y0, outer.grad_y, inner)
     if hv is None:
         return outer.grad_x
-    return [g - alpha * h for g, h in zip(outer.grad_x, hv, strict=True)]
+    return torch._foreach_add(outer.grad_x, hv, alpha=-alpha)
 
 
 def _hvp_norm(hv: list[Tensor] | None) -> float:
     return 0.0 if hv is None else float(_norm(hv))
 
 
-def seeded_loss(
-    loss: Callable[[dict[str, Tensor] | None], Tensor], seed: int, device: torch.device
-) -> LossFn:
+def seeded_loss(loss: Callable[[dict[str, Tensor] | None], Tensor], seed: int, device: torch.device) -> LossFn:
     """Wrap ``loss`` so that every call sees the same random stream (same dropout masks)."""
 
     def fixed(params: dict[str, Tensor] | None) -> Tensor:

@@ -1,0 +1,178 @@
+"""Oracle tests of one BilevelSolver step (DESIGN.md, "training is bilevel") in float64.
+
+The oracle flattens both levels into one vector, takes the explicit Hessian of the loss with
+``torch.autograd.functional.hessian``, reads the mixed block ``H_xy`` off it, and applies the
+step's three equations and AdamW's update rule (Loshchilov & Hutter) by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.hypergrad import make_hvp
+from pf2lora_core.solver import BilevelSolver
+from tests.tiny import randomize_adapters, two_level_mlp
+
+ALPHA = 0.5
+LR, WEIGHT_DECAY, BETAS = 0.05, 0.1, (0.9, 0.999)
+# AdamW's first step is about lr * sign(h) with the usual eps=1e-8, blind to h's size; a large eps
+# keeps the update proportional to h, so the test sees an error in h's magnitude too.
+ADAM_EPS = 0.1
+
+
+def _problem():
+    model = two_level_mlp()
+    randomize_adapters(model)
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    target = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+
+    def loss(params):
+        out = model.model(inputs) if params is None else functional_call(model.model, params, (inputs,), strict=False)
+        return ((out - target) ** 2).mean()
+
+    return model, loss
+
+
+class Flat:
+    """Both levels as one float64 vector ``[x; y]`` and back."""
+
+    def __init__(self, x: dict[str, Tensor], y: dict[str, Tensor]) -> None:
+        self.names = list(x) + list(y)
+        self.shapes = [t.shape for t in [*x.values(), *y.values()]]
+        self.nx = sum(t.numel() for t in x.values())
+
+    def vec(self, x: dict[str, Tensor], y: dict[str, Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in [*x.values(), *y.values()]])
+
+    def params(self, z: Tensor) -> dict[str, Tensor]:
+        out, i = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            n = shape.numel()
+            out[name] = z[i : i + n].reshape(shape)
+            i += n
+        return out
+
+
+def _oracle_step(loss, x: dict[str, Tensor], y: dict[str, Tensor], adam_t: int, m: Tensor, v2: Tensor):
+    """(x_new, y_new, m, v2): one step of DESIGN.md's rule and AdamW, from the explicit Hessian."""
+    flat = Flat(x, y)
+    z = flat.vec(x, y)
+    nx = flat.nx
+
+    def f(w: Tensor) -> Tensor:
+        return loss(flat.params(w))
+
+    grad0 = torch.autograd.functional.jacobian(f, z)
+    y_new = z[nx:] - ALPHA * grad0[nx:]
+    z_new = torch.cat([z[:nx], y_new])
+    grad1 = torch.autograd.functional.jacobian(f, z_new)
+    h_xy = torch.autograd.functional.hessian(f, z)[:nx, nx:]  # d^2 f / dx dy at (x, y)
+    h = grad1[:nx] - ALPHA * h_xy @ grad1[nx:]
+    x_new, m, v2 = _adamw(z[:nx], h, adam_t, m, v2)
+    return x_new, y_new, m, v2
+
+
+def _adamw(x: Tensor, g: Tensor, t: int, m: Tensor, v2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    b1, b2 = BETAS
+    m = b1 * m + (1 - b1) * g
+    v2 = b2 * v2 + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**t), v2 / (1 - b2**t)
+    x = x * (1 - LR * WEIGHT_DECAY) - LR * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    return x, m, v2
+
+
+def _solver(model, method: str, reuse: bool = False, **kw) -> BilevelSolver:
+    x = model.parameters(COMMON)
+    opt = torch.optim.AdamW(list(x.values()), lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    return BilevelSolver(x, model.parameters(PRIVATE), make_hvp(method, **kw), ALPHA, opt, reuse_inner_grad=reuse)
+
+
+def _state(model) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """float64 copies of (x, y) (``export`` would cast to float32)."""
+    return tuple({n: p.detach().clone() for n, p in model.parameters(level).items()} for level in (COMMON, PRIVATE))
+
+
+def _as_vec(model, level: str) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters(level).values()])
+
+
+@pytest.mark.parametrize(
+    ("method", "kw", "tol"),
+    [
+        ("exact", {"exact_ad": "reverse"}, 1e-10),
+        ("exact", {"exact_ad": "forward"}, 1e-10),
+        ("finite_difference", {"eps": 1e-6, "scheme": "forward"}, 1e-5),
+        ("finite_difference", {"eps": 1e-4, "scheme": "central"}, 1e-5),
+    ],
+)
+def test_one_step_matches_explicit_oracle(method: str, kw: dict, tol: float) -> None:
+    model, loss = _problem()
+    x0, y0 = _state(model)
+    zeros = torch.zeros(Flat(x0, y0).nx, dtype=torch.float64)
+    x_new, y_new, _, _ = _oracle_step(loss, x0, y0, 1, zeros, zeros)
+    stats = _solver(model, method, **kw).step(loss)
+    assert stats.passes == 3
+    assert torch.allclose(_as_vec(model, PRIVATE), y_new, rtol=0, atol=1e-12)  # y <- y'
+    assert float((_as_vec(model, COMMON) - x_new).abs().max()) < tol * LR
+    # and the step moved x by more than the tolerance: the check can fail
+    assert float((x_new - Flat(x0, y0).vec(x0, y0)[: x_new.numel()]).abs().max()) > 1e3 * tol * LR
+
+
+def test_first_order_drops_the_hvp_term() -> None:
+    model, loss = _problem()
+    x0, y0 = _state(model)
+    flat = Flat(x0, y0)
+    z = flat.vec(x0, y0)
+    grad0 = torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), z)
+    z1 = torch.cat([z[: flat.nx], z[flat.nx :] - ALPHA * grad0[flat.nx :]])
+    h = torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), z1)[: flat.nx]
+    x_new, _, _ = _adamw(z[: flat.nx], h, 1, torch.zeros_like(h), torch.zeros_like(h))
+    stats = _solver(model, "first_order").step(loss)
+    assert stats.passes == 2 and stats.hvp_norm == 0.0
+    assert torch.allclose(_as_vec(model, COMMON), x_new, rtol=0, atol=1e-12)
+
+
+def test_reuse_inner_grad_second_step_uses_the_carried_gradient() -> None:
+    """Step 2's inner gradient is grad_y f(x_0, y_1) from step 1's outer pass, not grad_y f(x_1, y_1)."""
+    model, loss = _problem()
+    solver = _solver(model, "exact", reuse=True)
+    x0, y0 = _state(model)
+    flat = Flat(x0, y0)
+    nx = flat.nx
+
+    def grad(x: dict[str, Tensor], y: dict[str, Tensor]) -> Tensor:
+        return torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), flat.vec(x, y))
+
+    assert solver.step(loss).passes == 3  # the first step also starts the carry
+    x1, y1 = _state(model)
+    carried = grad(x0, y1)[nx:]  # the outer pass of step 1 ran at (x_0, y_1)
+    fresh = grad(x1, y1)[nx:]
+    assert float((carried - fresh).abs().max()) > 1e-6  # stale and fresh differ: the test can fail
+
+    assert solver.step(loss).passes == 2
+    y2_expected = flat.vec(x1, y1)[nx:] - ALPHA * carried
+    assert torch.allclose(_as_vec(model, PRIVATE), y2_expected, rtol=0, atol=1e-12)
+
+    # x: AdamW's second step with h at y_2 = y', the HVP taken at y' too (solver docstring)
+    z2 = torch.cat([flat.vec(x1, y1)[:nx], y2_expected])
+    y2 = {n: t for n, t in flat.params(z2).items() if n in y1}
+    g2 = grad(x1, y2)
+    h_xy = torch.autograd.functional.hessian(lambda w: loss(flat.params(w)), z2)[:nx, nx:]
+    h2 = g2[:nx] - ALPHA * h_xy @ g2[nx:]
+    h1 = _step1_h(loss, flat, x0, y0, y1)
+    _, m, v2 = _adamw(flat.vec(x0, y0)[:nx], h1, 1, torch.zeros_like(h1), torch.zeros_like(h1))
+    x2_expected, _, _ = _adamw(flat.vec(x1, y1)[:nx], h2, 2, m, v2)
+    assert torch.allclose(_as_vec(model, COMMON), x2_expected, rtol=0, atol=1e-10)
+
+
+def _step1_h(loss, flat: Flat, x0, y0, y1) -> Tensor:
+    """Step 1 of reuse mode: carry from (x_0, y_0), then h at y_1 with the HVP at y_1."""
+    z1 = flat.vec(x0, y1)
+    g1 = torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), z1)
+    h_xy = torch.autograd.functional.hessian(lambda w: loss(flat.params(w)), z1)[: flat.nx, flat.nx :]
+    return g1[: flat.nx] - ALPHA * h_xy @ g1[flat.nx :]
