@@ -102,6 +102,7 @@ class SyntheticConfig:
     lr_final: float = 0.001  # beta at the last round (geometric decay): AdamW's jitter floor
     inner_lr: float = 0.05  # alpha (SGD, private level): ~1/7 of the stability limit 2 / L ~ 0.33
     hvp: str = "exact"  # exact hypergradient (reverse-over-reverse): cheap at this size
+    reuse_inner_grad: bool = False  # the two-pass approximation of the solver (off: the exact rule)
     threshold: float = 0.1  # learned rank: singular values > 0.1 sigma_1 (planted ones >= 0.67 sigma_1)
     seed: int = 0
     output_dir: str = "outputs"
@@ -187,7 +188,7 @@ def _algorithm(name: str, cfg: SyntheticConfig, lr: float) -> Algorithm:
         params: LoRAParams = PF2LoRAParams(
             **common, private_rank=cfg.private_rank, private_alpha=cfg.private_scaling * cfg.private_rank,
             inner_lr=cfg.inner_lr, hvp=cfg.hvp, fd_eps=1e-3, fd_scheme="forward", exact_ad="reverse",
-            mode="bilevel", reuse_inner_grad=False,
+            mode="bilevel", reuse_inner_grad=cfg.reuse_inner_grad,
         )  # fmt: skip
     else:
         params = cls.Params(**common)
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(defaults, f))
     parser.add_argument("--true-ranks", type=lambda s: [int(x) for x in s.split(",")], default=defaults.true_ranks)
     parser.add_argument("--hvp", default=defaults.hvp, choices=["exact", "finite_difference", "first_order"])
+    parser.add_argument("--reuse-inner-grad", action="store_true", help="two gradient passes per step")
     parser.add_argument("--algorithms", type=lambda s: s.split(","), default=defaults.algorithms)
     parser.add_argument("--output-dir", default=defaults.output_dir)
     args = parser.parse_args(argv)

@@ -176,3 +176,34 @@ def _step1_h(loss, flat: Flat, x0, y0, y1) -> Tensor:
     g1 = torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), z1)
     h_xy = torch.autograd.functional.hessian(lambda w: loss(flat.params(w)), z1)[: flat.nx, flat.nx :]
     return g1[: flat.nx] - ALPHA * h_xy @ g1[flat.nx :]
+
+
+def test_joint_mode_updates_both_levels_from_one_gradient() -> None:
+    """The paper's ablation: y <- y - alpha grad_y f(x, y) and AdamW on grad_x f(x, y), same point."""
+    model, loss = _problem()
+    x0, y0 = _state(model)
+    flat = Flat(x0, y0)
+    z = flat.vec(x0, y0)
+    g = torch.autograd.functional.jacobian(lambda w: loss(flat.params(w)), z)
+    x_new, _, _ = _adamw(
+        z[: flat.nx], g[: flat.nx], 1, torch.zeros(flat.nx, dtype=z.dtype), torch.zeros(flat.nx, dtype=z.dtype)
+    )
+    y_new = z[flat.nx :] - ALPHA * g[flat.nx :]
+    x = model.parameters(COMMON)
+    opt = torch.optim.AdamW(list(x.values()), lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    solver = BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, mode="joint")
+    assert solver.step(loss).passes == 1
+    assert torch.allclose(_as_vec(model, PRIVATE), y_new, rtol=0, atol=1e-12)
+    assert torch.allclose(_as_vec(model, COMMON), x_new, rtol=0, atol=1e-12)
+
+
+def test_unknown_mode_is_rejected() -> None:
+    model, _ = _problem()
+    with pytest.raises(ValueError, match="mode"):
+        _solver_mode(model, "alternating")
+
+
+def _solver_mode(model, mode: str) -> BilevelSolver:
+    x = model.parameters(COMMON)
+    opt = torch.optim.AdamW(list(x.values()), lr=LR)
+    return BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, mode=mode)
