@@ -87,3 +87,20 @@ def test_one_level_model_has_no_private() -> None:
     assert model.export(PRIVATE) == {}
     with pytest.raises(ValueError, match="private"):
         TwoLevelModel(MLP(), ["fc1"], AdapterSpec(2, 2), None, head_modules=["head"], head_level=PRIVATE)
+
+
+def test_fused_two_adapter_forward_equals_peft_sum() -> None:
+    """The fused rank-(r + r~) product equals peft's adapter-by-adapter sum, also after deepcopy."""
+    import copy
+
+    model = two_level_mlp()
+    randomize_adapters(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    fc1 = model.lora_modules()["base_model.model.fc1"]
+    peft_sum = type(fc1).forward(fc1, x)  # peft's own loop over active adapters
+    assert torch.allclose(fc1(x), peft_sum, atol=1e-12)
+    clone = copy.deepcopy(model.model)
+    with torch.no_grad():
+        clone.base_model.model.fc1.lora_B["private"].weight.add_(1.0)
+    assert torch.allclose(fc1(x), peft_sum, atol=1e-12)  # the copy computes with its own weights
+    assert not torch.allclose(clone.base_model.model.fc1(x), peft_sum)
