@@ -15,7 +15,7 @@ parameter names, which include the adapter name, so two levels never share a key
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,6 +56,10 @@ class TwoLevelModel:
         weights the checkpoint did not contain.
     head_level:
         Level the head belongs to: ``COMMON`` (sent to the server) or ``PRIVATE``.
+    assign:
+        Optional ``(name, default_level) -> level or None``: an algorithm's own split of the
+        tensors into levels (FedSA-LoRA keeps ``lora_B`` private; FFA-LoRA freezes ``lora_A``
+        with ``None``). By default a tensor's level is its adapter's name (or the head's level).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class TwoLevelModel:
         private: AdapterSpec | None = None,
         head_modules: Sequence[str] = (),
         head_level: str = COMMON,
+        assign: Callable[[str, str | None], str | None] | None = None,
     ) -> None:
         if head_level not in LEVELS:
             raise ValueError(f"head_level must be one of {LEVELS}, got {head_level!r}")
@@ -82,28 +87,38 @@ class TwoLevelModel:
         if len(self.specs) > 1:
             for module in self.lora_modules().values():
                 _fuse_active_adapters(module)
-        self._head_names = _head_parameter_names(self.model, head_modules)
-        for name, param in self.model.named_parameters():
-            if name in self._head_names:
-                param.requires_grad_(True)
+        head_names = _head_parameter_names(self.model, head_modules)
+        # every parameter's level, fixed once: the names never change
+        self._level: dict[str, str | None] = {}
+        for name, _ in self.model.named_parameters():
+            default = head_level if name in head_names else _adapter_level(name, self.specs)
+            self._level[name] = assign(name, default) if assign else default
+        self._refresh_trainable()
 
     # ------------------------------------------------------------------ parameters by level
     @property
     def levels(self) -> tuple[str, ...]:
+        """Levels that hold at least one tensor, common first."""
+        present = set(self._level.values())
+        return tuple(level for level in LEVELS if level in present)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The peft adapters attached (named after the level they default to)."""
         return tuple(self.specs)
 
     def level_of(self, name: str) -> str | None:
-        """The level a parameter name belongs to, or None for frozen base weights."""
-        if name in self._head_names:
-            return self.head_level
-        for level in self.specs:
-            if f".{level}." in name:
-                return level
-        return None
+        """The level a parameter name belongs to, or None for frozen weights."""
+        return self._level.get(name)
 
     def parameters(self, level: str) -> dict[str, nn.Parameter]:
         """Trainable tensors of one level, by full parameter name (ordered)."""
-        return {n: p for n, p in self.model.named_parameters() if self.level_of(n) == level}
+        return {n: p for n, p in self.model.named_parameters() if self._level.get(n) == level}
+
+    def _refresh_trainable(self) -> None:
+        """requires_grad exactly on the tensors that belong to a level (peft's set_adapter resets it)."""
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._level.get(name) is not None)
 
     def export(self, level: str) -> StateDict:
         """Detached float32 CPU copies of one level: what may leave the client."""
@@ -132,11 +147,8 @@ class TwoLevelModel:
         try:
             yield
         finally:
-            # set_adapter also flips requires_grad; restoring every level restores training.
             self.model.base_model.set_adapter(list(self.specs))
-            for name, param in self.model.named_parameters():
-                if name in self._head_names:
-                    param.requires_grad_(True)
+            self._refresh_trainable()
 
     def to(self, device: torch.device | str) -> TwoLevelModel:
         self.model.to(device)
@@ -162,6 +174,13 @@ class TwoLevelModel:
                 if delta is not None:
                     updates[name] = delta.cpu()
         return updates
+
+
+def _adapter_level(name: str, adapters: Mapping[str, AdapterSpec]) -> str | None:
+    for adapter in adapters:
+        if f".{adapter}." in name:
+            return adapter
+    return None
 
 
 def _fuse_active_adapters(module: nn.Module) -> None:

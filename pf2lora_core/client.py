@@ -19,7 +19,7 @@ from torch import Tensor
 from pf2lora_core import data
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, PRIVATE
+from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, PRIVATE
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_classifier
 from pf2lora_core.rank import rank_report
@@ -52,14 +52,16 @@ def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, o
     labels = data.task_label_names(exp.task, exp.seed)
     seed_everything(exp.seed)
     loaded = load_classifier(exp.model, num_labels=len(labels))
-    common, private = exp.algorithm.adapters()
+    algorithm = exp.algorithm
+    common, private = algorithm.adapters()
     model = TwoLevelModel(
         loaded.model,
         target_modules=exp.model.target_modules,
         common=common,
         private=private,
         head_modules=loaded.head_modules,
-        head_level=exp.model.head_level,
+        head_level=algorithm.head_level(exp.model.head_level),
+        assign=algorithm.assign_level,
     ).to(device)
     return model, loaded.tokenizer
 
@@ -86,6 +88,27 @@ class ClientRuntime:
         e = self.exp
         return data.client_split(e.task, e.partition, e.federation.num_clients, client, e.seed, self.tokenizer)
 
+    def _evaluate_global(self, test: data.Batches) -> dict[str, float]:
+        """The common adapter alone; NaN metrics where the algorithm has no global model."""
+        if not self.exp.algorithm.has_global_model:
+            return {EVAL_LOSS: float("nan"), self.exp.task.metric: float("nan")}
+        with self.model.only(COMMON):
+            return self.task.evaluate(self.model.model, test)
+
+    def _evaluate_personalized(self, client: int, test: data.Batches) -> dict[str, float]:
+        """The client's own model, after the algorithm's personalization (restored afterwards)."""
+        if not self.exp.algorithm.adapts_for_evaluation:
+            return self.task.evaluate(self.model.model, test)
+        snapshot = {level: self.model.export(level) for level in self.model.levels}
+        seed = derived_seed(self.exp.seed, client, 1 << 20)  # fixed: evaluation is repeatable
+        self.model.model.train()
+        self.exp.algorithm.personalize(self._context(client, seed, 1))
+        try:
+            return self.task.evaluate(self.model.model, test)
+        finally:
+            for level, state in snapshot.items():
+                self.model.load(level, state)
+
     def _load(self, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
         self.model.load(COMMON, common)
         if self.has_private:
@@ -96,26 +119,29 @@ class ClientRuntime:
     ) -> TrainOutcome:
         start = time.perf_counter()
         self._load(common, private)
-        split = self.split(client)
-        seed = derived_seed(self.exp.seed, client, server_round)
-        batches = data.batches(split.train, self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed)
-        module = self.model.model
-        ctx = LocalContext(
-            model=self.model,
-            objective=lambda batch, params: self.task.loss(module, batch, params),
-            batches=iterate_forever(batches),
-            steps=int(self.exp.cfg.local_steps),
-            seed=seed,
-            device=self.device,
-        )
-        module.train()
+        ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), self.exp.local_steps)
+        self.model.model.train()
         metrics = self.exp.algorithm.train(ctx)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
             common=self.model.export(COMMON),
             private=self.model.export(PRIVATE) if self.has_private else {},
             metrics=metrics,
-            num_examples=len(split.train),
+            num_examples=len(self.split(client).train),
+        )
+
+    def _context(self, client: int, seed: int, steps: int) -> LocalContext:
+        """Local work on ``client``'s training split: endless shuffled batches, the task's loss."""
+        train = self.split(client).train
+        batches = data.batches(train, self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed)
+        module = self.model.model
+        return LocalContext(
+            model=self.model,
+            objective=lambda batch, params: self.task.loss(module, batch, params),
+            batches=iterate_forever(batches),
+            steps=steps,
+            seed=seed,
+            device=self.device,
         )
 
     def evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
@@ -124,9 +150,8 @@ class ClientRuntime:
         split = self.split(client)
         bs = self.exp.task.eval_batch_size
         test = data.batches(split.test, bs, self.tokenizer, shuffle=False, seed=0)
-        personalized = self.task.evaluate(self.model.model, test)
-        with self.model.only(COMMON):
-            global_ = self.task.evaluate(self.model.model, test)
+        global_ = self._evaluate_global(test)
+        personalized = self._evaluate_personalized(client, test)
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
         return EvalOutcome(personalized, global_, rank, len(split.test), time.perf_counter() - start)
 

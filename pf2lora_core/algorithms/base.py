@@ -70,6 +70,12 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[LoRAParams]]
+    #: False where no shared model exists on its own (local-only; FedSA-LoRA keeps B private):
+    #: the "global" metrics are then reported as missing rather than invented.
+    has_global_model: ClassVar[bool] = True
+    #: True where the personalized model is adapted on the client's data right before evaluation
+    #: (Per-FedAvg's one local step); see ``personalize``.
+    adapts_for_evaluation: ClassVar[bool] = False
 
     def __init__(self, params: LoRAParams) -> None:
         params.validate()
@@ -82,6 +88,22 @@ class Algorithm(ABC):
     @abstractmethod
     def train(self, ctx: LocalContext) -> dict[str, float]:
         """Run the round's local steps in place on ``ctx.model``; return train metrics."""
+
+    def assign_level(self, name: str, default: str | None) -> str | None:
+        """Level of a tensor (``COMMON``, ``PRIVATE``, or None to freeze it); default: its adapter's."""
+        return default
+
+    def head_level(self, configured: str) -> str:
+        """Where the head lives; ``model.head_level`` unless the algorithm forces it."""
+        return configured
+
+    def personalize(self, ctx: LocalContext) -> None:
+        """Adapt ``ctx.model`` in place before its personalized evaluation (default: nothing).
+
+        Called only when ``adapts_for_evaluation`` is True; the caller snapshots the model's
+        levels first and restores them afterwards, so the adaptation never leaks into training.
+        """
+        raise NotImplementedError(f"{self.name} sets adapts_for_evaluation but has no personalize()")
 
     def aggregate(self, states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
         """Server rule for the common level (FedAvg by default)."""
