@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import datasets
 import torch
 from torch import Tensor
 
@@ -119,7 +120,10 @@ class ClientRuntime:
     ) -> TrainOutcome:
         start = time.perf_counter()
         self._load(common, private)
-        ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), self.exp.local_steps)
+        steps = self.exp.local_steps
+        if self.exp.algorithm.pooled_training:
+            steps *= self.exp.federation.num_clients
+        ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
         self.model.model.train()
         metrics = self.exp.algorithm.train(ctx)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
@@ -127,13 +131,21 @@ class ClientRuntime:
             common=self.model.export(COMMON),
             private=self.model.export(PRIVATE) if self.has_private else {},
             metrics=metrics,
-            num_examples=len(self.split(client).train),
+            num_examples=len(self._train_data(client)),
         )
+
+    def _train_data(self, client: int) -> datasets.Dataset:
+        """The client's training split, or every client's pooled for the centralized reference."""
+        e = self.exp
+        if e.algorithm.pooled_training:
+            return data.pooled_train(e.task, e.partition, e.federation.num_clients, e.seed, self.tokenizer)
+        return self.split(client).train
 
     def _context(self, client: int, seed: int, steps: int) -> LocalContext:
         """Local work on ``client``'s training split: endless shuffled batches, the task's loss."""
-        train = self.split(client).train
-        batches = data.batches(train, self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed)
+        batches = data.batches(
+            self._train_data(client), self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed
+        )
         module = self.model.model
         return LocalContext(
             model=self.model,

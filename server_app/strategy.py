@@ -100,6 +100,8 @@ class CommonOnlyFedAvg(FedAvg):
         self.current = RoundLog(round=server_round)
         self.sent = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.algorithm.pooled_training:  # the centralized reference trains on one node
+            messages = messages[:1]
         self.current.bytes_down = arrays.count_bytes()
         log.info("round %d/%d: training on %d clients", server_round, self.num_rounds, len(messages))
         return messages
@@ -122,10 +124,11 @@ class CommonOnlyFedAvg(FedAvg):
             weights.append(float(metrics[NUM_EXAMPLES]))
             self.current.train[int(metrics[CLIENT_KEY])] = {k: float(v) for k, v in metrics.items()}
             self.current.bytes_up = max(self.current.bytes_up, content[ARRAYS_KEY].count_bytes())
-        if len(states) < self.min_train_clients:
+        required = 1 if self.algorithm.pooled_training else self.min_train_clients
+        if len(states) < required:
             log.warning(
                 "round %d: %d valid replies < federation.min_train_clients=%d; common adapter unchanged",
-                server_round, len(states), self.min_train_clients,
+                server_round, len(states), required,
             )  # fmt: skip
             return None, None
         aggregated = self.algorithm.aggregate(states, weights)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, Objective
+from pf2lora_core.algorithms.centralized import CentralizedLoRA
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 
 REGISTRY: dict[str, type[Algorithm]] = {
     PF2LoRA.name: PF2LoRA,
     HOMLoRA.name: HOMLoRA,
+    CentralizedLoRA.name: CentralizedLoRA,
 }
 
 
@@ -19,4 +21,14 @@ def algorithm_class(name: str) -> type[Algorithm]:
         raise ValueError(f"algorithm.name={name!r} is not registered; choose one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["REGISTRY", "Algorithm", "LoRAParams", "LocalContext", "Objective", "algorithm_class"]
+__all__ = [
+    "REGISTRY",
+    "Algorithm",
+    "CentralizedLoRA",
+    "HOMLoRA",
+    "LoRAParams",
+    "LocalContext",
+    "Objective",
+    "PF2LoRA",
+    "algorithm_class",
+]

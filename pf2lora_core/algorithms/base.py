@@ -76,6 +76,9 @@ class Algorithm(ABC):
     #: True where the personalized model is adapted on the client's data right before evaluation
     #: (Per-FedAvg's one local step); see ``personalize``.
     adapts_for_evaluation: ClassVar[bool] = False
+    #: True for the centralized reference: one node per round trains on every client's training
+    #: split pooled, for local_steps x num_clients steps (the federation's total step budget).
+    pooled_training: ClassVar[bool] = False
 
     def __init__(self, params: LoRAParams) -> None:
         params.validate()

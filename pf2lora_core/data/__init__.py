@@ -10,6 +10,7 @@ from pf2lora_core.data.client import (
     client_split,
     collate,
     partition_label_histograms,
+    pooled_train,
     task_label_names,
 )
 from pf2lora_core.data.partition import PARTITIONERS, SSplitPartitioner, make_partitioner
@@ -36,6 +37,7 @@ __all__ = [
     "load_examples",
     "make_partitioner",
     "partition_label_histograms",
+    "pooled_train",
     "resolve_text_columns",
     "task_label_names",
 ]

@@ -60,11 +60,12 @@ POOLED_CACHE: dict[Hashable, datasets.Dataset] = {}
 TOKENIZED_CACHE: dict[Hashable, datasets.Dataset] = {}
 ROWS_CACHE: dict[Hashable, list[ClientRows]] = {}
 SPLIT_CACHE: dict[Hashable, ClientSplit] = {}
+POOLED_TRAIN_CACHE: dict[Hashable, datasets.Dataset] = {}
 
 
 def clear_caches() -> None:
     """Empty every data cache of this process (tests; freeing memory)."""
-    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE):
+    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE, POOLED_TRAIN_CACHE):
         cache.clear()
 
 
@@ -101,8 +102,24 @@ def client_split(
     if not 0 <= client < num_clients:
         raise ValueError(f"client {client} out of range: {num_clients} clients have ids 0..{num_clients - 1}")
     key = (_freeze(task), _freeze(partition), num_clients, client, seed, _tokenizer_key(tokenizer))
+    return _cached(SPLIT_CACHE, key, lambda: _build_split(task, partition, num_clients, client, seed, tokenizer))
+
+
+def pooled_train(
+    task: TaskConfig,
+    partition: PartitionConfig,
+    num_clients: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> datasets.Dataset:
+    """All clients' training splits in one dataset (centralized training; test splits untouched)."""
+    key = ("pooled-train", _freeze(task), _freeze(partition), num_clients, seed, _tokenizer_key(tokenizer))
     return _cached(
-        SPLIT_CACHE, key, lambda: _build_split(task, partition, num_clients, client, seed, tokenizer)
+        POOLED_TRAIN_CACHE,
+        key,
+        lambda: datasets.concatenate_datasets(
+            [client_split(task, partition, num_clients, k, seed, tokenizer).train for k in range(num_clients)]
+        ),
     )
 
 
@@ -168,9 +185,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self._ds)
-        order = (
-            np.random.default_rng([self._seed, self._epoch]).permutation(n) if self._shuffle else np.arange(n)
-        )
+        order = np.random.default_rng([self._seed, self._epoch]).permutation(n) if self._shuffle else np.arange(n)
         self._epoch += 1
         return self._generate(order)
 
@@ -244,16 +259,12 @@ def _tokenize(
     return tokenized.rename_column(LABEL, LABELS)
 
 
-def _client_rows(
-    task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
-) -> list[ClientRows]:
+def _client_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
     key = (_freeze(task), _freeze(partition), num_clients, seed)
     return _cached(ROWS_CACHE, key, lambda: _assign_rows(task, partition, num_clients, seed))
 
 
-def _assign_rows(
-    task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
-) -> list[ClientRows]:
+def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
     """Partition the pooled rows with the configured partitioner, then split each into train/test."""
     pooled = _pooled(task, seed)
     labels = np.asarray(pooled[LABEL])
@@ -262,15 +273,10 @@ def _assign_rows(
     partitioner.dataset = pooled.select_columns([LABEL]).add_column(ROW, list(range(len(pooled))))
     parts = [np.asarray(partitioner.load_partition(k)[ROW], dtype=np.int64) for k in range(num_clients)]
     rngs = [np.random.default_rng([seed, k]) for k in range(num_clients)]
-    return [
-        _train_test(rows, labels[rows], task.test_fraction, rng)
-        for rows, rng in zip(parts, rngs, strict=True)
-    ]
+    return [_train_test(rows, labels[rows], task.test_fraction, rng) for rows, rng in zip(parts, rngs, strict=True)]
 
 
-def _train_test(
-    rows: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> ClientRows:
+def _train_test(rows: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> ClientRows:
     """Stratified split: each label gives its share to test, so test mirrors the partition's mix."""
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"task.test_fraction must lie in [0, 1), got {test_fraction}")

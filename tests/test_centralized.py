@@ -1,0 +1,44 @@
+"""Centralized LoRA: one model on the pooled training splits, the federation's step budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from pf2lora_core import client as client_mod
+from pf2lora_core import data
+from pf2lora_core.algorithms import CentralizedLoRA, LocalContext
+from pf2lora_core.constants import COMMON
+from pf2lora_core.experiment import load
+from tests.tiny_bert import make_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> client_mod.ClientRuntime:
+    model = make_tiny_bert(tmp_path_factory.mktemp("m") / "tiny-bert")
+    exp = load(["algorithm=centralized", "model.source=path", f"model.name={model}", "federation.num_clients=3",
+                "local_steps=2", "task.max_examples=240"])  # fmt: skip
+    return client_mod.ClientRuntime(exp)
+
+
+def test_trains_on_every_clients_training_split(runtime: client_mod.ClientRuntime) -> None:
+    assert isinstance(runtime.exp.algorithm, CentralizedLoRA)
+    pooled = data.pooled_train(runtime.exp.task, runtime.exp.partition, 3, runtime.exp.seed, runtime.tokenizer)
+    assert len(pooled) == sum(len(runtime.split(k).train) for k in range(3))
+    out = runtime.train(0, 1, runtime.model.export(COMMON), None)
+    assert out.num_examples == len(pooled)
+    assert out.private == {}
+
+
+def test_uses_the_federations_total_step_budget(
+    runtime: client_mod.ClientRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[int] = []
+    original = CentralizedLoRA.train
+
+    def spy(self: CentralizedLoRA, ctx: LocalContext) -> dict[str, float]:
+        steps.append(ctx.steps)
+        return original(self, ctx)
+
+    monkeypatch.setattr(CentralizedLoRA, "train", spy)
+    runtime.train(1, 1, runtime.model.export(COMMON), None)
+    assert steps == [2 * 3]  # local_steps x num_clients
