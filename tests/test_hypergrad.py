@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.hypergrad import make_hvp
 from pf2lora_core.solver import hypergradient
-from tests.tiny import randomize_adapters, two_level_mlp
+from tests.tiny import regression_problem
 
 ALPHA = 0.5
-
-
-def _problem(head_level: str = COMMON):
-    model = two_level_mlp(head_level=head_level)
-    randomize_adapters(model)
-    gen = torch.Generator().manual_seed(3)
-    inputs = torch.randn(16, 6, generator=gen, dtype=torch.float64)
-    target = torch.randn(16, 3, generator=gen, dtype=torch.float64)
-
-    def loss(params):
-        out = model.model(inputs) if params is None else functional_call(model.model, params, (inputs,), strict=False)
-        return ((out - target) ** 2).mean()
-
-    return model, loss
 
 
 def _oracle(model, loss):
@@ -63,18 +48,18 @@ def _ours(model, loss, method: str, **kw):
 @pytest.mark.parametrize("exact_ad", ["reverse", "forward"])
 @pytest.mark.parametrize("head_level", [COMMON, PRIVATE])
 def test_exact_matches_unroll(exact_ad: str, head_level: str) -> None:
-    model, loss = _problem(head_level)
+    model, loss = regression_problem(head_level)
     assert _rel_err(_ours(model, loss, "exact", exact_ad=exact_ad), _oracle(model, loss)) < 1e-8
 
 
 @pytest.mark.parametrize(("scheme", "eps"), [("forward", 1e-6), ("central", 1e-4)])
 def test_finite_difference_close(scheme: str, eps: float) -> None:
-    model, loss = _problem()
+    model, loss = regression_problem()
     assert _rel_err(_ours(model, loss, "finite_difference", eps=eps, scheme=scheme), _oracle(model, loss)) < 1e-4
 
 
 def test_central_more_accurate_than_forward_at_same_eps() -> None:
-    model, loss = _problem()
+    model, loss = regression_problem()
     oracle = _oracle(model, loss)
     fwd = _rel_err(_ours(model, loss, "finite_difference", eps=1e-2, scheme="forward"), oracle)
     cen = _rel_err(_ours(model, loss, "finite_difference", eps=1e-2, scheme="central"), oracle)
@@ -82,7 +67,7 @@ def test_central_more_accurate_than_forward_at_same_eps() -> None:
 
 
 def test_first_order_differs_by_exactly_the_hvp_term() -> None:
-    model, loss = _problem()
+    model, loss = regression_problem()
     exact = _ours(model, loss, "exact")
     first = _ours(model, loss, "first_order")
     term = _explicit_hvp_term(model, loss)

@@ -10,32 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.hypergrad import make_hvp
 from pf2lora_core.solver import BilevelSolver
-from tests.tiny import randomize_adapters, two_level_mlp
+from tests.tiny import regression_problem
 
 ALPHA = 0.5
 LR, WEIGHT_DECAY, BETAS = 0.05, 0.1, (0.9, 0.999)
 # AdamW's first step is about lr * sign(h) with the usual eps=1e-8, blind to h's size; a large eps
 # keeps the update proportional to h, so the test sees an error in h's magnitude too.
 ADAM_EPS = 0.1
-
-
-def _problem():
-    model = two_level_mlp()
-    randomize_adapters(model)
-    gen = torch.Generator().manual_seed(3)
-    inputs = torch.randn(16, 6, generator=gen, dtype=torch.float64)
-    target = torch.randn(16, 3, generator=gen, dtype=torch.float64)
-
-    def loss(params):
-        out = model.model(inputs) if params is None else functional_call(model.model, params, (inputs,), strict=False)
-        return ((out - target) ** 2).mean()
-
-    return model, loss
 
 
 class Flat:
@@ -111,7 +96,7 @@ def _as_vec(model, level: str) -> Tensor:
     ],
 )
 def test_one_step_matches_explicit_oracle(method: str, kw: dict, tol: float) -> None:
-    model, loss = _problem()
+    model, loss = regression_problem()
     x0, y0 = _state(model)
     zeros = torch.zeros(Flat(x0, y0).nx, dtype=torch.float64)
     x_new, y_new, _, _ = _oracle_step(loss, x0, y0, 1, zeros, zeros)
@@ -124,7 +109,7 @@ def test_one_step_matches_explicit_oracle(method: str, kw: dict, tol: float) -> 
 
 
 def test_first_order_drops_the_hvp_term() -> None:
-    model, loss = _problem()
+    model, loss = regression_problem()
     x0, y0 = _state(model)
     flat = Flat(x0, y0)
     z = flat.vec(x0, y0)
@@ -139,7 +124,7 @@ def test_first_order_drops_the_hvp_term() -> None:
 
 def test_reuse_inner_grad_second_step_uses_the_carried_gradient() -> None:
     """Step 2's inner gradient is grad_y f(x_0, y_1) from step 1's outer pass, not grad_y f(x_1, y_1)."""
-    model, loss = _problem()
+    model, loss = regression_problem()
     solver = _solver(model, "exact", reuse=True)
     x0, y0 = _state(model)
     flat = Flat(x0, y0)
@@ -180,7 +165,7 @@ def _step1_h(loss, flat: Flat, x0, y0, y1) -> Tensor:
 
 def test_joint_mode_updates_both_levels_from_one_gradient() -> None:
     """The paper's ablation: y <- y - alpha grad_y f(x, y) and AdamW on grad_x f(x, y), same point."""
-    model, loss = _problem()
+    model, loss = regression_problem()
     x0, y0 = _state(model)
     flat = Flat(x0, y0)
     z = flat.vec(x0, y0)
@@ -198,7 +183,7 @@ def test_joint_mode_updates_both_levels_from_one_gradient() -> None:
 
 
 def test_unknown_mode_is_rejected() -> None:
-    model, _ = _problem()
+    model, _ = regression_problem()
     with pytest.raises(ValueError, match="mode"):
         _solver_mode(model, "alternating")
 

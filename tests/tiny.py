@@ -43,3 +43,20 @@ def randomize_adapters(model: TwoLevelModel, seed: int = 1, scale: float = 0.3) 
         for level in model.levels:
             for p in model.parameters(level).values():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def regression_problem(head_level: str = COMMON):
+    """A float64 two-level MLP with non-zero adapters and an MSE loss over a fixed batch."""
+    from torch.func import functional_call
+
+    model = two_level_mlp(head_level=head_level)
+    randomize_adapters(model)
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    target = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+
+    def loss(params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        out = model.model(inputs) if params is None else functional_call(model.model, params, (inputs,), strict=False)
+        return ((out - target) ** 2).mean()
+
+    return model, loss
