@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pf2lora_core.client import ClientRuntime, runtime_for
+from pf2lora_core.client import ClientRuntime, experiment_for, runtime_for
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
@@ -82,6 +82,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {CLIENT_KEY: client, NUM_EXAMPLES: out.num_examples, **out.metrics}
     content = RecordDict({ARRAYS_KEY: ArrayRecord(out.common), METRICS_KEY: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Identify this node: its partition id (the server maps node ids to clients once, at start)."""
+    exp = experiment_for(str(msg.content["config"][CONFIG_YAML_KEY]))
+    client = _client_id(context, exp.federation.num_clients)
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord({CLIENT_KEY: client})}), reply_to=msg)
 
 
 @app.evaluate()

@@ -111,7 +111,7 @@ class ClientRuntime:
                 self.model.load(level, state)
 
     def _load(self, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
-        self.model.load(COMMON, common)
+        self.exp.algorithm.receive(self.model, common)
         if self.has_private:
             self.model.load(PRIVATE, private if private else self.initial_private)
 
@@ -128,7 +128,7 @@ class ClientRuntime:
         metrics = self.exp.algorithm.train(ctx)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
-            common=self.model.export(COMMON),
+            common=self.exp.algorithm.uplink(self.model),
             private=self.model.export(PRIVATE) if self.has_private else {},
             metrics=metrics,
             num_examples=len(self._train_data(client)),
@@ -169,6 +169,12 @@ class ClientRuntime:
 
 
 @functools.lru_cache(maxsize=2)
+def experiment_for(config_yaml: str) -> Experiment:
+    """The parsed experiment of a resolved config (parsed once per process)."""
+    return from_yaml(config_yaml)
+
+
+@functools.lru_cache(maxsize=2)
 def runtime_for(config_yaml: str) -> ClientRuntime:
     """The process-wide runtime for a resolved config (built once, reused every round)."""
-    return ClientRuntime(from_yaml(config_yaml))
+    return ClientRuntime(experiment_for(config_yaml))

@@ -37,8 +37,8 @@ def build_summary(
         )
     weights = [cl["num_test"] or 0 for cl in clients]
     rounds_done = len(history)
-    up = [r["bytes_up_per_client"] * r["clients_trained"] for r in history]
-    down = [r["bytes_down_per_client"] * r["clients_trained"] for r in history]
+    up = [r["bytes_up"] for r in history]
+    down = [r["bytes_down"] for r in history]
     return {
         "algorithm": exp.algorithm.name,
         "task": exp.task.name,

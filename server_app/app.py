@@ -7,16 +7,16 @@ import random
 import sys
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
 from pf2lora_core.client import build_model
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.constants import COMMON, METRICS_KEY, PRIVATE
 from pf2lora_core.experiment import Experiment, load
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
-from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
+from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.runtime import seed_everything
 from pf2lora_core.summary import build_summary, format_client_table
 from server_app.strategy import CommonOnlyFedAvg
@@ -70,10 +70,11 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir) -> dict:
         metric=exp.task.metric,
     )
     shared = ConfigRecord({CONFIG_YAML_KEY: exp.to_yaml(), RUN_KEY: run.path.name})
+    clients = identify_clients(grid, shared, fed.num_clients)
     t0 = time.time()
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial),
+        initial_arrays=strategy.start_state(initial, clients),
         num_rounds=exp.rounds,
         train_config=shared,
         evaluate_config=ConfigRecord(dict(shared)),
@@ -84,6 +85,35 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir) -> dict:
     run.write_summary(summary)
     write_run_plots(run, strategy.history, summary)
     return summary
+
+
+def identify_clients(grid: Grid, shared: ConfigRecord, num_clients: int, timeout: float = 600) -> dict[int, int]:
+    """Ask every connected node for its partition id (a QUERY message); node id -> client.
+
+    The server needs the map to send each client its own downlink (per-client ranks, FlexLoRA's
+    truncation) and to check that a reply comes from the client it claims to be.
+    """
+    nodes = sorted(grid.get_node_ids())
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord(dict(shared))}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in nodes
+    ]
+    clients: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to identify itself: {reply.error.reason}")
+        clients[reply.metadata.src_node_id] = int(reply.content[METRICS_KEY][CLIENT_KEY])
+    taken: dict[int, int] = {}
+    for node, client in clients.items():
+        if client in taken:
+            raise RuntimeError(f"nodes {taken[client]} and {node} both have partition-id {client}")
+        taken[client] = node
+    missing = sorted(set(range(num_clients)) - set(taken))
+    if missing or len(clients) != len(nodes):
+        raise RuntimeError(f"clients {missing} did not identify themselves ({len(clients)}/{len(nodes)} nodes replied)")
+    return clients
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -32,7 +32,7 @@ from pf2lora_core.constants import (
 )
 from pf2lora_core.outputs import RunDir, aggregate_metric
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
-from pf2lora_core.validation import check_structure, check_values
+from pf2lora_core.validation import check_values
 
 log = logging.getLogger("pf2lora.server")
 
@@ -88,21 +88,50 @@ class CommonOnlyFedAvg(FedAvg):
         self.num_rounds = num_rounds
         self.metric = metric
         self.current: RoundLog | None = None
-        self.sent: dict[str, np.ndarray] = {}
+        self.clients: dict[int, int] = {}  # node id -> client (partition id), from identify_clients
+        self.state: dict[str, torch.Tensor] = {}  # the algorithm's server state (set by start_state)
+        self.sent: dict[int, dict[str, np.ndarray]] = {}  # node id -> arrays sent this round
         self.latest_eval: dict[int, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.t0 = time.time()
+
+    def start_state(self, common: dict[str, torch.Tensor], clients: dict[int, int]) -> ArrayRecord:
+        """Set the node -> client map and the algorithm's initial server state; returns the latter."""
+        self.clients = dict(clients)
+        self.state = self.algorithm.server_init(common)
+        return ArrayRecord(self.state)
+
+    def _personalize_messages(self, messages: list[Message], count_bytes: bool) -> list[Message]:
+        """Replace each sampled node's arrays by the algorithm's downlink for that node's client.
+
+        ``count_bytes``: add the arrays' serialised size to the round's downlink (training messages;
+        evaluation sends the same arrays again and is not part of the training cost).
+        """
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in self.clients:
+                raise RuntimeError(f"node {node} did not identify itself (its partition-id is unknown)")
+            down = self.algorithm.downlink(self.state, self.clients[node])
+            record = ArrayRecord(down)
+            self.sent[node] = {k: v.numpy() for k, v in record.items()}
+            content = RecordDict({ARRAYS_KEY: record, "config": msg.content["config"]})
+            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
+            if count_bytes:
+                assert self.current is not None
+                self.current.bytes_down += record.count_bytes()
+        return out
 
     # ----------------------------------------------------------------------------- train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = RoundLog(round=server_round)
-        self.sent = {k: v.numpy() for k, v in arrays.items()}
+        self.sent = {}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.algorithm.pooled_training:  # the centralized reference trains on one node
             messages = messages[:1]
-        self.current.bytes_down = arrays.count_bytes()
+        messages = self._personalize_messages(messages, count_bytes=True)
         log.info("round %d/%d: training on %d clients", server_round, self.num_rounds, len(messages))
         return messages
 
@@ -110,7 +139,7 @@ class CommonOnlyFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None
-        states, weights = [], []
+        states, weights, clients = [], [], []
         for msg in replies:
             self._audit(server_round, "train", msg)
             client, reason, decoded = self._inspect_train_reply(msg)
@@ -122,8 +151,9 @@ class CommonOnlyFedAvg(FedAvg):
             metrics = dict(content[METRICS_KEY])
             states.append({k: torch.from_numpy(v) for k, v in decoded.items()})
             weights.append(float(metrics[NUM_EXAMPLES]))
-            self.current.train[int(metrics[CLIENT_KEY])] = {k: float(v) for k, v in metrics.items()}
-            self.current.bytes_up = max(self.current.bytes_up, content[ARRAYS_KEY].count_bytes())
+            clients.append(int(metrics[CLIENT_KEY]))
+            self.current.train[clients[-1]] = {k: float(v) for k, v in metrics.items()}
+            self.current.bytes_up += content[ARRAYS_KEY].count_bytes()
         required = 1 if self.algorithm.pooled_training else self.min_train_clients
         if len(states) < required:
             log.warning(
@@ -131,7 +161,8 @@ class CommonOnlyFedAvg(FedAvg):
                 server_round, len(states), required,
             )  # fmt: skip
             return None, None
-        aggregated = self.algorithm.aggregate(states, weights)
+        self.state = self.algorithm.server_update(self.state, states, weights, clients)
+        aggregated = self.state
         self.current.aggregated = True
         self.run.save_common(server_round, aggregated)
         loss = sum(w * self.current.train[c][TRAIN_LOSS] for c, w in zip(self.current.train, weights, strict=True))
@@ -167,14 +198,22 @@ class CommonOnlyFedAvg(FedAvg):
         n = metrics.get(NUM_EXAMPLES)
         if not isinstance(n, (int, float)) or not n > 0:
             return client, f"'{NUM_EXAMPLES}' must be a positive number, got {n!r}", {}
+        expected_client = self.clients.get(msg.metadata.src_node_id)
+        if str(expected_client) != str(metrics.get(CLIENT_KEY)):
+            return client, f"claims client {metrics.get(CLIENT_KEY)!r} but the node is client {expected_client}", {}
+        sent = self.sent.get(msg.metadata.src_node_id)
+        if sent is None:
+            return client, "no training message was sent to this node this round", {}
         arrays = content[ARRAYS_KEY]
-        expected = {k: (v.shape, v.dtype) for k, v in self.sent.items()}
+        expected = {k: (v.shape, v.dtype) for k, v in sent.items()}
         declared = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
-        reason = check_structure(declared, expected)  # before any bytes are decoded
+        reason = self.algorithm.check_uplink(expected, declared)  # before any bytes are decoded
         if reason is not None:
             return client, reason, {}
         decoded = {k: a.numpy() for k, a in arrays.items()}
-        return client, check_values(decoded, self.sent, self.max_update_norm), decoded
+        same_shapes = all(decoded[k].shape == sent[k].shape for k in decoded if k in sent) and set(decoded) == set(sent)
+        bound = self.max_update_norm if same_shapes else 0.0  # a norm bound needs like-shaped tensors
+        return client, check_values(decoded, sent, bound), decoded
 
     # -------------------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -182,7 +221,8 @@ class CommonOnlyFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if server_round % self.eval_every and server_round != self.num_rounds:
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._personalize_messages(messages, count_bytes=False)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         assert self.current is not None
@@ -224,8 +264,9 @@ class CommonOnlyFedAvg(FedAvg):
             "clients_trained": len(cur.train),
             "aggregated": cur.aggregated,
             "rejected": cur.rejected,
-            "bytes_down_per_client": cur.bytes_down,
-            "bytes_up_per_client": cur.bytes_up,
+            # serialised arrays of this round's training messages, all clients together
+            "bytes_down": cur.bytes_down,
+            "bytes_up": cur.bytes_up,
             "train": {str(c): v for c, v in sorted(cur.train.items())},
             # the clients' own work this round (train + evaluate), for the round-overhead ratio
             "client_compute_s": sum(v.get(COMPUTE_SECONDS, 0.0) for v in cur.train.values())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from pf2lora_core.algorithms import HOMLoRA, LoRAParams
@@ -16,6 +17,7 @@ from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY
 from server_app.strategy import CommonOnlyFedAvg, RoundLog
 
+NODES = (1, 2, 5)  # node ids; each node is the client with the same partition id here
 SENT = {"a.lora_A.common.weight": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
 
@@ -66,7 +68,8 @@ def strategy(tmp_path: Path, min_clients: int = 1, max_norm: float = 0.0) -> Com
         eval_every=1, num_rounds=1, metric="accuracy",
     )  # fmt: skip
     s.current = RoundLog(round=1)
-    s.sent = dict(SENT)
+    s.start_state({k: torch.from_numpy(v) for k, v in SENT.items()}, {node: node for node in NODES})
+    s.sent = {node: dict(SENT) for node in NODES}  # what configure_train recorded as sent
     return s
 
 
@@ -120,3 +123,20 @@ def test_too_few_valid_replies_keeps_common_unchanged(tmp_path: Path) -> None:
     s = strategy(tmp_path, min_clients=2)
     bad, _ = _bad_cases()["nan"]
     assert s.aggregate_train(1, [good(1, 1.0), bad]) == (None, None)
+
+
+def test_reply_claiming_another_client_is_excluded(tmp_path: Path) -> None:
+    s = strategy(tmp_path)
+    spoof = good(2, 9.0)
+    spoof.content[METRICS_KEY][CLIENT_KEY] = 1  # node 2 pretends to be client 1
+    arrays, _ = s.aggregate_train(1, [good(1, 1.0), spoof])
+    assert arrays is not None and all(np.allclose(a, 1.0) for a in arrays.to_numpy_ndarrays())
+    assert "claims client 1" in s.current.rejected[0]["reason"]
+
+
+def test_round_bytes_are_the_serialised_uplinks(tmp_path: Path) -> None:
+    s = strategy(tmp_path)
+    replies = [good(1, 1.0), good(2, 2.0)]
+    expected = sum(r.content[ARRAYS_KEY].count_bytes() for r in replies)
+    s.aggregate_train(1, replies)
+    assert s.current.bytes_up == expected

@@ -12,9 +12,11 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.constants import COMMON
 from pf2lora_core.hypergrad import LossFn
 from pf2lora_core.runtime import derived_seed
 from pf2lora_core.solver import seeded_loss
+from pf2lora_core.validation import Spec, check_structure
 
 StateDict = dict[str, Tensor]
 # (batch, params) -> loss of the batch with ``params`` substituted (None: the model's own)
@@ -111,6 +113,40 @@ class Algorithm(ABC):
     def aggregate(self, states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
         """Server rule for the common level (FedAvg by default)."""
         return weighted_mean(states, weights)
+
+    # ---------------------------------------------------------------------------------------
+    # What travels. Defaults: every client gets the server's common level and sends its own
+    # back. Algorithms with per-client ranks (HETLoRA, FlexLoRA) or server-side merging
+    # (FLoRA) override these; the Flower strategy and client only ever call these hooks.
+    def server_init(self, common: Mapping[str, Tensor]) -> StateDict:
+        """The server's state, from the seeded initial common level."""
+        return dict(common)
+
+    def downlink(self, state: Mapping[str, Tensor], client: int) -> StateDict:
+        """What the server sends ``client`` (its partition id)."""
+        return dict(state)
+
+    def server_update(
+        self,
+        state: Mapping[str, Tensor],
+        uplinks: Sequence[Mapping[str, Tensor]],
+        weights: Sequence[float],
+        clients: Sequence[int],
+    ) -> StateDict:
+        """The server's next state from the round's valid uplinks (default: ``aggregate``)."""
+        return self.aggregate(uplinks, weights)
+
+    def check_uplink(self, sent: Mapping[str, Spec], received: Mapping[str, Spec]) -> str | None:
+        """Why an uplink's keys, shapes or dtypes are unacceptable, or None (default: exactly as sent)."""
+        return check_structure(received, sent)
+
+    def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
+        """Client side: load what the server sent (default: into the common level)."""
+        model.load(COMMON, downlink)
+
+    def uplink(self, model: TwoLevelModel) -> StateDict:
+        """Client side: what the client sends after training (default: its common level)."""
+        return model.export(COMMON)
 
     def adamw(self, params: Mapping[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
         """The common level's AdamW (lr beta); a fresh one every round (see solver docstring)."""
