@@ -27,7 +27,8 @@ def test_weighted_mean_three_clients() -> None:
     ("states", "weights", "match"),
     [
         ([], [], "no states"),
-        ([{"x": torch.zeros(1)}], [0], "positive"),
+        ([{"x": torch.zeros(1)}], [0], "positive sum"),
+        ([{"x": torch.zeros(1)}, {"x": torch.ones(1)}], [1, -1], ">= 0"),
         ([{"x": torch.zeros(1)}, {"y": torch.zeros(1)}], [1, 1], "different keys"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, Objective
 from pf2lora_core.algorithms.centralized import CentralizedLoRA
+from pf2lora_core.algorithms.hetlora import HETLoRA
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 
@@ -11,6 +12,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     PF2LoRA.name: PF2LoRA,
     HOMLoRA.name: HOMLoRA,
     CentralizedLoRA.name: CentralizedLoRA,
+    HETLoRA.name: HETLoRA,
 }
 
 

@@ -1,0 +1,163 @@
+"""HETLoRA: heterogeneous per-client LoRA ranks with rank self-pruning and sparsity-weighted aggregation.
+
+Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models"
+(EMNLP 2024). Client k holds rank ``r_k`` in ``[r_min, r_max]``; the server holds a rank-``r_max``
+adapter and sends client k its first ``r_k`` components (``A[:r_k]``, ``B[:, :r_k]``). Locally the
+client minimises ``f_k + lambda * sum_modules ||B[:, g r_k : r_k] A[g r_k : r_k, :]||_F`` (AdamW),
+which pushes the tail components towards zero; if training shrank that tail norm, the client
+prunes itself to ``max(floor(g r_k), r_min)`` components (ranks only shrink). The server
+zero-pads every uplink to ``r_max`` and averages each module's factors with weights
+``||B_k A_k||_F / sum_j ||B_j A_j||_F`` (sparsity-weighted); the head, not a LoRA factor, is
+averaged by numbers of examples.
+
+Choices the paper leaves open, ours: ranks are assigned uniformly in ``[r_min, r_max]`` by
+``rank_seed`` unless ``client_ranks`` lists them; the regulariser and the pruning test use the
+sum of the tail norms over all adapted modules, and a pruned client prunes every module alike
+(one rank per client, as the paper's per-client r_k); the scaling is ``lora_alpha / r_max`` for
+every client, so a zero-padded product means the same update at every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
+from pf2lora_core.algorithms.lowrank import (
+    check_truncated_uplink,
+    client_rank,
+    is_lora,
+    lora_pairs,
+    pad,
+    rank_of,
+    truncate,
+)
+from pf2lora_core.constants import COMMON, TRAIN_LOSS
+from pf2lora_core.validation import Spec
+
+
+@dataclass
+class HETLoRAParams(LoRAParams):
+    r_min: int  # smallest client rank (rank = r_max, the server's)
+    gamma: float  # pruning factor g in (0, 1): the tail is components [floor(g r_k), r_k)
+    reg: float  # lambda, weight of the tail-norm regulariser
+    rank_seed: int  # seeds the per-client ranks when client_ranks is empty
+    client_ranks: list[int] = field(default_factory=list)  # explicit per-client ranks (client k: [k])
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.r_min <= self.rank:
+            raise ValueError(f"algorithm.r_min must be in [1, rank={self.rank}], got {self.r_min}")
+        if not 0 < self.gamma < 1:
+            raise ValueError(f"algorithm.gamma must be in (0, 1), got {self.gamma}")
+        if self.reg < 0:
+            raise ValueError(f"algorithm.reg must be >= 0, got {self.reg}")
+        bad = [r for r in self.client_ranks if not self.r_min <= r <= self.rank]
+        if bad:
+            raise ValueError(f"algorithm.client_ranks {bad} outside [r_min={self.r_min}, rank={self.rank}]")
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """First pruned component: ``floor(gamma * rank)``, at least 1 (a client keeps a component)."""
+    return max(1, math.floor(gamma * rank))
+
+
+def tail_norm(state: Mapping[str, Tensor], rank: int, gamma: float) -> Tensor:
+    """``sum_modules ||B[:, s:rank] A[s:rank, :]||_F`` with ``s = tail_start(rank, gamma)`` (differentiable)."""
+    start = tail_start(rank, gamma)
+    total = torch.zeros(())
+    for a_name, b_name in lora_pairs(list(state)).values():
+        a, b = state[a_name][start:rank, :], state[b_name][:, start:rank]
+        total = total + torch.linalg.matrix_norm(b @ a)
+    return total
+
+
+def pruned_rank(rank: int, r_min: int, gamma: float, before: float, after: float) -> int:
+    """The rank after local training: pruned to ``max(tail_start, r_min)`` when the tail norm shrank."""
+    return max(tail_start(rank, gamma), r_min) if after < before else rank
+
+
+def sparsity_weighted_mean(
+    uplinks: Sequence[Mapping[str, Tensor]], r_max: int, example_weights: Sequence[float]
+) -> StateDict:
+    """Zero-pad to ``r_max`` and average each module with weights ``||B_k A_k||_F`` (normalised).
+
+    Non-LoRA tensors (the head) are averaged by ``example_weights``. A module every client left at
+    zero (all norms 0) is averaged uniformly.
+    """
+    padded = [pad(u, r_max) for u in uplinks]
+    out = weighted_mean([{k: v for k, v in p.items() if not is_lora(k)} for p in padded], example_weights)
+    for a_name, b_name in lora_pairs(list(padded[0])).values():
+        norms = [float(torch.linalg.matrix_norm(p[b_name].double() @ p[a_name].double())) for p in padded]
+        weights = norms if sum(norms) > 0 else [1.0] * len(norms)
+        pair = weighted_mean([{a_name: p[a_name], b_name: p[b_name]} for p in padded], weights)
+        out.update(pair)
+    return {k: out[k] for k in padded[0]}
+
+
+class HETLoRA(Algorithm):
+    name = "hetlora"
+    Params = HETLoRAParams
+    params: HETLoRAParams
+
+    def __init__(self, params: HETLoRAParams) -> None:
+        super().__init__(params)
+        # server side: every client's current rank (ranks only shrink; learned from uplink shapes)
+        self.ranks: dict[int, int] = {}
+        self._rank = params.rank  # client side: the rank of the downlink being worked on
+
+    def adapters(self) -> tuple[AdapterSpec, None]:
+        return AdapterSpec(self.params.rank, self.params.lora_alpha), None
+
+    # ----------------------------------------------------------------------------- server
+    def downlink(self, state: Mapping[str, Tensor], client: int) -> StateDict:
+        p = self.params
+        rank = self.ranks.setdefault(client, client_rank(client, p.r_min, p.rank, p.rank_seed, p.client_ranks))
+        return truncate(state, rank)
+
+    def check_uplink(self, sent: Mapping[str, Spec], received: Mapping[str, Spec]) -> str | None:
+        return check_truncated_uplink(sent, received)
+
+    def server_update(
+        self,
+        state: Mapping[str, Tensor],
+        uplinks: Sequence[Mapping[str, Tensor]],
+        weights: Sequence[float],
+        clients: Sequence[int],
+    ) -> StateDict:
+        for client, uplink in zip(clients, uplinks, strict=True):
+            self.ranks[client] = rank_of(uplink)
+        return sparsity_weighted_mean(uplinks, self.params.rank, weights)
+
+    # ----------------------------------------------------------------------------- client
+    def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
+        self._rank = rank_of(downlink)
+        model.load(COMMON, pad(downlink, self.params.rank))
+
+    def train(self, ctx: LocalContext) -> dict[str, float]:
+        p = self.params
+        params = ctx.model.parameters(COMMON)
+        tensors = list(params.values())
+        opt = self.adamw(params)
+        before = float(tail_norm({k: v.detach() for k, v in params.items()}, self._rank, p.gamma))
+        losses = []
+        for step in range(ctx.steps):
+            loss = ctx.loss_for(next(ctx.batches), step)(None)
+            total = loss + p.reg * tail_norm(params, self._rank, p.gamma) if p.reg > 0 else loss
+            for t, g in zip(tensors, torch.autograd.grad(total, tensors), strict=True):
+                t.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        after = float(tail_norm({k: v.detach() for k, v in params.items()}, self._rank, p.gamma))
+        self._rank = pruned_rank(self._rank, p.r_min, p.gamma, before, after)
+        return {TRAIN_LOSS: sum(losses) / len(losses), "rank": float(self._rank), "tail_norm": after}
+
+    def uplink(self, model: TwoLevelModel) -> StateDict:
+        return truncate(model.export(COMMON), self._rank)
