@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, Objective
 from pf2lora_core.algorithms.centralized import CentralizedLoRA
+from pf2lora_core.algorithms.flexlora import FlexLoRA
 from pf2lora_core.algorithms.hetlora import HETLoRA
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     HOMLoRA.name: HOMLoRA,
     CentralizedLoRA.name: CentralizedLoRA,
     HETLoRA.name: HETLoRA,
+    FlexLoRA.name: FlexLoRA,
 }
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
-from pf2lora_core.constants import COMMON
+from pf2lora_core.constants import COMMON, TRAIN_LOSS
 from pf2lora_core.hypergrad import LossFn
 from pf2lora_core.runtime import derived_seed
 from pf2lora_core.solver import seeded_loss
@@ -151,3 +151,26 @@ class Algorithm(ABC):
     def adamw(self, params: Mapping[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
         """The common level's AdamW (lr beta); a fresh one every round (see solver docstring)."""
         return torch.optim.AdamW(list(params.values()), lr=self.params.lr, weight_decay=self.params.weight_decay)
+
+    def adamw_steps(
+        self,
+        ctx: LocalContext,
+        params: Mapping[str, torch.nn.Parameter],
+        penalty: Callable[[Mapping[str, torch.nn.Parameter]], Tensor] | None = None,
+    ) -> dict[str, float]:
+        """``ctx.steps`` AdamW steps on ``params`` over the task loss (+ ``penalty(params)``).
+
+        Returns the mean task loss (the penalty excluded) as ``TRAIN_LOSS``.
+        """
+        tensors = list(params.values())
+        opt = self.adamw(params)
+        losses = []
+        for step in range(ctx.steps):
+            loss = ctx.loss_for(next(ctx.batches), step)(None)
+            total = loss if penalty is None else loss + penalty(params)
+            for p, g in zip(tensors, torch.autograd.grad(total, tensors), strict=True):
+                p.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return {TRAIN_LOSS: sum(losses) / len(losses)}

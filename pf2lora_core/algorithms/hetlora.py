@@ -38,7 +38,7 @@ from pf2lora_core.algorithms.lowrank import (
     rank_of,
     truncate,
 )
-from pf2lora_core.constants import COMMON, TRAIN_LOSS
+from pf2lora_core.constants import COMMON
 from pf2lora_core.validation import Spec
 
 
@@ -141,23 +141,14 @@ class HETLoRA(Algorithm):
         model.load(COMMON, pad(downlink, self.params.rank))
 
     def train(self, ctx: LocalContext) -> dict[str, float]:
-        p = self.params
+        p, rank = self.params, self._rank
         params = ctx.model.parameters(COMMON)
-        tensors = list(params.values())
-        opt = self.adamw(params)
-        before = float(tail_norm({k: v.detach() for k, v in params.items()}, self._rank, p.gamma))
-        losses = []
-        for step in range(ctx.steps):
-            loss = ctx.loss_for(next(ctx.batches), step)(None)
-            total = loss + p.reg * tail_norm(params, self._rank, p.gamma) if p.reg > 0 else loss
-            for t, g in zip(tensors, torch.autograd.grad(total, tensors), strict=True):
-                t.grad = g
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        after = float(tail_norm({k: v.detach() for k, v in params.items()}, self._rank, p.gamma))
-        self._rank = pruned_rank(self._rank, p.r_min, p.gamma, before, after)
-        return {TRAIN_LOSS: sum(losses) / len(losses), "rank": float(self._rank), "tail_norm": after}
+        before = float(tail_norm({k: v.detach() for k, v in params.items()}, rank, p.gamma))
+        penalty = (lambda ps: p.reg * tail_norm(ps, rank, p.gamma)) if p.reg > 0 else None
+        metrics = self.adamw_steps(ctx, params, penalty)
+        after = float(tail_norm({k: v.detach() for k, v in params.items()}, rank, p.gamma))
+        self._rank = pruned_rank(rank, p.r_min, p.gamma, before, after)
+        return {**metrics, "rank": float(self._rank), "tail_norm": after}
 
     def uplink(self, model: TwoLevelModel) -> StateDict:
         return truncate(model.export(COMMON), self._rank)

@@ -8,11 +8,9 @@ baseline HOMLoRA (homogeneous rank).
 
 from __future__ import annotations
 
-import torch
-
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
-from pf2lora_core.constants import COMMON, TRAIN_LOSS
+from pf2lora_core.constants import COMMON
 
 
 class HOMLoRA(Algorithm):
@@ -23,14 +21,4 @@ class HOMLoRA(Algorithm):
         return AdapterSpec(self.params.rank, self.params.lora_alpha), None
 
     def train(self, ctx: LocalContext) -> dict[str, float]:
-        params = list(ctx.model.parameters(COMMON).values())
-        opt = self.adamw(ctx.model.parameters(COMMON))
-        losses = []
-        for step in range(ctx.steps):
-            loss = ctx.loss_for(next(ctx.batches), step)(None)
-            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
-                p.grad = g
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        return {TRAIN_LOSS: sum(losses) / len(losses)}
+        return self.adamw_steps(ctx, ctx.model.parameters(COMMON))
