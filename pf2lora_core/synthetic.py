@@ -70,6 +70,7 @@ from torch.func import functional_call
 from pf2lora_core.adapters import StateDict, TwoLevelModel
 from pf2lora_core.algorithms import REGISTRY, Algorithm, LocalContext
 from pf2lora_core.algorithms.base import LoRAParams
+from pf2lora_core.algorithms.hetlora import HETLoRAParams
 from pf2lora_core.algorithms.pf2lora import PF2LoRAParams
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.outputs import RunDir, new_run_dir
@@ -106,7 +107,13 @@ class SyntheticConfig:
     threshold: float = 0.1  # learned rank: singular values > 0.1 sigma_1 (planted ones >= 0.67 sigma_1)
     seed: int = 0
     output_dir: str = "outputs"
-    algorithms: list[str] = field(default_factory=lambda: ["pf2lora", "homlora"])
+    algorithms: list[str] = field(default_factory=lambda: ["pf2lora", "homlora", "hetlora"])
+    # HETLoRA: rank r_max = r + r~ on the server (its widest client can hold every planted direction),
+    # each client's assigned rank; client 3 (true rank 6) gets 4 < 6 and, ranks only shrinking, can
+    # never reach its truth. Self-pruning is on (gamma, reg) so ranks above the truth can shrink.
+    hetlora_ranks: list[int] = field(default_factory=lambda: [3, 4, 7, 4])
+    hetlora_gamma: float = 0.75
+    hetlora_reg: float = 0.01
 
     def beta(self, rnd: int) -> float:
         """The common level's AdamW learning rate in round ``rnd`` (geometric decay)."""
@@ -190,6 +197,12 @@ def _algorithm(name: str, cfg: SyntheticConfig, lr: float) -> Algorithm:
             inner_lr=cfg.inner_lr, hvp=cfg.hvp, fd_eps=1e-3, fd_scheme="forward", exact_ad="reverse",
             mode="bilevel", reuse_inner_grad=cfg.reuse_inner_grad,
         )  # fmt: skip
+    elif cls.Params is HETLoRAParams:
+        r_max = cfg.rank + cfg.private_rank
+        params = HETLoRAParams(
+            **{**common, "rank": r_max, "lora_alpha": cfg.scaling * r_max}, r_min=1, gamma=cfg.hetlora_gamma,
+            reg=cfg.hetlora_reg, rank_seed=cfg.seed, client_ranks=list(cfg.hetlora_ranks),
+        )  # fmt: skip
     else:
         params = cls.Params(**common)
     return cls(params)
@@ -211,44 +224,58 @@ def train_federated(
 ) -> list[dict]:
     """Rounds of full-batch local training + example-weighted averaging of the common level."""
     torch.manual_seed(cfg.seed)  # peft's initialisation of both levels
-    common_spec, private_spec = _algorithm(name, cfg, cfg.lr).adapters()
+    algorithm = _algorithm(name, cfg, cfg.lr)  # one object: it keeps server-side state (HETLoRA's ranks)
+    common_spec, private_spec = algorithm.adapters()
     model = TwoLevelModel(_Linear(w0), ["lin"], common_spec, private_spec)
     objective = _objective(model.model)
-    common = model.export(COMMON)
+    state = algorithm.server_init(model.export(COMMON))
     privates = [model.export(PRIVATE) if private_spec else {} for _ in clients]
+    weights = [float(len(c.x)) for c in clients]
     for rnd in range(cfg.rounds):
-        algorithm = _algorithm(name, cfg, cfg.beta(rnd))  # AdamW is built afresh each round anyway
-        states = []
+        algorithm.params.lr = cfg.beta(rnd)  # AdamW is built afresh each round from params.lr
+        uplinks = []
         for k, client in enumerate(clients):
-            _load(model, common, privates[k])
+            _load(model, algorithm, state, k, privates[k])
             batches = itertools.repeat((client.x, client.y))
             seed = cfg.seed + 7919 * rnd + k
             algorithm.train(LocalContext(model, objective, batches, cfg.local_steps, seed, torch.device("cpu")))
-            states.append(model.export(COMMON))
+            uplinks.append(algorithm.uplink(model))
             privates[k] = model.export(PRIVATE) if private_spec else {}
-        common = algorithm.aggregate(states, [float(len(c.x)) for c in clients])
+        state = algorithm.server_update(state, uplinks, weights, list(range(len(clients))))
         if on_round is not None:
-            on_round(rnd, [_loss(model, common, p, c, objective) for p, c in zip(privates, clients, strict=True)])
-    return _evaluate(model, common, privates, clients, objective, cfg)
+            losses = [
+                _loss(model, algorithm, state, k, p, c, objective)
+                for k, (p, c) in enumerate(zip(privates, clients, strict=True))
+            ]
+            on_round(rnd, losses)
+    return _evaluate(model, algorithm, state, privates, clients, objective, cfg)
 
 
-def _load(model: TwoLevelModel, common: StateDict, private: StateDict) -> None:
-    model.load(COMMON, common)
+def _load(model: TwoLevelModel, algorithm: Algorithm, state: StateDict, client: int, private: StateDict) -> None:
+    """What client ``client`` holds: the server's downlink for it, and its own private level."""
+    algorithm.receive(model, algorithm.downlink(state, client))
     if private:
         model.load(PRIVATE, private)
 
 
 def _loss(
-    model: TwoLevelModel, common: StateDict, private: StateDict, client: ClientData, objective: Objective
+    model: TwoLevelModel,
+    algorithm: Algorithm,
+    state: StateDict,
+    k: int,
+    private: StateDict,
+    client: ClientData,
+    objective: Objective,
 ) -> float:
-    _load(model, common, private)
+    _load(model, algorithm, state, k, private)
     with torch.no_grad():
         return float(objective((client.x, client.y), None))
 
 
 def _evaluate(
     model: TwoLevelModel,
-    common: StateDict,
+    algorithm: Algorithm,
+    state: StateDict,
     privates: list[StateDict],
     clients: list[ClientData],
     objective: Objective,
@@ -257,7 +284,7 @@ def _evaluate(
     """Per client: true and learned rank, loss, relative error of the update, leading singular values."""
     results = []
     for k, client in enumerate(clients):
-        loss = _loss(model, common, privates[k], client, objective)
+        loss = _loss(model, algorithm, state, k, privates[k], client, objective)
         (update,) = model.full_updates().values()  # s B A + s~ D_k C_k
         sigma = singular_values(update)
         results.append(

@@ -38,11 +38,26 @@ def test_pf2lora_beats_homlora_where_rank_differs_from_r(experiment: tuple[Synth
     assert all(h["learned_rank"] <= cfg.rank for h in hom)
 
 
+def test_hetlora_cannot_reach_a_true_rank_above_its_assigned_rank(
+    experiment: tuple[SyntheticConfig, Path, dict],
+) -> None:
+    cfg, _, summary = experiment
+    het, pf2 = (summary["algorithms"][n]["clients"] for n in ("hetlora", "pf2lora"))
+    short = [
+        k for k, (assigned, true) in enumerate(zip(cfg.hetlora_ranks, cfg.true_ranks, strict=True)) if assigned < true
+    ]
+    assert short  # the default assigns client 3 (true rank 6) rank 4
+    for k in short:
+        assert het[k]["learned_rank"] <= cfg.hetlora_ranks[k] < het[k]["true_rank"]  # ranks only shrink
+        assert pf2[k]["learned_rank"] == pf2[k]["true_rank"]
+        assert pf2[k]["loss"] < 0.05 * het[k]["loss"]
+
+
 def test_run_directory_layout(experiment: tuple[SyntheticConfig, Path, dict]) -> None:
     cfg, path, summary = experiment
     on_disk = json.loads((path / "summary.json").read_text())
     assert on_disk["threshold"] == cfg.threshold
-    assert set(on_disk["algorithms"]) == {"pf2lora", "homlora"}
+    assert set(on_disk["algorithms"]) == set(cfg.algorithms) == {"pf2lora", "homlora", "hetlora"}
     for name, result in on_disk["algorithms"].items():
         assert len(result["clients"]) == len(cfg.true_ranks)
         for client in result["clients"]:
@@ -50,7 +65,7 @@ def test_run_directory_layout(experiment: tuple[SyntheticConfig, Path, dict]) ->
         assert (path / "plots" / f"spectra_{name}.png").stat().st_size > 0
     assert json.loads((path / "config.yaml").read_text())["rounds"] == cfg.rounds
     metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 * cfg.rounds
+    assert len(metrics) == len(cfg.algorithms) * cfg.rounds
     assert summary["algorithms"]["pf2lora"]["clients"] == on_disk["algorithms"]["pf2lora"]["clients"]
 
 
