@@ -74,8 +74,6 @@ class TwoLevelModel:
     ) -> None:
         if head_level not in LEVELS:
             raise ValueError(f"head_level must be one of {LEVELS}, got {head_level!r}")
-        if head_level == PRIVATE and private is None:
-            raise ValueError("head_level='private' needs a private adapter (private rank > 0)")
         self.specs: dict[str, AdapterSpec] = {COMMON: common}
         if private is not None:
             self.specs[PRIVATE] = private

@@ -110,10 +110,11 @@ class ClientRuntime:
             for level, state in snapshot.items():
                 self.model.load(level, state)
 
-    def _load(self, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
-        self.exp.algorithm.receive(self.model, common)
+    def _load(self, downlink: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
+        """The client's own private level first, then the server's downlink (which may build on it)."""
         if self.has_private:
             self.model.load(PRIVATE, private if private else self.initial_private)
+        self.exp.algorithm.receive(self.model, downlink)
 
     def train(
         self, client: int, server_round: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None

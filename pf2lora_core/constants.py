@@ -11,6 +11,10 @@ COMMON = "common"
 PRIVATE = "private"
 LEVELS = (COMMON, PRIVATE)
 
+# peft's LoRA factor names inside parameter names (``...query.lora_A.common.weight``).
+LORA_A = ".lora_A."  # down-projection A (and C at the private level)
+LORA_B = ".lora_B."  # up-projection B (and D)
+
 # Where the classification head lives (config ``model.head_level``).
 HEAD_LEVELS = LEVELS
 
@@ -26,6 +30,7 @@ LOWER_STATE_KEY = "pf2lora.lower"  # optional lower-level optimiser/algorithm st
 # Metric names.
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
+GRADIENT_PASSES = "gradient_passes"  # forward+backward passes of a round's local steps
 COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or evaluate)
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"

@@ -161,9 +161,3 @@ def _check_values(c: ExperimentConfig) -> None:
         f"must be in [1, num_clients={fed.num_clients}]",
     )
     check(fed.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = off)")
-    if c.model.head_level == "private":
-        check(
-            c.algorithm.get("private_rank", 0) > 0,
-            "model.head_level",
-            "a private head needs an algorithm with a private adapter",
-        )

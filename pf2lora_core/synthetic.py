@@ -226,10 +226,10 @@ def train_federated(
     torch.manual_seed(cfg.seed)  # peft's initialisation of both levels
     algorithm = _algorithm(name, cfg, cfg.lr)  # one object: it keeps server-side state (HETLoRA's ranks)
     common_spec, private_spec = algorithm.adapters()
-    model = TwoLevelModel(_Linear(w0), ["lin"], common_spec, private_spec)
+    model = TwoLevelModel(_Linear(w0), ["lin"], common_spec, private_spec, assign=algorithm.assign_level)
     objective = _objective(model.model)
     state = algorithm.server_init(model.export(COMMON))
-    privates = [model.export(PRIVATE) if private_spec else {} for _ in clients]
+    privates = [model.export(PRIVATE) for _ in clients]  # {} where the algorithm has no private level
     weights = [float(len(c.x)) for c in clients]
     for rnd in range(cfg.rounds):
         algorithm.params.lr = cfg.beta(rnd)  # AdamW is built afresh each round from params.lr
@@ -240,7 +240,7 @@ def train_federated(
             seed = cfg.seed + 7919 * rnd + k
             algorithm.train(LocalContext(model, objective, batches, cfg.local_steps, seed, torch.device("cpu")))
             uplinks.append(algorithm.uplink(model))
-            privates[k] = model.export(PRIVATE) if private_spec else {}
+            privates[k] = model.export(PRIVATE)
         state = algorithm.server_update(state, uplinks, weights, list(range(len(clients))))
         if on_round is not None:
             losses = [

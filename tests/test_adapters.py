@@ -85,8 +85,26 @@ def test_one_level_model_has_no_private() -> None:
     model = two_level_mlp(private=False)
     assert model.levels == (COMMON,)
     assert model.export(PRIVATE) == {}
-    with pytest.raises(ValueError, match="private"):
-        TwoLevelModel(MLP(), ["fc1"], AdapterSpec(2, 2), None, head_modules=["head"], head_level=PRIVATE)
+    # a one-adapter model with a private head (FedPer-style): the head alone is the private level
+    fedper = TwoLevelModel(MLP(), ["fc1"], AdapterSpec(2, 2), None, head_modules=["head"], head_level=PRIVATE)
+    assert fedper.levels == (COMMON, PRIVATE)
+    assert {k.rsplit(".", 1)[0] for k in fedper.export(PRIVATE)} == {"base_model.model.head"}
+
+
+def test_assign_moves_tensors_between_levels_and_freezes() -> None:
+    def fedsa_like(name: str, default: str | None) -> str | None:
+        if ".lora_B." in name:
+            return PRIVATE
+        return None if ".lora_A." in name and "fc2" in name else default
+
+    model = TwoLevelModel(MLP(), ["fc1", "fc2"], AdapterSpec(2, 2), None, head_modules=["head"], assign=fedsa_like)
+    assert all(".lora_B." in k for k in model.export(PRIVATE))
+    assert not any("fc2.lora_A" in k for k in model.export(COMMON))
+    frozen = [p for n, p in model.model.named_parameters() if "fc2.lora_A" in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    with model.only(COMMON):  # peft's set_adapter re-enables grads; the model restores the split
+        pass
+    assert not any(p.requires_grad for p in frozen)
 
 
 def test_fused_two_adapter_forward_equals_peft_sum() -> None:

@@ -47,13 +47,17 @@ def test_override_string_and_round_trip() -> None:
         (["algorithm.private_rank=8"], "private_rank"),
         (["federation.min_train_clients=9"], "min_train_clients"),
         (["model.head_level=middle"], "head_level"),
-        (["algorithm=homlora", "model.head_level=private"], "head_level"),
     ],
 )
 def test_invalid_config_is_one_clear_error(overrides: list[str], names: str) -> None:
     with pytest.raises(ConfigError, match="invalid configuration") as err:
         load(overrides)
     assert names in str(err.value)
+
+
+def test_private_head_on_a_one_adapter_algorithm_is_allowed() -> None:
+    exp = load(["algorithm=homlora", "model.head_level=private"])  # FedPer-style: the head stays home
+    assert exp.model.head_level == "private"
 
 
 def test_conf_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

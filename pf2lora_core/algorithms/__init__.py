@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, Objective
 from pf2lora_core.algorithms.centralized import CentralizedLoRA
+from pf2lora_core.algorithms.feddpa import FedDPA
+from pf2lora_core.algorithms.fedsa_lora import FedSALoRA
+from pf2lora_core.algorithms.ffa_lora import FFALoRA
 from pf2lora_core.algorithms.flexlora import FlexLoRA
+from pf2lora_core.algorithms.flora import FLoRA
 from pf2lora_core.algorithms.hetlora import HETLoRA
 from pf2lora_core.algorithms.homlora import HOMLoRA
+from pf2lora_core.algorithms.local_lora import LocalLoRA
+from pf2lora_core.algorithms.perfedavg import PerFedAvg
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 
 REGISTRY: dict[str, type[Algorithm]] = {
@@ -15,6 +21,12 @@ REGISTRY: dict[str, type[Algorithm]] = {
     CentralizedLoRA.name: CentralizedLoRA,
     HETLoRA.name: HETLoRA,
     FlexLoRA.name: FlexLoRA,
+    FLoRA.name: FLoRA,
+    FFALoRA.name: FFALoRA,
+    FedSALoRA.name: FedSALoRA,
+    LocalLoRA.name: LocalLoRA,
+    FedDPA.name: FedDPA,
+    PerFedAvg.name: PerFedAvg,
 }
 
 
@@ -29,10 +41,15 @@ __all__ = [
     "REGISTRY",
     "Algorithm",
     "CentralizedLoRA",
+    "FFALoRA",
+    "FedDPA",
+    "FedSALoRA",
     "HOMLoRA",
     "LoRAParams",
     "LocalContext",
+    "LocalLoRA",
     "Objective",
     "PF2LoRA",
+    "PerFedAvg",
     "algorithm_class",
 ]

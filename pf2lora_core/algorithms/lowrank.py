@@ -14,26 +14,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pf2lora_core.constants import LORA_A, LORA_B
 from pf2lora_core.validation import Spec
 
 StateDict = dict[str, Tensor]
-A_TAG, B_TAG = ".lora_A.", ".lora_B."
 
 
 def lora_pairs(names: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Module prefix -> (A key, B key) for every LoRA factor pair among ``names``."""
     pairs = {}
     for name in names:
-        if A_TAG in name:
-            b_name = name.replace(A_TAG, B_TAG)
+        if LORA_A in name:
+            b_name = name.replace(LORA_A, LORA_B)
             if b_name not in names:
-                raise ValueError(f"{name} has no matching {B_TAG.strip('.')} factor")
-            pairs[name.split(A_TAG)[0]] = (name, b_name)
+                raise ValueError(f"{name} has no matching {LORA_B.strip('.')} factor")
+            pairs[name.split(LORA_A)[0]] = (name, b_name)
     return pairs
 
 
 def is_lora(name: str) -> bool:
-    return A_TAG in name or B_TAG in name
+    return LORA_A in name or LORA_B in name
 
 
 def rank_of(state: Mapping[str, Tensor]) -> int:
@@ -48,9 +48,9 @@ def truncate(state: Mapping[str, Tensor], rank: int) -> StateDict:
     """The first ``rank`` components: ``A[:rank, :]``, ``B[:, :rank]``; other tensors as they are."""
     out = {}
     for name, t in state.items():
-        if A_TAG in name:
+        if LORA_A in name:
             out[name] = t[:rank, :].clone()
-        elif B_TAG in name:
+        elif LORA_B in name:
             out[name] = t[:, :rank].clone()
         else:
             out[name] = t.clone()
@@ -61,9 +61,9 @@ def pad(state: Mapping[str, Tensor], rank: int) -> StateDict:
     """Zero-pad LoRA factors to ``rank`` components (inverse of ``truncate`` up to zeros)."""
     out = {}
     for name, t in state.items():
-        if A_TAG in name:
+        if LORA_A in name:
             out[name] = torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])], dim=0)
-        elif B_TAG in name:
+        elif LORA_B in name:
             out[name] = torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], dim=1)
         else:
             out[name] = t.clone()
@@ -90,10 +90,10 @@ def check_truncated_uplink(sent: Mapping[str, Spec], received: Mapping[str, Spec
         got_shape, got_dtype = received[name]
         if np.dtype(got_dtype) != np.dtype(dtype):
             return f"{name}: dtype {np.dtype(got_dtype)}, expected {np.dtype(dtype)}"
-        if A_TAG in name:
+        if LORA_A in name:
             ok = len(got_shape) == 2 and got_shape[1] == shape[1] and 1 <= got_shape[0] <= shape[0]
             ranks.add(got_shape[0] if ok else -1)
-        elif B_TAG in name:
+        elif LORA_B in name:
             ok = len(got_shape) == 2 and got_shape[0] == shape[0] and 1 <= got_shape[1] <= shape[1]
             ranks.add(got_shape[1] if ok else -1)
         else:

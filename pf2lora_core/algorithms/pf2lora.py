@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
-from pf2lora_core.constants import COMMON, PRIVATE, TRAIN_LOSS
+from pf2lora_core.constants import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
 from pf2lora_core.hypergrad import EXACT_AD, HVP_METHODS, make_hvp
 from pf2lora_core.solver import MODES, BilevelSolver
 
@@ -71,4 +71,4 @@ class PF2LoRA(Algorithm):
             stats = solver.step(ctx.loss_for(next(ctx.batches), step))
             losses.append(stats.loss)
             passes += stats.passes
-        return {TRAIN_LOSS: sum(losses) / len(losses), "gradient_passes": float(passes)}
+        return {TRAIN_LOSS: sum(losses) / len(losses), GRADIENT_PASSES: float(passes)}

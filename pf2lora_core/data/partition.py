@@ -83,9 +83,7 @@ class SSplitPartitioner(Partitioner):
             rest.append(members[cut:])
         sorted_chunks = np.array_split(np.concatenate(sorted_pool), self._num_partitions)
         rest_chunks = np.array_split(rng.permutation(np.concatenate(rest)), self._num_partitions)
-        return [
-            rng.permutation(np.concatenate(pair)) for pair in zip(sorted_chunks, rest_chunks, strict=True)
-        ]
+        return [rng.permutation(np.concatenate(pair)) for pair in zip(sorted_chunks, rest_chunks, strict=True)]
 
 
 PartitionerFactory = Callable[[PartitionConfig, int, int, str], Partitioner]
@@ -134,9 +132,7 @@ PARTITIONERS: dict[str, PartitionerFactory] = {
 }
 
 
-def make_partitioner(
-    cfg: PartitionConfig, num_partitions: int, seed: int, label_column: str = LABEL
-) -> Partitioner:
+def make_partitioner(cfg: PartitionConfig, num_partitions: int, seed: int, label_column: str = LABEL) -> Partitioner:
     """A fresh partitioner (flwr's accept a dataset only once) of kind ``cfg.kind``.
 
     Parameters

@@ -293,8 +293,7 @@ def _ids_from_strings(values: list[Any], names: list[str], column: str) -> tuple
     unknown = sorted({v for v in values if v is not None and v not in index})
     if unknown:
         raise ConfigError(
-            f"invalid configuration: task.label_names: labels {unknown} in column {column!r} "
-            f"are not among {names}"
+            f"invalid configuration: task.label_names: labels {unknown} in column {column!r} are not among {names}"
         )
     return np.array([index[v] if v is not None else -1 for v in values], dtype=np.int64), names
 
@@ -310,9 +309,7 @@ def _ids_from_ints(values: list[Any], names: list[str], column: str) -> tuple[np
     return ids, names
 
 
-def _shuffle_and_cap(
-    ds: datasets.Dataset, rows: np.ndarray, max_examples: int, seed: int
-) -> datasets.Dataset:
+def _shuffle_and_cap(ds: datasets.Dataset, rows: np.ndarray, max_examples: int, seed: int) -> datasets.Dataset:
     """``rows`` in seeded random order; the first ``max_examples`` of them when ``max_examples > 0``."""
     order = np.random.default_rng(seed).permutation(rows)
     if max_examples > 0:

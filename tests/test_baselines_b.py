@@ -1,0 +1,275 @@
+"""FedDPA and Per-FedAvg: their local updates against hand-written oracles, and one Flower round each.
+
+The oracles work on the tiny float64 MLP of ``tests/tiny.py`` with the trained level flattened into
+one vector: gradients by ``torch.autograd.functional.jacobian``, the Hessian explicitly by
+``torch.autograd.functional.hessian``, and the papers' update rules written out by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.func import functional_call
+
+from pf2lora_core.adapters import TwoLevelModel
+from pf2lora_core.algorithms import LocalContext, algorithm_class
+from pf2lora_core.algorithms.feddpa import FedDPA, FedDPAParams
+from pf2lora_core.algorithms.perfedavg import (
+    FIRST_ORDER,
+    HESSIAN_FREE,
+    PerFedAvg,
+    PerFedAvgParams,
+    gradient,
+    hvp_central,
+)
+from pf2lora_core.client import ClientRuntime
+from pf2lora_core.config import ConfigError
+from pf2lora_core.constants import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
+from pf2lora_core.experiment import load
+from pf2lora_core.launch import flwr_run
+from tests.tiny import randomize_adapters, two_level_mlp
+from tests.tiny_bert import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+INNER, OUTER = 0.3, 0.2  # a and b of the Per-FedAvg oracles
+
+
+def _batches(n: int = 6, seed: int = 5) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    return [
+        (torch.randn(8, 6, generator=gen, dtype=f64), torch.randn(8, 3, generator=gen, dtype=f64)) for _ in range(n)
+    ]
+
+
+def _objective(model: TwoLevelModel):
+    def objective(batch: tuple[Tensor, Tensor], params: dict[str, Tensor] | None) -> Tensor:
+        x, y = batch
+        out = model.model(x) if params is None else functional_call(model.model, params, (x,), strict=False)
+        return ((out - y) ** 2).mean()
+
+    return objective
+
+
+def _context(model: TwoLevelModel, data: list, steps: int) -> LocalContext:
+    return LocalContext(model, _objective(model), itertools.cycle(data), steps, seed=0, device=torch.device("cpu"))
+
+
+def _changed(before: dict[str, Tensor], after: dict[str, Tensor]) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------------------------------------- FedDPA
+def _feddpa(steps_per_phase: str = "full") -> FedDPA:
+    return FedDPA(FedDPAParams(name="feddpa", rank=4, lora_alpha=8, lr=0.05, weight_decay=0.0, private_rank=2,
+                               private_alpha=4, private_lr=0.05, steps_per_phase=steps_per_phase,
+                               instance_mixing=False))  # fmt: skip
+
+
+def _dpa_model(seed: int = 1) -> TwoLevelModel:
+    model = two_level_mlp()
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+def test_feddpa_phases_train_disjoint_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, algo = _dpa_model(), _feddpa()
+    start = {lvl: model.export(lvl) for lvl in (COMMON, PRIVATE)}
+    phases: list[dict] = []
+    inner = FedDPA.adamw_steps
+
+    def spy(self: FedDPA, ctx: LocalContext, params: dict, penalty=None) -> dict[str, float]:
+        active = list(model.model.base_model.active_adapters)
+        out = inner(self, ctx, params, penalty)
+        phases.append({"active": active, "names": set(params), **{lvl: model.export(lvl) for lvl in (COMMON, PRIVATE)}})
+        return out
+
+    monkeypatch.setattr(FedDPA, "adamw_steps", spy)
+    metrics = algo.train(_context(model, _batches(), steps=3))
+    glob, local = phases
+    # phase 1: the global adapter alone (local inactive); it changes, the local one does not
+    assert glob["active"] == [COMMON] and glob["names"] == set(model.parameters(COMMON))
+    assert _changed(start[COMMON], glob[COMMON]) and not _changed(start[PRIVATE], glob[PRIVATE])
+    # phase 2: both adapters active, only the local one changes
+    assert local["active"] == [COMMON, PRIVATE] and local["names"] == set(model.parameters(PRIVATE))
+    assert _changed(glob[PRIVATE], local[PRIVATE]) and not _changed(glob[COMMON], local[COMMON])
+    assert not glob["names"] & local["names"]
+    assert metrics["gradient_passes"] == 6.0 and metrics["train_loss"] > 0
+
+
+def test_feddpa_global_phase_ignores_the_local_adapter() -> None:
+    """Two clients with equal global but different local adapters send the same global adapter."""
+    a, b = _dpa_model(seed=1), _dpa_model(seed=1)
+    b.load(PRIVATE, {k: torch.randn_like(v) for k, v in b.export(PRIVATE).items()})
+    _feddpa().train(_context(a, _batches(), steps=2))
+    _feddpa().train(_context(b, _batches(), steps=2))
+    ua, ub = _feddpa().uplink(a), _feddpa().uplink(b)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    assert _changed(a.export(PRIVATE), b.export(PRIVATE))
+
+
+def test_feddpa_uplink_holds_no_private_tensor() -> None:
+    model, algo = _dpa_model(), _feddpa()
+    algo.train(_context(model, _batches(), steps=1))
+    sent = algo.uplink(model)
+    assert set(sent) == set(model.parameters(COMMON))
+    assert not set(sent) & set(model.parameters(PRIVATE))
+    assert not any(f".{PRIVATE}." in key for key in sent)
+
+
+@pytest.mark.parametrize(("split", "k", "per_phase"), [("full", 3, 3), ("half", 4, 2), ("half", 1, 1)])
+def test_feddpa_step_budget(split: str, k: int, per_phase: int) -> None:
+    data = _batches()
+    ctx = _context(_dpa_model(), data, steps=k)
+    metrics = _feddpa(split).train(ctx)
+    assert metrics["gradient_passes"] == 2 * per_phase
+    assert next(ctx.batches) is data[(2 * per_phase) % len(data)]  # one batch per step, both phases
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("algorithm.instance_mixing=true", "not implemented yet"), ("algorithm.steps_per_phase=third", "steps_per_phase")],
+)
+def test_feddpa_config_refuses(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(["algorithm=feddpa", override])
+
+
+# ---------------------------------------------------------------------------------------- Per-FedAvg
+def _perfedavg(variant: str, **kw) -> PerFedAvg:
+    opts = {"name": "perfedavg", "rank": 4, "lora_alpha": 8, "lr": OUTER, "weight_decay": 0.0, "inner_lr": INNER,
+            "variant": variant, "fd_eps": 1e-4, "optimizer": "sgd"} | kw  # fmt: skip
+    return PerFedAvg(PerFedAvgParams(**opts))
+
+
+class Flat:
+    """The common level as one float64 vector, and the loss of a batch as a function of it."""
+
+    def __init__(self, model: TwoLevelModel) -> None:
+        params = model.parameters(COMMON)
+        self.names, self.shapes = list(params), [p.shape for p in params.values()]
+        self.objective = _objective(model)
+        self.w = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def split(self, z: Tensor) -> list[Tensor]:
+        return [
+            t.reshape(s) for t, s in zip(torch.split(z, [s.numel() for s in self.shapes]), self.shapes, strict=True)
+        ]
+
+    def f(self, batch):
+        return lambda z: self.objective(batch, dict(zip(self.names, self.split(z), strict=True)))
+
+    def grad(self, batch, z: Tensor) -> Tensor:
+        return torch.autograd.functional.jacobian(self.f(batch), z)
+
+
+def _one_level_model() -> TwoLevelModel:
+    model = two_level_mlp(private=False)
+    randomize_adapters(model)
+    return model
+
+
+def _oracle(flat: Flat, data: list, variant: str) -> Tensor:
+    """One Per-FedAvg step written out: Algorithm 1 of Fallah et al. with the explicit Hessian."""
+    w = flat.w
+    temp = w - INNER * flat.grad(data[0], w)
+    g = flat.grad(data[1], temp)
+    if variant == HESSIAN_FREE:
+        g = g - INNER * torch.autograd.functional.hessian(flat.f(data[2]), w) @ g
+    return w - OUTER * g
+
+
+@pytest.mark.parametrize(("variant", "rtol"), [(FIRST_ORDER, 1e-12), (HESSIAN_FREE, 1e-6)])
+def test_perfedavg_step_matches_oracle(variant: str, rtol: float) -> None:
+    model, data = _one_level_model(), _batches()
+    flat = Flat(model)
+    expected = _oracle(flat, data, variant)
+    metrics = _perfedavg(variant).train(_context(model, data, steps=1))
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters(COMMON).values()])
+    step, want = got - flat.w, expected - flat.w
+    assert torch.linalg.vector_norm(step - want) <= rtol * torch.linalg.vector_norm(want)
+    other = _oracle(flat, data, FIRST_ORDER if variant == HESSIAN_FREE else HESSIAN_FREE) - flat.w
+    assert torch.linalg.vector_norm(other - want) > 1e3 * rtol * torch.linalg.vector_norm(want)  # the test can tell
+    assert metrics["gradient_passes"] == (2.0 if variant == FIRST_ORDER else 4.0)
+
+
+def test_hvp_central_matches_explicit_hessian() -> None:
+    model = _one_level_model()
+    flat, batch = Flat(model), _batches()[0]
+    v = torch.randn(flat.w.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    exact = torch.autograd.functional.hessian(flat.f(batch), flat.w) @ v
+    loss = lambda params: flat.objective(batch, params)  # noqa: E731
+    got = torch.cat([t.reshape(-1) for t in hvp_central(loss, flat.names, flat.split(flat.w), flat.split(v), 1e-4)])
+    assert torch.allclose(got, exact, rtol=1e-6, atol=1e-9)
+    assert torch.all(
+        hvp_central(loss, flat.names, flat.split(flat.w), [torch.zeros(s) for s in flat.shapes], 1e-4)[0] == 0
+    )
+
+
+def test_perfedavg_personalize_is_one_sgd_step() -> None:
+    model, data = _one_level_model(), _batches()
+    flat = Flat(model)
+    _perfedavg(FIRST_ORDER).personalize(_context(model, data, steps=1))
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters(COMMON).values()])
+    assert torch.allclose(got, flat.w - INNER * flat.grad(data[0], flat.w), rtol=0, atol=1e-14)
+    _, g = gradient(lambda p: flat.objective(data[0], p), flat.names, flat.split(flat.w))
+    assert any(float(t.abs().max()) > 0 for t in g)
+
+
+@pytest.mark.parametrize(("override", "message"), [("algorithm.variant=second", "variant"),
+                                                   ("algorithm.optimizer=adam", "optimizer"),
+                                                   ("algorithm.inner_lr=0", "inner_lr")])  # fmt: skip
+def test_perfedavg_config_refuses(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(["algorithm=perfedavg", override])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("m") / "tiny-bert")
+
+
+def test_perfedavg_runtime_personalizes_and_restores(tiny_bert: Path) -> None:
+    exp = load(["algorithm=perfedavg", "model.source=path", f"model.name={tiny_bert}", "federation.num_clients=2",
+                "local_steps=1", "task.max_examples=120", "algorithm.inner_lr=1.0"])  # fmt: skip
+    assert type(exp.algorithm) is algorithm_class("perfedavg")
+    rt = ClientRuntime(exp)
+    common = rt.model.export(COMMON)
+    first = rt.evaluate(0, common, None)
+    after = rt.model.export(COMMON)
+    second = rt.evaluate(0, common, None)
+    assert not _changed(common, after)  # the adaptation was undone
+    assert first.global_ == second.global_ and first.personalized == second.personalized
+    assert first.personalized["eval_loss"] != first.global_["eval_loss"]  # the one step did something
+
+
+# ------------------------------------------------------------------------------ through Flower, end to end
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["feddpa", "perfedavg"])
+def test_one_round_through_flower(algorithm: str, tiny_bert: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = (
+        f"algorithm={algorithm} model.source=path model.name={tiny_bert} federation.num_clients=2 rounds=1 "
+        f"local_steps=1 task.max_examples=120 federation.min_train_clients=1 federation.audit_replies=true "
+        f"run_dir={run_dir} federation.state_dir={tmp_path}/state"
+    )
+    proc = flwr_run(overrides, "num-supernodes=2 client-resources-num-cpus=1", tmp_path / "flwr_home", ROOT, 300,
+                    {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["algorithm"] == algorithm and len(summary["clients"]) == 2
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in records] == [1] and not any(r["rejected"] for r in records)
+    for client in summary["clients"]:  # both a personalized and a global model were scored
+        assert client["personalized"]["eval_loss"] == client["personalized"]["eval_loss"]  # not NaN
+        assert client["global"]["eval_loss"] == client["global"]["eval_loss"]
+    replies = sorted((run_dir / AUDIT_DIR).rglob("*.safetensors"))
+    assert len(replies) == sum(r["clients_trained"] for r in records) > 0  # every train reply was audited
+    for reply in replies:
+        assert not any(f".{PRIVATE}." in key for key in load_file(str(reply)))

@@ -1,0 +1,95 @@
+"""FLoRA: the stacked product equals the weighted sum of products; merging and catch-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pf2lora_core.algorithms import LoRAParams
+from pf2lora_core.algorithms.flora import STACK_A, STACK_B, FLoRA, stack
+from pf2lora_core.constants import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
+from pf2lora_core.launch import flwr_run
+from tests.tiny import MLP
+from tests.tiny_bert import make_tiny_bert
+
+A, B, H = "m.lora_A.common.weight", "m.lora_B.common.weight", "head.weight"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _params() -> LoRAParams:
+    return LoRAParams(name="flora", rank=2, lora_alpha=4.0, lr=1e-3, weight_decay=0.0)
+
+
+def _uplink(gen: torch.Generator, rank: int, head: float) -> dict[str, torch.Tensor]:
+    return {A: torch.randn(rank, 3, generator=gen), B: torch.randn(4, rank, generator=gen), H: torch.tensor([head])}
+
+
+def test_stacked_product_equals_weighted_sum_of_products() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ups = [_uplink(gen, 2, 1.0), _uplink(gen, 1, 2.0), _uplink(gen, 3, 6.0)]  # heterogeneous ranks stack too
+    weights = [1.0, 2.0, 1.0]
+    out = stack(ups, weights)
+    expected = sum(w / 4 * (u[B] @ u[A]) for u, w in zip(ups, weights, strict=True))
+    assert out["m" + STACK_A].shape == (6, 3) and out["m" + STACK_B].shape == (4, 6)  # rank 2 + 1 + 3
+    assert torch.allclose(out["m" + STACK_B] @ out["m" + STACK_A], expected, atol=1e-6)
+    assert torch.allclose(out[H], torch.tensor([(1 + 4 + 6) / 4]))
+
+
+def test_a_client_that_missed_rounds_gets_every_stack_it_missed() -> None:
+    algo = FLoRA(_params())
+    gen = torch.Generator().manual_seed(1)
+    state = algo.server_init(_uplink(gen, 2, 0.0))
+    assert algo.downlink(state, 0)["m" + STACK_A].numel() == 0  # nothing to merge yet
+    r1 = [_uplink(gen, 2, 0.0), _uplink(gen, 2, 0.0)]
+    state = algo.server_update(state, r1, [1, 1], [0, 1])
+    r2 = [_uplink(gen, 2, 0.0)]
+    state = algo.server_update(state, r2, [1], [0])  # client 1 missed round 2
+    up_to_date, behind = algo.downlink(state, 0), algo.downlink(state, 1)
+    assert up_to_date["m" + STACK_A].shape[0] == 2  # only round 2's stack
+    assert behind["m" + STACK_A].shape[0] == 6  # rounds 1 and 2: the downlink grows with the ranks
+    both = stack(r1, [1, 1])["m" + STACK_B] @ stack(r1, [1, 1])["m" + STACK_A] + r2[0][B] @ r2[0][A]
+    assert torch.allclose(behind["m" + STACK_B] @ behind["m" + STACK_A], both, atol=1e-6)
+
+
+def test_client_merges_into_its_own_weights_and_restarts_a_fresh_lora() -> None:
+    from pf2lora_core.adapters import TwoLevelModel
+
+    torch.manual_seed(0)
+    algo = FLoRA(_params())
+    model = TwoLevelModel(MLP(), ["fc1"], *algo.adapters(), head_modules=["head"], assign=algo.assign_level)
+    assert set(model.export(PRIVATE)) == {"base_model.model.fc1.base_layer.weight"}
+    w0 = model.export(PRIVATE)["base_model.model.fc1.base_layer.weight"]
+    fresh = model.export(COMMON)
+    head = {k: v for k, v in fresh.items() if "lora" not in k}
+    empty = {"base_model.model.fc1" + STACK_A: torch.zeros(0), "base_model.model.fc1" + STACK_B: torch.zeros(0)}
+    algo.receive(model, {**empty, **head})  # round 1: nothing to merge (as every process starts)
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 6, generator=gen), torch.randn(8, 3, generator=gen)
+    with torch.no_grad():  # pretend the client trained its LoRA
+        for p in model.parameters(COMMON).values():
+            p.add_(1.0)
+    algo.receive(model, {"base_model.model.fc1" + STACK_A: a, "base_model.model.fc1" + STACK_B: b, **head})
+    merged = model.export(PRIVATE)["base_model.model.fc1.base_layer.weight"]
+    assert torch.allclose(merged, w0 + algo.scaling * b @ a, atol=1e-6)
+    for k, v in model.export(COMMON).items():
+        assert torch.equal(v, fresh[k])  # the LoRA starts fresh every round
+
+
+@pytest.mark.slow
+def test_two_rounds_through_flower(tmp_path: Path) -> None:
+    model = make_tiny_bert(tmp_path / "tiny-bert")
+    run_dir = tmp_path / "run"
+    overrides = (
+        f"algorithm=flora model.source=path model.name={model} federation.num_clients=2 rounds=2 local_steps=1 "
+        f"task.max_examples=120 run_dir={run_dir} federation.state_dir={tmp_path}/state"
+    )
+    proc = flwr_run(overrides, "num-supernodes=2 client-resources-num-cpus=1", tmp_path / "flwr_home", ROOT, 300,
+                    {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["clients_trained"] for r in records] == [2, 2] and not any(r["rejected"] for r in records)
+    assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the rank-2r stack
+    assert json.loads((run_dir / SUMMARY_FILE).read_text())["algorithm"] == "flora"
