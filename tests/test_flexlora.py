@@ -12,7 +12,9 @@ A, B, H = "m.lora_A.common.weight", "m.lora_B.common.weight", "head.weight"
 
 
 def _params(**kw) -> FlexLoRAParams:
-    base = dict(name="flexlora", rank=4, lora_alpha=8.0, lr=1e-3, weight_decay=0.0, r_min=1, rank_seed=0)
+    base = dict(
+        name="flexlora", rank=4, lora_alpha=8.0, lr=1e-3, weight_decay=0.0, r_min=1, rank_seed=0, client_ranks=[]
+    )
     return FlexLoRAParams(**{**base, **kw})
 
 

@@ -18,33 +18,22 @@ dense (``<module>.delta``), which costs ``d_out x d_in`` floats per module on th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
-from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
-from pf2lora_core.algorithms.lowrank import client_rank, is_lora, lora_pairs, pad, rank_of, truncate
+from pf2lora_core.algorithms.base import LocalContext, StateDict
+from pf2lora_core.algorithms.lowrank import RankedLoRA, RankedParams, is_lora, lora_pairs, truncate
 from pf2lora_core.constants import COMMON
 
 DELTA = ".delta"  # server state key suffix of a module's dense aggregated update
 
 
 @dataclass
-class FlexLoRAParams(LoRAParams):
-    r_min: int  # smallest client rank (rank is the largest)
-    rank_seed: int
-    client_ranks: list[int] = field(default_factory=list)
-
-    def validate(self) -> None:
-        super().validate()
-        if not 1 <= self.r_min <= self.rank:
-            raise ValueError(f"algorithm.r_min must be in [1, rank={self.rank}], got {self.r_min}")
-        bad = [r for r in self.client_ranks if not self.r_min <= r <= self.rank]
-        if bad:
-            raise ValueError(f"algorithm.client_ranks {bad} outside [r_min={self.r_min}, rank={self.rank}]")
+class FlexLoRAParams(RankedParams):
+    """FlexLoRA needs nothing beyond the per-client ranks."""
 
 
 def dense_sum(uplinks: Sequence[Mapping[str, Tensor]], weights: Sequence[float], scaling: float) -> StateDict:
@@ -72,7 +61,7 @@ def svd_factors(delta: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tenso
     return a.float(), b.float()
 
 
-class FlexLoRA(Algorithm):
+class FlexLoRA(RankedLoRA):
     name = "flexlora"
     Params = FlexLoRAParams
     params: FlexLoRAParams
@@ -80,18 +69,10 @@ class FlexLoRA(Algorithm):
     def __init__(self, params: FlexLoRAParams) -> None:
         super().__init__(params)
         self._initial: StateDict = {}  # server: the seeded initial adapter (round 1's downlink)
-        self._rank = params.rank  # client: the rank of the downlink being worked on
 
     @property
     def scaling(self) -> float:
         return self.params.lora_alpha / self.params.rank
-
-    def adapters(self) -> tuple[AdapterSpec, None]:
-        return AdapterSpec(self.params.rank, self.params.lora_alpha), None
-
-    def client_rank(self, client: int) -> int:
-        p = self.params
-        return client_rank(client, p.r_min, p.rank, p.rank_seed, p.client_ranks)
 
     # ----------------------------------------------------------------------------- server
     def server_init(self, common: Mapping[str, Tensor]) -> StateDict:
@@ -99,7 +80,7 @@ class FlexLoRA(Algorithm):
         return dict(common)  # no aggregate yet: the initial adapter itself
 
     def downlink(self, state: Mapping[str, Tensor], client: int) -> StateDict:
-        rank = self.client_rank(client)
+        rank = self.initial_rank(client)
         if not any(k.endswith(DELTA) for k in state):
             return truncate(state, rank)
         out = {k: v.clone() for k, v in state.items() if not k.endswith(DELTA)}
@@ -117,12 +98,5 @@ class FlexLoRA(Algorithm):
         return dense_sum(uplinks, weights, self.scaling)
 
     # ----------------------------------------------------------------------------- client
-    def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
-        self._rank = rank_of(downlink)
-        model.load(COMMON, pad(downlink, self.params.rank))
-
     def train(self, ctx: LocalContext) -> dict[str, float]:
         return self.adamw_steps(ctx, ctx.model.parameters(COMMON))
-
-    def uplink(self, model: TwoLevelModel) -> StateDict:
-        return truncate(model.export(COMMON), self._rank)

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
-from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
+from pf2lora_core.algorithms.base import LocalContext, StateDict
 from pf2lora_core.algorithms.lowrank import (
+    RankedLoRA,
+    RankedParams,
     check_truncated_uplink,
-    client_rank,
     is_lora,
     lora_pairs,
     pad,
@@ -43,24 +43,16 @@ from pf2lora_core.validation import Spec
 
 
 @dataclass
-class HETLoRAParams(LoRAParams):
-    r_min: int  # smallest client rank (rank = r_max, the server's)
+class HETLoRAParams(RankedParams):
     gamma: float  # pruning factor g in (0, 1): the tail is components [floor(g r_k), r_k)
     reg: float  # lambda, weight of the tail-norm regulariser
-    rank_seed: int  # seeds the per-client ranks when client_ranks is empty
-    client_ranks: list[int] = field(default_factory=list)  # explicit per-client ranks (client k: [k])
 
     def validate(self) -> None:
         super().validate()
-        if not 1 <= self.r_min <= self.rank:
-            raise ValueError(f"algorithm.r_min must be in [1, rank={self.rank}], got {self.r_min}")
         if not 0 < self.gamma < 1:
             raise ValueError(f"algorithm.gamma must be in (0, 1), got {self.gamma}")
         if self.reg < 0:
             raise ValueError(f"algorithm.reg must be >= 0, got {self.reg}")
-        bad = [r for r in self.client_ranks if not self.r_min <= r <= self.rank]
-        if bad:
-            raise ValueError(f"algorithm.client_ranks {bad} outside [r_min={self.r_min}, rank={self.rank}]")
 
 
 def tail_start(rank: int, gamma: float) -> int:
@@ -101,7 +93,7 @@ def sparsity_weighted_mean(
     return {k: out[k] for k in padded[0]}
 
 
-class HETLoRA(Algorithm):
+class HETLoRA(RankedLoRA):
     name = "hetlora"
     Params = HETLoRAParams
     params: HETLoRAParams
@@ -110,16 +102,10 @@ class HETLoRA(Algorithm):
         super().__init__(params)
         # server side: every client's current rank (ranks only shrink; learned from uplink shapes)
         self.ranks: dict[int, int] = {}
-        self._rank = params.rank  # client side: the rank of the downlink being worked on
-
-    def adapters(self) -> tuple[AdapterSpec, None]:
-        return AdapterSpec(self.params.rank, self.params.lora_alpha), None
 
     # ----------------------------------------------------------------------------- server
     def downlink(self, state: Mapping[str, Tensor], client: int) -> StateDict:
-        p = self.params
-        rank = self.ranks.setdefault(client, client_rank(client, p.r_min, p.rank, p.rank_seed, p.client_ranks))
-        return truncate(state, rank)
+        return truncate(state, self.ranks.setdefault(client, self.initial_rank(client)))
 
     def check_uplink(self, sent: Mapping[str, Spec], received: Mapping[str, Spec]) -> str | None:
         return check_truncated_uplink(sent, received)
@@ -136,10 +122,6 @@ class HETLoRA(Algorithm):
         return sparsity_weighted_mean(uplinks, self.params.rank, weights)
 
     # ----------------------------------------------------------------------------- client
-    def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
-        self._rank = rank_of(downlink)
-        model.load(COMMON, pad(downlink, self.params.rank))
-
     def train(self, ctx: LocalContext) -> dict[str, float]:
         p, rank = self.params, self._rank
         params = ctx.model.parameters(COMMON)
@@ -149,6 +131,3 @@ class HETLoRA(Algorithm):
         after = float(tail_norm({k: v.detach() for k, v in params.items()}, rank, p.gamma))
         self._rank = pruned_rank(rank, p.r_min, p.gamma, before, after)
         return {**metrics, "rank": float(self._rank), "tail_norm": after}
-
-    def uplink(self, model: TwoLevelModel) -> StateDict:
-        return truncate(model.export(COMMON), self._rank)

@@ -9,12 +9,15 @@ vanish there), so the model needs no masks. Pure functions over state dicts.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pf2lora_core.constants import LORA_A, LORA_B
+from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.algorithms.base import Algorithm, LoRAParams
+from pf2lora_core.constants import COMMON, LORA_A, LORA_B
 from pf2lora_core.validation import Spec
 
 StateDict = dict[str, Tensor]
@@ -103,3 +106,48 @@ def check_truncated_uplink(sent: Mapping[str, Spec], received: Mapping[str, Spec
     if len(ranks) > 1:
         return f"LoRA factors of different ranks {sorted(ranks)}"
     return None
+
+
+@dataclass
+class RankedParams(LoRAParams):
+    """Options of per-client-rank algorithms; ``rank`` is the largest rank (the server's)."""
+
+    r_min: int  # smallest client rank
+    rank_seed: int  # seeds the per-client ranks when client_ranks is empty
+    client_ranks: list[int]  # explicit per-client ranks (client k gets [k]); empty: drawn by seed
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.r_min <= self.rank:
+            raise ValueError(f"algorithm.r_min must be in [1, rank={self.rank}], got {self.r_min}")
+        bad = [r for r in self.client_ranks if not self.r_min <= r <= self.rank]
+        if bad:
+            raise ValueError(f"algorithm.client_ranks {bad} outside [r_min={self.r_min}, rank={self.rank}]")
+
+
+class RankedLoRA(Algorithm):
+    """One LoRA adapter of rank ``r_max`` in the model; client k works on its first ``r_k`` components.
+
+    The client side is shared by HETLoRA and FlexLoRA: a downlink of rank ``r_k`` is zero-padded
+    into the model, and the uplink is the first ``r_k`` components again.
+    """
+
+    params: RankedParams
+
+    def __init__(self, params: RankedParams) -> None:
+        super().__init__(params)
+        self._rank = params.rank  # client side: the rank of the downlink being worked on
+
+    def adapters(self) -> tuple[AdapterSpec, None]:
+        return AdapterSpec(self.params.rank, self.params.lora_alpha), None
+
+    def initial_rank(self, client: int) -> int:
+        p = self.params
+        return client_rank(client, p.r_min, p.rank, p.rank_seed, p.client_ranks)
+
+    def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
+        self._rank = rank_of(downlink)
+        model.load(COMMON, pad(downlink, self.params.rank))
+
+    def uplink(self, model: TwoLevelModel) -> dict[str, Tensor]:
+        return truncate(model.export(COMMON), self._rank)
