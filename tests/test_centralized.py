@@ -12,10 +12,8 @@ from pf2lora_core import data
 from pf2lora_core.algorithms import CentralizedLoRA, LocalContext
 from pf2lora_core.constants import COMMON, METRICS_FILE, SUMMARY_FILE
 from pf2lora_core.experiment import load
-from pf2lora_core.launch import flwr_run
+from tests.flower_run import tiny_flower_run
 from tests.tiny_bert import make_tiny_bert
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +50,7 @@ def test_uses_the_federations_total_step_budget(
 
 @pytest.mark.slow
 def test_one_round_through_flower(tmp_path: Path) -> None:
-    model = make_tiny_bert(tmp_path / "tiny-bert")
-    run_dir = tmp_path / "run"
-    overrides = (
-        f"algorithm=centralized model.source=path model.name={model} federation.num_clients=2 rounds=1 "
-        f"local_steps=1 task.max_examples=120 run_dir={run_dir} federation.state_dir={tmp_path}/state"
-    )
-    proc = flwr_run(overrides, "num-supernodes=2 client-resources-num-cpus=1", tmp_path / "flwr_home", ROOT, 300,
-                    {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_dir, _ = tiny_flower_run(tmp_path, "algorithm=centralized rounds=1 local_steps=1")
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["algorithm"] == "centralized"
     record = json.loads((run_dir / METRICS_FILE).read_text().splitlines()[0])

@@ -11,12 +11,10 @@ import torch
 from pf2lora_core.algorithms import LoRAParams
 from pf2lora_core.algorithms.flora import STACK_A, STACK_B, FLoRA, stack
 from pf2lora_core.constants import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
-from pf2lora_core.launch import flwr_run
+from tests.flower_run import tiny_flower_run
 from tests.tiny import MLP
-from tests.tiny_bert import make_tiny_bert
 
 A, B, H = "m.lora_A.common.weight", "m.lora_B.common.weight", "head.weight"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _params() -> LoRAParams:
@@ -80,15 +78,7 @@ def test_client_merges_into_its_own_weights_and_restarts_a_fresh_lora() -> None:
 
 @pytest.mark.slow
 def test_two_rounds_through_flower(tmp_path: Path) -> None:
-    model = make_tiny_bert(tmp_path / "tiny-bert")
-    run_dir = tmp_path / "run"
-    overrides = (
-        f"algorithm=flora model.source=path model.name={model} federation.num_clients=2 rounds=2 local_steps=1 "
-        f"task.max_examples=120 run_dir={run_dir} federation.state_dir={tmp_path}/state"
-    )
-    proc = flwr_run(overrides, "num-supernodes=2 client-resources-num-cpus=1", tmp_path / "flwr_home", ROOT, 300,
-                    {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_dir, _ = tiny_flower_run(tmp_path, "algorithm=flora rounds=2 local_steps=1")
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert [r["clients_trained"] for r in records] == [2, 2] and not any(r["rejected"] for r in records)
     assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the rank-2r stack

@@ -7,18 +7,15 @@ on; the tests read its run directory, the audit of every reply, and the clients'
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pf2lora_core.constants import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from pf2lora_core.launch import flwr_run
 from pf2lora_core.state import PrivateStore
-from tests.tiny_bert import make_tiny_bert
+from tests.flower_run import tiny_flower_run
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENTS, ROUNDS, STEPS = 3, 2, 2
 
 pytestmark = pytest.mark.slow
@@ -27,24 +24,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("sim")
-    model = make_tiny_bert(tmp / "tiny-bert")
-    run_dir, state_dir, flwr_home = tmp / "run", tmp / "state", tmp / "flwr_home"
-    overrides = (
-        f"model.source=path model.name={model} federation.num_clients={CLIENTS} rounds={ROUNDS} "
-        f"local_steps={STEPS} task.max_examples=240 run_dir={run_dir} federation.state_dir={state_dir} "
-        "federation.audit_replies=true federation.min_train_clients=2"
-    )
-    proc = flwr_run(
-        overrides,
-        f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
-        flwr_home,
-        ROOT,
-        timeout=300,
-        extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert (run_dir / SUMMARY_FILE).exists(), log[-4000:]
+    overrides = f"rounds={ROUNDS} local_steps={STEPS} federation.audit_replies=true federation.min_train_clients=2"
+    run_dir, log = tiny_flower_run(tmp, overrides, clients=CLIENTS)
+    state_dir = tmp / "state"
     return {"run": run_dir, "state": state_dir, "log": log}
 
 

@@ -1,0 +1,27 @@
+"""One `flwr run .` of a tiny configuration for end-to-end tests (tiny BERT, packaged data, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pf2lora_core.constants import SUMMARY_FILE
+from pf2lora_core.launch import flwr_run
+from tests.tiny_bert import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def tiny_flower_run(tmp_path: Path, overrides: str, clients: int = 2, model: Path | None = None) -> tuple[Path, str]:
+    """Run the app on ``clients`` simulated SuperNodes; returns (run directory, log). Fails with the log's tail."""
+    model = model or make_tiny_bert(tmp_path / "tiny-bert")
+    run_dir = tmp_path / "run"
+    full = (
+        f"model.source=path model.name={model} federation.num_clients={clients} task.max_examples={80 * clients} "
+        f"run_dir={run_dir} federation.state_dir={tmp_path / 'state'} {overrides}"
+    )
+    federation = f"num-supernodes={clients} client-resources-num-cpus=1"
+    proc = flwr_run(full, federation, tmp_path / "flwr_home", ROOT, timeout=300, extra_env=OFFLINE)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and (run_dir / SUMMARY_FILE).exists(), log[-4000:]
+    return run_dir, log
