@@ -69,12 +69,6 @@ class RunDir:
             fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
             fh.flush()
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS_FILE
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.path / SUMMARY_FILE, json.dumps(_jsonable(summary), indent=2).encode())
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -52,16 +52,6 @@ class StepStats:
     loss: float
     hvp_norm: float = 0.0
     passes: int = 0
-
-
-@dataclass
-class RoundStats:
-    losses: list[float] = field(default_factory=list)
-    passes: int = 0
-
-    @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / max(len(self.losses), 1)
 
 
 @contextmanager
@@ -106,10 +96,6 @@ class BilevelSolver:
         self.hvp, self.alpha, self.opt = hvp, inner_lr, outer_optimizer
         self.mode, self.reuse = mode, reuse_inner_grad
         self._carried: list[Tensor] | None = None  # inner gradient carried by reuse_inner_grad
-
-    def reset_carry(self) -> None:
-        """Forget the carried inner gradient (call when x jumped, e.g. at a new round)."""
-        self._carried = None
 
     def step(self, loss: LossFn) -> StepStats:
         ev = Evaluator(loss, dict(self.x), list(self.y))

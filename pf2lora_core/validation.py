@@ -48,14 +48,3 @@ def check_values(
         if norm > max_update_norm:
             return f"update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:.4g}"
     return None
-
-
-def check_reply(
-    arrays: Mapping[str, np.ndarray],
-    expected: Mapping[str, Spec],
-    reference: Mapping[str, np.ndarray] | None = None,
-    max_update_norm: float = 0.0,
-) -> str | None:
-    """Why decoded ``arrays`` may not be aggregated, or None (structure, then values)."""
-    declared = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-    return check_structure(declared, expected) or check_values(arrays, reference, max_update_norm)
