@@ -9,7 +9,8 @@ One local step on client k, with ``x`` the common adapter and ``y`` the private 
 
 The HVP in ``h`` comes from ``pf2lora_core.hypergrad``. All passes of one step see the same
 batch and the same dropout masks (the RNG is re-seeded per pass from one per-step seed), so
-``h`` is the exact derivative of one fixed stochastic objective.
+``h`` is the exact derivative of one fixed stochastic objective (``pf2lora_core.noise``: the
+masks are drawn once per step and replayed in the later passes).
 
 Choices the paper leaves open, and ours:
 
@@ -31,8 +32,8 @@ Choices the paper leaves open, and ours:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,6 @@ class StepStats:
     loss: float
     hvp_norm: float = 0.0
     passes: int = 0
-
-
-@contextmanager
-def same_noise(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with the global RNG seeded to ``seed`` and restore it afterwards (fixed dropout masks)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(seed)
-        yield
 
 
 class BilevelSolver:
@@ -168,16 +160,6 @@ def hypergradient(
 
 def _hvp_norm(hv: list[Tensor] | None) -> float:
     return 0.0 if hv is None else float(_norm(hv))
-
-
-def seeded_loss(loss: Callable[[dict[str, Tensor] | None], Tensor], seed: int, device: torch.device) -> LossFn:
-    """Wrap ``loss`` so that every call sees the same random stream (same dropout masks)."""
-
-    def fixed(params: dict[str, Tensor] | None) -> Tensor:
-        with same_noise(seed, device):
-            return loss(params)
-
-    return fixed
 
 
 def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[None]:

@@ -14,8 +14,8 @@ from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.constants import COMMON, TRAIN_LOSS
 from pf2lora_core.hypergrad import LossFn
+from pf2lora_core.noise import SeededLoss
 from pf2lora_core.runtime import derived_seed
-from pf2lora_core.solver import seeded_loss
 from pf2lora_core.validation import Spec, check_structure
 
 StateDict = dict[str, Tensor]
@@ -59,7 +59,8 @@ class LocalContext:
 
     def loss_for(self, batch: Any, step: int) -> LossFn:
         """The batch's loss with one fixed random stream for every pass of this step."""
-        return seeded_loss(lambda params: self.objective(batch, params), derived_seed(self.seed, step), self.device)
+        seed = derived_seed(self.seed, step)
+        return SeededLoss(lambda params: self.objective(batch, params), seed, self.device, self.model.dropout_tape)
 
 
 class Algorithm(ABC):
