@@ -151,6 +151,27 @@ class TwoLevelModel:
             self.model.base_model.set_adapter(list(self.specs))
             self._refresh_trainable()
 
+    @contextmanager
+    def row_weights(self, weights: Mapping[str, Tensor]) -> Iterator[None]:
+        """Run with each adapter's output scaled per input row (FedDPA's instance-wise mixing).
+
+        ``weights[adapter]`` is a 1-D tensor with one factor per row of the batch (the first
+        dimension of every adapted layer's input); row ``i`` then computes
+        ``W0 x + sum_a weights[a][i] * s_a B_a A_a x``. Adapters not named keep factor 1. Needs
+        the fused two-adapter forward (both adapters active, no adapter dropout).
+        """
+        unknown = sorted(set(weights) - set(self.specs))
+        if unknown:
+            raise ValueError(f"row_weights: unknown adapter(s) {unknown}; this model has {list(self.specs)}")
+        modules = list(self.lora_modules().values())
+        for module in modules:
+            module._row_weights = dict(weights)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._row_weights = None
+
     def to(self, device: torch.device | str) -> TwoLevelModel:
         self.model.to(device)
         return self
@@ -198,6 +219,7 @@ def _fuse_active_adapters(module: nn.Module) -> None:
     if hasattr(module, "base_layer"):
         # a bound method (not a closure): copy.deepcopy rebinds it to the copied module
         module.forward = types.MethodType(_fused_forward, module)
+        module._row_weights = None  # set by TwoLevelModel.row_weights
 
 
 def _fused_forward(self: nn.Module, x: Tensor, *args: object, **kwargs: object) -> Tensor:
@@ -210,13 +232,32 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: object, **kwargs: object) 
         and not any(a in self.lora_variant for a in active)
         and all(isinstance(self.lora_dropout[a], nn.Identity) for a in active)
     )
+    rows: dict[str, Tensor] | None = self._row_weights
     if not plain:
+        if rows is not None:
+            raise RuntimeError("row_weights needs both adapters active, unmerged and without adapter dropout")
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     a_cat = torch.cat([self.lora_A[a].weight for a in active], dim=0)
     b_cat = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], dim=1)
-    update = (x.to(a_cat.dtype) @ a_cat.t()) @ b_cat.t()
-    return (result + update).to(result.dtype)
+    low = x.to(a_cat.dtype) @ a_cat.t()  # (rows, ..., r + r~)
+    if rows is not None:
+        low = low * _row_scale(rows, active, [self.lora_A[a].weight.shape[0] for a in active], low)
+    return (result + low @ b_cat.t()).to(result.dtype)
+
+
+def _row_scale(rows: Mapping[str, Tensor], active: Sequence[str], ranks: Sequence[int], low: Tensor) -> Tensor:
+    """Per row, each adapter's factor repeated over its rank components, shaped to broadcast on ``low``."""
+    n = low.shape[0]
+    ones = torch.ones(n, dtype=low.dtype, device=low.device)
+    cols = []
+    for adapter, rank in zip(active, ranks, strict=True):
+        w = rows.get(adapter, ones).to(low.device, low.dtype)
+        if w.shape != (n,):
+            raise ValueError(f"row_weights[{adapter!r}] has shape {tuple(w.shape)}; the batch has {n} rows")
+        cols.append(w[:, None].expand(n, rank))
+    scale = torch.cat(cols, dim=1)
+    return scale.view(n, *([1] * (low.dim() - 2)), scale.shape[1])
 
 
 def _lora_config(spec: AdapterSpec, target_modules: Sequence[str]) -> LoraConfig:

@@ -99,16 +99,24 @@ class ClientRuntime:
     def _evaluate_personalized(self, client: int, test: data.Batches) -> dict[str, float]:
         """The client's own model, after the algorithm's personalization (restored afterwards)."""
         if not self.exp.algorithm.adapts_for_evaluation:
-            return self.task.evaluate(self.model.model, test)
+            return self._evaluate_mixed(client, test)
         snapshot = {level: self.model.export(level) for level in self.model.levels}
         seed = derived_seed(self.exp.seed, client, 1 << 20)  # fixed: evaluation is repeatable
         self.model.model.train()
         self.exp.algorithm.personalize(self._context(client, seed, 1))
         try:
-            return self.task.evaluate(self.model.model, test)
+            return self._evaluate_mixed(client, test)
         finally:
             for level, state in snapshot.items():
                 self.model.load(level, state)
+
+    def _evaluate_mixed(self, client: int, test: data.Batches) -> dict[str, float]:
+        """Evaluate the model, with the algorithm's per-instance adapter weights where it has any."""
+        seed = derived_seed(self.exp.seed, client, 1 << 21)  # fixed: evaluation is repeatable
+        mixer = self.exp.algorithm.evaluation_mixer(self._context(client, seed, 1))
+        if mixer is None:
+            return self.task.evaluate(self.model.model, test)
+        return self.task.evaluate(self.model.model, test, around=lambda batch: self.model.row_weights(mixer(batch)))
 
     def _load(self, downlink: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
         """The client's own private level first, then the server's downlink (which may build on it)."""
@@ -155,6 +163,8 @@ class ClientRuntime:
             steps=steps,
             seed=seed,
             device=self.device,
+            embed=lambda batch: self.task.embed(module, batch),
+            train_examples=len(self._train_data(client)),
         )
 
     def evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:

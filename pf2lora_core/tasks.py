@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -62,13 +63,20 @@ class ClassificationTask:
         return nn.functional.cross_entropy(logits.float(), batch["labels"])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        around: Callable[[Batch], AbstractContextManager[Any]] | None = None,
+    ) -> dict[str, float]:
+        """Loss and metric over ``batches``; ``around(batch)`` wraps each batch's forward
+        (e.g. per-instance adapter weights)."""
         was_training = model.training
         model.eval()
         preds, labels, loss_sum, n = [], [], 0.0, 0
         for batch in batches:
             batch = self._to(batch)
-            with self.autocast():
+            with self.autocast(), around(batch) if around else nullcontext():
                 logits = model(**_inputs(batch)).logits.float()
             loss_sum += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             n += len(batch["labels"])
@@ -79,6 +87,23 @@ class ClassificationTask:
             return {EVAL_LOSS: float("nan"), self.metric: float("nan")}
         p, y = torch.cat(preds), torch.cat(labels)
         return {EVAL_LOSS: loss_sum / n, self.metric: METRICS[self.metric](p, y)}
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, batch: Batch) -> Tensor:
+        """One vector per row: the last hidden layer averaged over the row's real tokens (eval mode)."""
+        was_training = model.training
+        model.eval()
+        batch = self._to(batch)
+        try:
+            with self.autocast():
+                hidden = model(**_inputs(batch), output_hidden_states=True).hidden_states[-1].float()
+        finally:
+            model.train(was_training)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return hidden.mean(dim=1)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def _inputs(batch: Batch) -> Batch:

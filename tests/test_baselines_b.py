@@ -7,6 +7,7 @@ one vector: gradients by ``torch.autograd.functional.jacobian``, the Hessian exp
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch.func import functional_call
 
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext, algorithm_class
-from pf2lora_core.algorithms.feddpa import FedDPA, FedDPAParams
+from pf2lora_core.algorithms.feddpa import FedDPA, FedDPAParams, instance_weight
 from pf2lora_core.algorithms.perfedavg import (
     FIRST_ORDER,
     HESSIAN_FREE,
@@ -68,7 +69,7 @@ def _changed(before: dict[str, Tensor], after: dict[str, Tensor]) -> bool:
 def _feddpa(steps_per_phase: str = "full") -> FedDPA:
     return FedDPA(FedDPAParams(name="feddpa", rank=4, lora_alpha=8, lr=0.05, weight_decay=0.0, private_rank=2,
                                private_alpha=4, private_lr=0.05, steps_per_phase=steps_per_phase,
-                               instance_mixing=False))  # fmt: skip
+                               instance_mixing=False, mixing_samples=5, mixing_scale=0.5, mixing_pool=16))  # fmt: skip
 
 
 def _dpa_model(seed: int = 1) -> TwoLevelModel:
@@ -131,9 +132,85 @@ def test_feddpa_step_budget(split: str, k: int, per_phase: int) -> None:
     assert next(ctx.batches) is data[(2 * per_phase) % len(data)]  # one batch per step, both phases
 
 
+def test_row_weights_scale_each_adapter_per_row() -> None:
+    """Oracle: row i of a row-weighted forward equals the model with B scaled by wc[i], D by wp[i]."""
+    model = _dpa_model()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    wc = torch.tensor([1.0, 0.0, 2.0, 0.5, -1.0], dtype=torch.float64)
+    wp = torch.tensor([1.0, 1.5, 0.0, 0.25, 3.0], dtype=torch.float64)
+    with torch.no_grad(), model.row_weights({COMMON: wc, PRIVATE: wp}):
+        mixed = model.model(x)
+    for i in range(5):
+        scaled = {
+            n: p * (wc[i] if ".lora_B.common." in n else wp[i] if ".lora_B.private." in n else 1.0)
+            for n, p in model.model.named_parameters()
+        }
+        with torch.no_grad():
+            row = functional_call(model.model, scaled, (x[i : i + 1],), strict=False)
+        assert torch.allclose(mixed[i], row[0], rtol=0, atol=1e-12)
+    with torch.no_grad():  # the weights are gone after the context
+        assert torch.equal(model.model(x), functional_call(model.model, dict(model.model.named_parameters()), (x,)))
+    with pytest.raises(ValueError, match="rows"), model.row_weights({COMMON: wc[:3]}):
+        model.model(x)
+    with pytest.raises(ValueError, match="unknown adapter"), model.row_weights({"other": wc}):
+        pass
+
+
+def test_instance_weight_is_scaled_mean_cosine() -> None:
+    """Hand-computed: with as many samples as pool rows every row is compared with the whole pool."""
+    pool = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    queries = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    s = 2**-0.5
+    expected = 0.5 * torch.tensor([(1 + 0 + s) / 3, (-1 + 0 - s) / 3])
+    got = instance_weight(queries, pool, samples=3, scale=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(got, expected, atol=1e-6)
+    got = instance_weight(queries, pool, samples=10, scale=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(got, expected, atol=1e-6)  # more samples than rows: the whole pool
+    one = instance_weight(queries[:1], pool, samples=1, scale=1.0, generator=torch.Generator().manual_seed(3))
+    assert float(one) in (1.0, 0.0, pytest.approx(s))  # one draw: the cosine with one pool row
+    with pytest.raises(ValueError, match="at least one training instance"):
+        instance_weight(queries, pool[:0], 5, 0.5, torch.Generator())
+
+
+def test_feddpa_mixer_weights_adapters_by_similarity() -> None:
+    """The mixer embeds with the local adapter alone and returns 2a / 2(1 - a) per row."""
+    model = _dpa_model()
+    data = _batches(n=2)
+    seen: list[tuple[str, ...]] = []
+
+    def embed(batch: tuple[Tensor, Tensor]) -> Tensor:
+        seen.append(tuple(model.model.base_model.active_adapters))
+        return batch[0][:, :2].float()
+
+    params = dataclasses.replace(_feddpa().params, instance_mixing=True, mixing_samples=16, mixing_pool=16)
+    ctx = dataclasses.replace(_context(model, data, steps=1), embed=embed, train_examples=8)
+    weights = FedDPA(params).evaluation_mixer(ctx)
+    assert weights is not None and _feddpa().evaluation_mixer(ctx) is None  # off by default
+    query = data[1]
+    w = weights(query)
+    pool = data[0][0][:, :2].float()  # 8 training rows: the first batch of the stream
+    cos = torch.nn.functional.cosine_similarity(query[0][:, None, :2].float(), pool[None], dim=-1).mean(1)
+    assert torch.allclose(w[PRIVATE], 2 * 0.5 * cos, atol=1e-6)
+    assert torch.allclose(w[COMMON], 2 * (1 - 0.5 * cos), atol=1e-6)
+    assert set(seen) == {(PRIVATE,)}  # pool and queries embedded with the local adapter alone
+
+
+def test_feddpa_runtime_mixes_per_instance(tiny_bert: Path) -> None:
+    """Instance mixing changes the personalized scores (not the global ones) and is repeatable."""
+    base = ["algorithm=feddpa", "model.source=path", f"model.name={tiny_bert}", "federation.num_clients=2",
+            "local_steps=2", "task.max_examples=120"]  # fmt: skip
+    plain, mixed = ClientRuntime(load(base)), ClientRuntime(load([*base, "algorithm.instance_mixing=true"]))
+    common = plain.model.export(COMMON)
+    private = {k: torch.randn_like(v) * 0.5 for k, v in plain.model.export(PRIVATE).items()}
+    a, b = plain.evaluate(0, common, private), mixed.evaluate(0, common, private)
+    assert a.global_ == b.global_
+    assert a.personalized["eval_loss"] != b.personalized["eval_loss"]
+    assert mixed.evaluate(0, common, private).personalized == b.personalized
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("algorithm.instance_mixing=true", "not implemented yet"), ("algorithm.steps_per_phase=third", "steps_per_phase")],
+    [("algorithm.mixing_scale=2", "mixing_scale"), ("algorithm.steps_per_phase=third", "steps_per_phase")],
 )
 def test_feddpa_config_refuses(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -250,10 +327,11 @@ def test_perfedavg_runtime_personalizes_and_restores(tiny_bert: Path) -> None:
 
 # ------------------------------------------------------------------------------ through Flower, end to end
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["feddpa", "perfedavg"])
-def test_one_round_through_flower(algorithm: str, tiny_bert: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("algorithm", "extra"), [("feddpa", "algorithm.instance_mixing=true"), ("perfedavg", "")])
+def test_one_round_through_flower(algorithm: str, extra: str, tiny_bert: Path, tmp_path: Path) -> None:
     overrides = (
-        f"algorithm={algorithm} rounds=1 local_steps=1 federation.min_train_clients=1 federation.audit_replies=true"
+        f"algorithm={algorithm} rounds=1 local_steps=1 federation.min_train_clients=1 federation.audit_replies=true "
+        + extra
     )
     run_dir, _ = tiny_flower_run(tmp_path, overrides, model=tiny_bert)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

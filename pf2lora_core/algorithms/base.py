@@ -56,6 +56,9 @@ class LocalContext:
     steps: int  # K local steps
     seed: int  # per (run, client, round): dropout masks and any sampling
     device: torch.device
+    # (batch) -> one representation per row from the model as currently configured (eval mode)
+    embed: Callable[[Any], Tensor] | None = None
+    train_examples: int | None = None  # size of the split ``batches`` cycles over
 
     def loss_for(self, batch: Any, step: int) -> LossFn:
         """The batch's loss with one fixed random stream for every pass of this step."""
@@ -110,6 +113,14 @@ class Algorithm(ABC):
         levels first and restores them afterwards, so the adaptation never leaks into training.
         """
         raise NotImplementedError(f"{self.name} sets adapts_for_evaluation but has no personalize()")
+
+    def evaluation_mixer(self, ctx: LocalContext) -> Callable[[Any], Mapping[str, Tensor]] | None:
+        """Per test batch, each adapter's per-row output weight for the personalized evaluation.
+
+        ``None`` (default): the personalized model is evaluated as it is. FedDPA's instance-wise
+        mixing returns a function; the caller applies it through ``TwoLevelModel.row_weights``.
+        """
+        return None
 
     def aggregate(self, states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
         """Server rule for the common level (FedAvg by default)."""

@@ -35,18 +35,32 @@ What the paper says and what we chose:
   budget. ``gradient_passes`` in the train metrics reports the count.
 - *Optimizer.* AdamW for both adapters (the official code uses AdamW with one learning rate),
   fresh every round like the other algorithms.
-- *Instance-wise dynamic weighting* at inference (alpha of a test instance = 0.5 x the mean
-  cosine similarity of its last-layer representation to those of a few sampled local training
-  instances, in the official code) is behind ``instance_mixing``; it is not implemented yet and
-  ``true`` is refused at config time (see ``FedDPAParams.validate``).
+- *Instance-wise dynamic weighting* at inference (``instance_mixing``, off by default), as in the
+  official code (``get_weight`` in ``GlobalModel_generated.py``): for each test instance, embed it
+  and ``mixing_samples`` (5) instances drawn without replacement from the client's training data
+  with the local adapter alone active, take the last hidden layer, and set
+  ``a = mixing_scale (0.5) x mean cosine similarity``; the instance is then predicted with
+  weights ``a`` on the local adapter and ``1 - a`` on the global one (``set_local([local], [a,
+  1 - a])``). Training mixes the two with 0.5 each; here training sums them (weights 1 and 1), so
+  inference scales the local adapter by ``2a`` and the global one by ``2(1 - a)``: ``a = 0.5``
+  (a test instance just like the local data) is exactly the trained model, ``a -> 0`` (an unlike
+  one) leans on the global adapter. Our choices: the representation is the last hidden layer
+  averaged over real tokens (the official code's ``avg`` option; its default ``last`` takes the
+  last token of left-padded LLaMA prompts, which for right-padded encoders is a pad); the
+  training instances are drawn from a pool of at most ``mixing_pool`` training rows embedded once
+  per evaluation (the official code re-embeds 5 fresh rows per test instance, a forward pass of
+  6 rows per prediction); the draws are seeded, so evaluation is repeatable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
@@ -66,19 +80,21 @@ class FedDPAParams(LoRAParams):
     private_alpha: float  # its scaling is private_alpha / private_rank
     private_lr: float  # AdamW learning rate of the local adapter
     steps_per_phase: str  # full: K steps each | half: max(1, K // 2) steps each
-    instance_mixing: bool  # the paper's instance-wise dynamic weighting at inference (not implemented)
+    instance_mixing: bool  # the paper's instance-wise dynamic weighting at inference
+    mixing_samples: int  # training instances compared with each test instance (paper: 5)
+    mixing_scale: float  # a = mixing_scale x mean cosine similarity (paper: 0.5)
+    mixing_pool: int  # training rows embedded once per evaluation, drawn from for every test row
 
     def validate(self) -> None:
         super().validate()
         _positive(self, "private_rank", "private_alpha", "private_lr")
         if self.steps_per_phase not in STEPS_PER_PHASE:
             raise ValueError(f"algorithm.steps_per_phase={self.steps_per_phase!r}: choose one of {STEPS_PER_PHASE}")
-        if self.instance_mixing:
+        _positive(self, "mixing_samples", "mixing_scale", "mixing_pool")
+        if self.mixing_scale > 1.0:
             raise ValueError(
-                "algorithm.instance_mixing=true is not implemented yet: it needs a per-instance evaluation "
-                "hook in ClientRuntime (today task.evaluate runs the whole model on a batch) that embeds each "
-                "test instance and a sample of the client's training instances with the frozen base model and "
-                "scales the local adapter's output per row by 0.5 x their mean cosine similarity"
+                f"algorithm.mixing_scale={self.mixing_scale} must be <= 1 (the paper uses 0.5, its code allows 1): "
+                "the local adapter's weight a = mixing_scale x cosine must stay within [-1, 1]"
             )
 
 
@@ -114,7 +130,49 @@ class FedDPA(Algorithm):
         """The round's context for one phase: its own step count and random stream, the same batches."""
         return dataclasses.replace(ctx, steps=steps, seed=derived_seed(ctx.seed, phase))
 
+    def evaluation_mixer(self, ctx: LocalContext) -> Callable[[Any], Mapping[str, Tensor]] | None:
+        """The instance-wise weights of both adapters per test batch (see the module docstring)."""
+        p = self.params
+        if not p.instance_mixing:
+            return None
+        if ctx.embed is None:
+            raise ValueError("algorithm.instance_mixing needs a task that embeds its inputs (LocalContext.embed)")
+        model, embed = ctx.model, ctx.embed
+        with model.only(PRIVATE):
+            pool = _embed_pool(ctx, embed, min(p.mixing_pool, ctx.train_examples or p.mixing_pool))
+        generator = torch.Generator().manual_seed(ctx.seed)
+
+        def weights(batch: Any) -> dict[str, Tensor]:
+            with model.only(PRIVATE):
+                queries = embed(batch)
+            a = instance_weight(queries, pool, p.mixing_samples, p.mixing_scale, generator)
+            return {PRIVATE: 2.0 * a, COMMON: 2.0 * (1.0 - a)}
+
+        return weights
+
     def _local_steps(self, ctx: LocalContext, params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
         """``adamw_steps`` on the local level with its own learning rate (``private_lr``)."""
         local = FedDPA(dataclasses.replace(self.params, lr=self.params.private_lr))
         return local.adamw_steps(ctx, params)
+
+
+def instance_weight(queries: Tensor, pool: Tensor, samples: int, scale: float, generator: torch.Generator) -> Tensor:
+    """FedDPA's local-adapter weight per query row: ``scale x`` its mean cosine similarity to
+    ``samples`` rows of ``pool`` drawn without replacement (all of them when the pool is smaller)."""
+    if pool.shape[0] == 0:
+        raise ValueError("instance mixing needs at least one training instance; the client has none")
+    k = min(samples, pool.shape[0])
+    picks = torch.multinomial(torch.ones(queries.shape[0], pool.shape[0]), k, replacement=False, generator=generator)
+    refs = pool.to(queries.device)[picks.to(queries.device)]  # (rows, k, hidden)
+    cos = torch.nn.functional.cosine_similarity(queries.unsqueeze(1), refs, dim=-1)
+    return scale * cos.mean(dim=1)
+
+
+def _embed_pool(ctx: LocalContext, embed: Callable[[Any], Tensor], rows: int) -> Tensor:
+    """Embeddings of the first ``rows`` training rows of the context's (shuffled) batch stream."""
+    parts, have = [], 0
+    while have < rows:
+        vectors = embed(next(ctx.batches))
+        parts.append(vectors[: rows - have].cpu())
+        have += parts[-1].shape[0]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
