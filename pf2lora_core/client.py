@@ -20,7 +20,8 @@ from torch import Tensor
 from pf2lora_core import data
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, PRIVATE
+from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, FLOPS_PER_STEP, PRIVATE
+from pf2lora_core.cost import count_flops
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_classifier
 from pf2lora_core.rank import rank_report
@@ -134,7 +135,11 @@ class ClientRuntime:
             steps *= self.exp.federation.num_clients
         ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
         self.model.model.train()
-        metrics = self.exp.algorithm.train(ctx)
+        if server_round <= int(self.exp.cfg.flops_rounds):
+            metrics, flops = count_flops(lambda: self.exp.algorithm.train(ctx))
+            metrics[FLOPS_PER_STEP] = flops / steps
+        else:
+            metrics = self.exp.algorithm.train(ctx)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
             common=self.exp.algorithm.uplink(self.model),

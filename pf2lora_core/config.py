@@ -60,6 +60,8 @@ class PartitionConfig:
 @dataclass
 class FederationConfig:
     kind: str = MISSING  # simulation | deployment
+    # deployment: the SuperLink connection named in $FLWR_HOME/config.toml (`flwr run . <connection>`)
+    connection: str = MISSING
     num_clients: int = MISSING
     fraction_train: float = MISSING
     fraction_evaluate: float = MISSING
@@ -70,6 +72,13 @@ class FederationConfig:
     max_update_norm: float = MISSING  # reject replies whose update norm exceeds this (0 = off)
     wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
     audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
+
+
+@dataclass
+class SweepConfig:
+    job_timeout_s: float = MISSING  # a job (one `flwr run`) running longer is recorded as failed
+    report_x: str = MISSING  # swept key on the report's x axis ("" = partition.s when swept)
+    report_at: str = MISSING  # x value of the per-client / per-round / spectra plots ("" = largest)
 
 
 @dataclass
@@ -89,6 +98,8 @@ class ExperimentConfig:
     run_dir: str = MISSING  # empty: <output_dir>/<timestamp>-<name>
     eval_every: int = MISSING
     rank_threshold: float = MISSING  # relative singular-value threshold of the effective rank
+    flops_rounds: int = MISSING  # count FLOPs of local training in the first N rounds (0 = never)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def schema() -> DictConfig:

@@ -32,6 +32,7 @@ TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 GRADIENT_PASSES = "gradient_passes"  # forward+backward passes of a round's local steps
 COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or evaluate)
+FLOPS_PER_STEP = "flops_per_local_step"  # counted FLOPs of a round's training / its local steps
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"
 PERSONALIZED = "personalized"
@@ -44,3 +45,10 @@ SUMMARY_FILE = "summary.json"
 PLOTS_DIR = "plots"
 CHECKPOINTS_DIR = "checkpoints"
 AUDIT_DIR = "audit"  # federation.audit_replies: every reply the server received
+
+# Sweep-directory contract: one directory per job holding ``job.json`` (its Hydra overrides and
+# status) and either the run-directory files above or ``failed.json``; the report sits beside them.
+JOB_FILE = "job.json"
+FAILED_FILE = "failed.json"
+REPORT_MD = "report.md"
+REPORT_CSV = "report.csv"

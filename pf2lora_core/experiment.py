@@ -28,6 +28,7 @@ from pf2lora_core.config import (
 from pf2lora_core.constants import HEAD_LEVELS
 
 CONF_ENV = "PF2LORA_CONF"
+FEDERATION_KINDS = ("simulation", "deployment")
 
 
 def conf_dir() -> Path:
@@ -141,6 +142,8 @@ def _check_values(c: ExperimentConfig) -> None:
     check(c.local_steps >= 1, "local_steps", f"must be >= 1, got {c.local_steps}")
     check(c.eval_every >= 1, "eval_every", f"must be >= 1, got {c.eval_every}")
     check(0 < c.rank_threshold < 1, "rank_threshold", f"must be in (0, 1), got {c.rank_threshold}")
+    check(c.flops_rounds >= 0, "flops_rounds", f"must be >= 0 (0 = never), got {c.flops_rounds}")
+    check(c.sweep.job_timeout_s > 0, "sweep.job_timeout_s", f"must be > 0, got {c.sweep.job_timeout_s}")
     check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
     check(len(c.model.target_modules) > 0, "model.target_modules", "name at least one module to adapt")
     check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
@@ -152,6 +155,12 @@ def _check_values(c: ExperimentConfig) -> None:
     check(0 <= c.partition.s <= 1, "partition.s", f"must be in [0, 1], got {c.partition.s}")
     check(c.partition.alpha > 0, "partition.alpha", "must be > 0")
     fed = c.federation
+    check(fed.kind in FEDERATION_KINDS, "federation.kind", f"choose one of {list(FEDERATION_KINDS)}, got {fed.kind!r}")
+    check(
+        fed.kind != "deployment" or bool(fed.connection),
+        "federation.connection",
+        "a deployment needs the name of a SuperLink connection in $FLWR_HOME/config.toml",
+    )
     check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
     check(0 < fed.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
     check(0 <= fed.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")

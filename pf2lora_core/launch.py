@@ -15,12 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pf2lora_core.config import ConfigError
 from pf2lora_core.experiment import Experiment, load
 
 
 def federation_config(exp: Experiment) -> str:
     """The ``flwr run --federation-config`` string for a local simulation of ``exp``."""
     fed = exp.federation
+    if fed.kind != "simulation":
+        raise ConfigError(
+            f"federation.kind={fed.kind}: no local simulation to size; submit with `flwr run . {fed.connection}`"
+        )
     return (
         f"num-supernodes={fed.num_clients} client-resources-num-cpus={fed.client_cpus} "
         f"client-resources-num-gpus={fed.client_gpus}"
@@ -29,30 +34,40 @@ def federation_config(exp: Experiment) -> str:
 
 def flwr_run(
     overrides: str,
-    federation_config: str,
-    flwr_home: Path,
+    federation_config: str | None,
+    flwr_home: Path | None,
     app_dir: Path,
     timeout: float,
     extra_env: dict[str, str] | None = None,
+    connection: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run <app_dir> --stream`` in a subprocess with its own FLWR_HOME; its SuperLink is stopped after.
+    """``flwr run <app_dir> --stream`` in a subprocess; returns the finished process.
 
-    The local SuperLink that ``flwr run`` starts outlives the command; it is found by its
-    database path under ``flwr_home`` and stopped by PID, also when the run fails or times out.
+    Simulation (``connection`` None): with its own ``FLWR_HOME``; the local SuperLink that
+    ``flwr run`` starts outlives the command, so it is found by its database path under
+    ``flwr_home`` and stopped by PID, also when the run fails or times out. Deployment: submitted
+    to the SuperLink ``connection`` of the user's own ``$FLWR_HOME/config.toml``.
     """
     env = {
         **os.environ,
-        "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra_env or {}),
     }
-    cmd = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation_config,
-           "--run-config", f"overrides='{overrides}'"]  # fmt: skip
+    cmd = ["flwr", "run", str(app_dir)]
+    if connection is not None:
+        cmd.append(connection)
+    elif federation_config is None or flwr_home is None:
+        raise ValueError("a simulation run needs federation_config and flwr_home")
+    else:
+        env["FLWR_HOME"] = str(flwr_home)
+        cmd += ["--federation-config", federation_config]
+    cmd += ["--stream", "--run-config", f"overrides='{overrides}'"]
     try:
         return subprocess.run(cmd, cwd=app_dir, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
-        stop_processes_matching(str(flwr_home))
+        if connection is None and flwr_home is not None:
+            stop_processes_matching(str(flwr_home))
 
 
 def stop_processes_matching(pattern: str) -> int:
@@ -80,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "stop-superlink":
         print(f"stopped {stop_local_superlink()} local SuperLink process(es)")
         return 0
-    print(federation_config(load(args[1:])))
+    try:
+        print(federation_config(load(args[1:])))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pf2lora_core.constants import COMMON, GLOBAL, NUM_EXAMPLES, PERSONALIZED, PRIVATE
+from pf2lora_core.constants import COMMON, FLOPS_PER_STEP, GLOBAL, NUM_EXAMPLES, PERSONALIZED, PRIVATE
 from pf2lora_core.experiment import Experiment
 from pf2lora_core.outputs import aggregate_metric
 
@@ -61,7 +61,8 @@ def build_summary(
         "cost": {
             "seconds_total": seconds_total,
             "seconds_per_round": seconds_total / max(rounds_done, 1),
-            "flops_per_local_step": None,  # measured by the cost accounting of a later issue
+            # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
+            FLOPS_PER_STEP: _mean_train_metric(history, FLOPS_PER_STEP),
         },
     }
 
@@ -69,6 +70,11 @@ def build_summary(
 def _m(client: Mapping[str, Any], kind: str, metric: str) -> float:
     value = client.get(kind, {}).get(metric)
     return float("nan") if value is None else float(value)
+
+
+def _mean_train_metric(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [m[key] for r in history for m in r.get("train", {}).values() if key in m]
+    return sum(values) / len(values) if values else None
 
 
 def _latest_num_train(history: Sequence[Mapping[str, Any]]) -> dict[int, int]:

@@ -23,7 +23,22 @@ def test_default_composes_to_the_demo() -> None:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group: str, option: str) -> None:
     exp = load([f"{group}={option}"])
-    assert exp.cfg[group] is not None
+    if group == "experiment":  # presets are global packages: they set the run's name
+        assert exp.cfg.name == option
+    else:
+        assert exp.cfg[group] is not None
+
+
+def test_presets_set_their_settings() -> None:
+    quick = load(["experiment=offline_quick", "algorithm=hetlora"])
+    assert (quick.cfg.rounds, quick.cfg.local_steps, quick.task.max_examples) == (4, 3, 1600)
+    assert quick.algorithm.name == "hetlora" and quick.model.name == "minilm-l6"
+    paper = load(["experiment=paper_glue", "task=glue_cola"])
+    assert (paper.model.name, paper.task.name, paper.task.metric) == ("roberta-base", "glue/cola", "matthews_correlation")
+    assert (paper.cfg.local_steps, paper.federation.num_clients, paper.algorithm.params.rank) == (10, 8, 8)
+    assert paper.algorithm.params.private_rank == 2
+    with pytest.raises(ConfigError, match="experiment"):
+        load(["experiment=nope"])
 
 
 def test_override_string_and_round_trip() -> None:
