@@ -80,3 +80,23 @@ def test_private_state_persists_across_rounds(simulation: dict) -> None:
         assert saved.round == ROUNDS
         # steps accumulate only if round 2 started from round 1's private level
         assert saved.steps_total == ROUNDS * STEPS
+
+
+def test_bytes_per_round_are_the_serialized_common_adapter(simulation: dict) -> None:
+    """Every round's bytes up / down equal the clients' count times one common adapter as Flower
+    serialises it (an ArrayRecord of the adapter's tensors), and the summary carries their mean."""
+    from flwr.app import Array, ArrayRecord
+
+    run = simulation["run"]
+    records = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    common = load_file(str(run / CHECKPOINTS_DIR / "common_round_0001.safetensors"))
+    one = ArrayRecord({k: Array(v.numpy()) for k, v in common.items()}).count_bytes()
+    raw = sum(v.numel() * v.element_size() for v in common.values())
+    assert raw <= one < raw + 200 * len(common)  # the tensors plus a small header each
+    for r in records:
+        assert r["bytes_up"] == r["clients_trained"] * one
+        assert r["bytes_down"] == r["clients_trained"] * one
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert summary["communication"]["bytes_up_per_round"] == sum(r["bytes_up"] for r in records) / len(records)
+    assert summary["communication"]["params_common"] == sum(v.numel() for v in common.values())
+    assert summary["cost"]["flops_per_local_step"] > 0

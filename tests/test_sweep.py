@@ -93,3 +93,68 @@ def test_multirun_records_failures_reports_and_resumes(
     out = capsys.readouterr().out
     assert out.count("skipped (finished before)") == 4 and "done in" not in out
     assert all((p / SUMMARY_FILE).stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+class FakeFlower:
+    """Stands in for ``flwr run``: writes a minimal summary where the app would, or fails."""
+
+    def __init__(self, fail_when: str = "", timeout: bool = False) -> None:
+        self.fail_when, self.timeout, self.calls = fail_when, timeout, []
+
+    def __call__(self, overrides: str, federation: str | None, home: Path | None, app_dir: Path, timeout: float,
+                 extra_env: dict | None = None, connection: str | None = None):  # fmt: skip
+        import shlex
+        import subprocess
+
+        self.calls.append((overrides, federation, home, connection, extra_env))
+        if self.timeout:
+            raise subprocess.TimeoutExpired("flwr", timeout, output="partial log")
+        if self.fail_when and self.fail_when in overrides:
+            return subprocess.CompletedProcess([], 1, "", "Traceback...\nValueError: boom in the app\n")
+        run_dir = Path(next(a.split("=", 1)[1] for a in shlex.split(overrides) if a.startswith("run_dir=")).strip('"'))
+        summary = {"algorithm": "homlora", "personalized": {"metric": "accuracy", "mean": 0.75}}
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+        return subprocess.CompletedProcess([], 0, "ok", "")
+
+
+def test_single_run_mode_runs_once_then_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    fake = FakeFlower()
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    args = [f"output_dir={tmp_path}", "algorithm=homlora", "rounds=1"]
+    assert main(args) == 0 and main(args) == 0
+    out = capsys.readouterr().out
+    assert len(fake.calls) == 1 and "done in" in out and "skipped (finished before)" in out
+    job = tmp_path / "runs" / "demo" / "algorithm=homlora,rounds=1"
+    assert json.loads((job / JOB_FILE).read_text()) == {"overrides": args, "status": "done"}
+    overrides, federation, home, connection, env = fake.calls[0]
+    assert f'run_dir=\\"{job}\\"' in overrides and "num-supernodes=8" in federation
+    assert home == job / ".flwr_home" and connection is None and env["HF_HUB_OFFLINE"] == "1"
+    assert not (tmp_path / REPORT_MD).exists()  # one run: no sweep report
+
+
+def test_failures_and_timeouts_are_recorded_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower(fail_when="partition.s=0.5"))
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep}", "algorithm=homlora", "partition.s=0.5,0.9", "sweep.job_timeout_s=5"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "[1/2] FAILED" in out and "ValueError: boom in the app" in out and "[2/2] done in" in out
+    failed = json.loads((sweep / "algorithm=homlora,partition.s=0.5" / FAILED_FILE).read_text())
+    assert failed["error"] == "ValueError: boom in the app" and "Traceback" in failed["log_tail"]
+    assert (sweep / REPORT_MD).exists() and "boom" in (sweep / REPORT_MD).read_text()
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower(timeout=True))
+    assert main(args) == 1  # the failed job is retried (and times out now); the finished one is skipped
+    out = capsys.readouterr().out
+    assert "timed out after 5 s" in out and "skipped (finished before)" in out
+    failed = json.loads((sweep / "algorithm=homlora,partition.s=0.5" / FAILED_FILE).read_text())
+    assert "sweep.job_timeout_s" in failed["error"]
+
+
+def test_deployment_jobs_are_submitted_to_the_named_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeFlower()
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    assert main([f"output_dir={tmp_path}", "federation=deployment", "federation.connection=lab"]) == 0
+    _, federation, home, connection, _ = fake.calls[0]
+    assert connection == "lab" and federation is None and home is None
