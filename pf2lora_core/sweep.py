@@ -22,6 +22,7 @@ usable on a shared machine:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -60,8 +61,6 @@ def slug(override_dirname: str) -> str:
     text = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_") or "default"
     if len(text) <= SLUG_MAX:
         return text
-    import hashlib
-
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
     return f"{text[: SLUG_MAX - 11]}-{digest}"
 
