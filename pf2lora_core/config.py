@@ -99,6 +99,7 @@ class ExperimentConfig:
     eval_every: int = MISSING
     rank_threshold: float = MISSING  # relative singular-value threshold of the effective rank
     flops_rounds: int = MISSING  # count FLOPs of local training in the first N rounds (0 = never)
+    resume: str = MISSING  # a run directory to continue from its last checkpointed round ("" = fresh run)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 

@@ -35,6 +35,14 @@ COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or ev
 FLOPS_PER_STEP = "flops_per_local_step"  # counted FLOPs of a round's training / its local steps
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"
+# Generation metrics (causal-LM tasks): corpus BLEU (sacrebleu), ROUGE-L F1, METEOR, and the
+# perplexity of held-out targets (exp of the mean token cross-entropy, prompt tokens excluded).
+BLEU = "bleu"
+ROUGE_L = "rouge_l"
+METEOR = "meteor"
+PERPLEXITY = "perplexity"
+# Metrics where lower is better: a client's "worst" is then the largest value.
+LOWER_IS_BETTER = frozenset({EVAL_LOSS, PERPLEXITY})
 PERSONALIZED = "personalized"
 GLOBAL = "global"
 

@@ -13,7 +13,15 @@ from typing import Any
 
 from torch import Tensor
 
-from pf2lora_core.constants import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, PLOTS_DIR, SUMMARY_FILE
+from pf2lora_core.constants import (
+    AUDIT_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOWER_IS_BETTER,
+    METRICS_FILE,
+    PLOTS_DIR,
+    SUMMARY_FILE,
+)
 
 
 def new_run_dir(output_dir: str, name: str, fixed: str = "") -> Path:
@@ -89,8 +97,11 @@ class RunDir:
         return self.path / PLOTS_DIR
 
 
-def aggregate_metric(values: Sequence[float], weights: Sequence[float]) -> dict[str, float]:
-    """Mean, example-weighted mean and worst (minimum) of per-client values (NaNs skipped)."""
+def aggregate_metric(values: Sequence[float], weights: Sequence[float], metric: str = "") -> dict[str, float]:
+    """Mean, example-weighted mean and worst of per-client values (NaNs skipped).
+
+    The worst is the minimum, or the maximum for a metric where lower is better (perplexity).
+    """
     pairs = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None and not math.isnan(v)]
     if not pairs:
         return {"mean": float("nan"), "weighted_mean": float("nan"), "worst": float("nan")}
@@ -99,7 +110,7 @@ def aggregate_metric(values: Sequence[float], weights: Sequence[float]) -> dict[
     return {
         "mean": sum(vals) / len(vals),
         "weighted_mean": sum(v * w for v, w in pairs) / total_w if total_w > 0 else float("nan"),
-        "worst": min(vals),
+        "worst": max(vals) if metric in LOWER_IS_BETTER else min(vals),
     }
 
 

@@ -48,8 +48,8 @@ def build_summary(
         "rounds": rounds_done,
         "partition": {k: v for k, v in vars(exp.partition).items()},
         "clients": clients,
-        PERSONALIZED: {"metric": metric, **aggregate_metric([_m(cl, PERSONALIZED, metric) for cl in clients], weights)},
-        GLOBAL: {"metric": metric, **aggregate_metric([_m(cl, GLOBAL, metric) for cl in clients], weights)},
+        PERSONALIZED: {"metric": metric, **aggregate_metric([_m(cl, PERSONALIZED, metric) for cl in clients], weights, metric)},
+        GLOBAL: {"metric": metric, **aggregate_metric([_m(cl, GLOBAL, metric) for cl in clients], weights, metric)},
         "label_histograms": list(label_hists),
         "rejected": [dict(rej, round=r["round"]) for r in history for rej in r["rejected"]],
         "communication": {

@@ -276,7 +276,7 @@ class CommonOnlyFedAvg(FedAvg):
             for kind in (PERSONALIZED, GLOBAL):
                 vals = [e[kind].get(self.metric, float("nan")) for e in cur.evaluation.values()]
                 ns = [e[NUM_EXAMPLES] for e in cur.evaluation.values()]
-                record[kind] = {"metric": self.metric, **aggregate_metric(vals, ns)}
+                record[kind] = {"metric": self.metric, **aggregate_metric(vals, ns, self.metric)}
             record["clients"] = {
                 str(c): {PERSONALIZED: e[PERSONALIZED], GLOBAL: e[GLOBAL], "rank": e["rank"].get("effective")}
                 for c, e in sorted(cur.evaluation.items())
