@@ -1,10 +1,16 @@
 """ClientApp: thin glue between Flower messages and ``pf2lora_core.client.ClientRuntime``.
 
 The private level lives in ``context.state`` (fast, within a run) and is mirrored to disk
-(``PrivateStore``, atomic) so that a restarted process resumes from its last completed round.
+(``PrivateStore``, atomic) so that a restarted process resumes from its last completed round. In
+deployment the SuperNode's node config ``state-dir`` puts it on that machine's own disk.
+A round always starts from the private level of the newest round *before* it: a round run again
+after a server resume does not build on what its first attempt produced.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,16 +27,29 @@ from pf2lora_core.constants import (
     PRIVATE_STATE_KEY,
 )
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
-from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, PrivateStore
+from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, PrivateStore, tensor_digest
 
 app = ClientApp()
+log = logging.getLogger("pf2lora.client")
+STATE_DIR_NODE_KEY = "state-dir"  # node config: where this SuperNode keeps private adapters
+SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s pf2lora-client %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore]:
+    _setup_logging()
     config = msg.content["config"]
     runtime = runtime_for(str(config[CONFIG_YAML_KEY]))
     client = _client_id(context, runtime.exp.federation.num_clients)
-    root = str(context.node_config.get("state-dir", runtime.exp.federation.state_dir))
+    root = str(context.node_config.get(STATE_DIR_NODE_KEY, runtime.exp.federation.state_dir))
     return runtime, client, PrivateStore(root, str(config[RUN_KEY]), client)
 
 
@@ -50,16 +69,27 @@ def _client_id(context: Context, num_clients: int) -> int:
     return client
 
 
-def _private(context: Context, store: PrivateStore) -> PrivateState | None:
-    """This client's private level: context.state first, else disk, else None (fresh init)."""
+def _private(context: Context, store: PrivateStore, before_round: int) -> PrivateState | None:
+    """This client's private level of the newest round < ``before_round``.
+
+    context.state first (same process lifetime), else disk (a restarted SuperNode, a resumed run),
+    else None (fresh init).
+    """
     if PRIVATE_STATE_KEY in context.state.array_records:
         meta = context.state[PRIVATE_META_KEY]
-        return PrivateState(
-            tensors=context.state[PRIVATE_STATE_KEY].to_torch_state_dict(),
-            round=int(meta[ROUND_META]),
-            steps_total=int(meta[STEPS_META]),
-        )
-    return store.load()
+        if int(meta[ROUND_META]) < before_round:
+            return PrivateState(
+                tensors=context.state[PRIVATE_STATE_KEY].to_torch_state_dict(),
+                round=int(meta[ROUND_META]),
+                steps_total=int(meta[STEPS_META]),
+            )
+    state = store.load(before_round=before_round)
+    if state is not None:
+        log.info(
+            "client %s: private adapter of round %d restored from %s (digest %s)",
+            store.dir.name.removeprefix("client_"), state.round, store.dir, tensor_digest(state.tensors),
+        )  # fmt: skip
+    return state
 
 
 def _keep_private(context: Context, store: PrivateStore, state: PrivateState) -> None:
@@ -72,9 +102,9 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     runtime, client, store = _setup(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content["config"][SERVER_ROUND_KEY])
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    previous = _private(context, store)
+    previous = _private(context, store, before_round=server_round)
     out = runtime.train(client, server_round, common, previous.tensors if previous else None)
     if out.private:
         steps = (previous.steps_total if previous else 0) + runtime.exp.local_steps
@@ -96,7 +126,8 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     runtime, client, store = _setup(msg, context)
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    private = _private(context, store)
+    # evaluation of round r uses the private level round r's training produced
+    private = _private(context, store, before_round=int(msg.content["config"][SERVER_ROUND_KEY]) + 1)
     out = runtime.evaluate(client, common, private.tensors if private else None)
     metrics = flatten_eval(client, out.num_examples, {PERSONALIZED: out.personalized, GLOBAL: out.global_})
     metrics[COMPUTE_SECONDS] = out.seconds

@@ -72,6 +72,7 @@ class FederationConfig:
     max_update_norm: float = MISSING  # reject replies whose update norm exceeds this (0 = off)
     wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
     audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
+    round_timeout_s: float = MISSING  # a round's train (and evaluate) replies are awaited this long
 
 
 @dataclass

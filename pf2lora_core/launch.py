@@ -20,7 +20,17 @@ from pf2lora_core.experiment import Experiment, load
 
 
 def federation_config(exp: Experiment) -> str:
-    """The ``flwr run --federation-config`` string for a local simulation of ``exp``."""
+    """The ``flwr run --federation-config`` string for a local simulation of ``exp``.
+
+    With ``resume=<run dir>``, the size of the run being continued (its recorded config).
+    """
+    if str(exp.cfg.resume):
+        from pf2lora_core.resume import recorded_experiment
+
+        try:
+            exp, _ = recorded_experiment(Path(str(exp.cfg.resume)))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"invalid configuration: resume: {err}") from None
     fed = exp.federation
     if fed.kind != "simulation":
         raise ConfigError(

@@ -7,7 +7,7 @@ metadata before any bytes are decoded; decoding uses numpy without pickle.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -48,3 +48,27 @@ def check_values(
         if norm > max_update_norm:
             return f"update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:.4g}"
     return None
+
+
+def decode_checked(
+    decoders: Mapping[str, Callable[[], np.ndarray]], declared: Mapping[str, Spec]
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """Decode each array (its decoder must refuse pickled data) and hold it to its declared spec.
+
+    An array's metadata (checked by ``check_structure``) and its bytes travel separately; a reply
+    whose bytes do not decode, or decode to another shape or dtype than declared, is malformed.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, decode in decoders.items():
+        try:
+            arr = decode()
+        except Exception as err:  # numpy raises ValueError for pickled data; anything else is as bad
+            return {}, f"{name}: bytes do not decode as a plain array ({type(err).__name__}: {err})"
+        shape, dtype = declared[name]
+        if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
+            return {}, (
+                f"{name}: bytes hold {np.dtype(arr.dtype)} {tuple(arr.shape)}, "
+                f"declared {np.dtype(dtype)} {tuple(shape)}"
+            )
+        out[name] = arr
+    return out, None

@@ -6,20 +6,24 @@ import logging
 import random
 import sys
 import time
+from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
+from pf2lora_core.checkpoint import ServerCheckpoint
 from pf2lora_core.client import build_model
-from pf2lora_core.constants import COMMON, METRICS_KEY, PRIVATE
-from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.config import ConfigError, check
+from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.experiment import Experiment, load, split_overrides
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
-from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY
+from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
+from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
 from pf2lora_core.summary import build_summary, format_client_table
-from server_app.strategy import CommonOnlyFedAvg
+from server_app.strategy import CommonOnlyFedAvg, query_partition_ids
 
 log = logging.getLogger("pf2lora.server")
 app = ServerApp()
@@ -37,18 +41,43 @@ def _setup_logging() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _setup_logging()
-    exp = load(str(context.run_config.get("overrides", "")))  # ConfigError before any work
-    run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
-    run.write_config(exp.to_yaml())
+    overrides = str(context.run_config.get("overrides", ""))
+    exp = load(overrides)  # ConfigError before any work
+    checkpoint = None
+    if str(exp.cfg.resume):
+        exp, run, checkpoint = prepare_resume(str(exp.cfg.resume), overrides)
+    else:
+        run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
+        run.write_config(exp.to_yaml())
     log.info("run directory: %s", run.path.resolve())
-    summary = run_experiment(grid, exp, run)
+    summary = run_experiment(grid, exp, run, checkpoint)
     print(format_client_table(summary), flush=True)
     log.info("results in %s", run.path.resolve())
 
 
-def run_experiment(grid: Grid, exp: Experiment, run: RunDir) -> dict:
-    """Run all rounds on ``grid`` and write summary and plots; returns the summary."""
+def prepare_resume(run_dir: str, overrides: str) -> tuple[Experiment, RunDir, ServerCheckpoint]:
+    """The recorded experiment, run directory and latest checkpoint of a run to continue.
+
+    The run continues with the config it recorded (its checkpoint holds it), so a resumed run is the
+    same experiment; any other override given with ``resume`` is ignored, with a warning.
+    metrics.jsonl keeps the rounds the checkpoint covers (a round that finished after its last
+    checkpoint is run again).
+    """
+    try:
+        exp, run, ckpt = load_resume(Path(run_dir))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"invalid configuration: resume: {err}") from None
+    ignored = [o for o in split_overrides(overrides) if not o.startswith(("resume=", "+resume=", "++resume="))]
+    if ignored:
+        log.warning("resume: ignoring overrides %s; a resumed run keeps its recorded config", ignored)
+    log.info("resuming %s after round %d of %d", run.path, ckpt.round, exp.rounds)
+    return exp, run, ckpt
+
+
+def run_experiment(grid: Grid, exp: Experiment, run: RunDir, checkpoint: ServerCheckpoint | None = None) -> dict:
+    """Run all rounds (after ``checkpoint``'s, when given) on ``grid``; write summary and plots."""
     fed = exp.federation
+    check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
     wait_for_nodes(grid, fed.num_clients, fed.wait_for_nodes_s)
     seed_everything(exp.seed)
     random.seed(exp.seed)  # FedAvg samples nodes with `random`
@@ -68,18 +97,21 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir) -> dict:
         eval_every=int(exp.cfg.eval_every),
         num_rounds=exp.rounds,
         metric=exp.task.metric,
+        seed=exp.seed,
+        round_timeout_s=fed.round_timeout_s,
+        wait_for_nodes_s=fed.wait_for_nodes_s,
+        config_yaml=exp.to_yaml(),
     )
     shared = ConfigRecord({CONFIG_YAML_KEY: exp.to_yaml(), RUN_KEY: run.path.name})
     clients = identify_clients(grid, shared, fed.num_clients)
     t0 = time.time()
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.start_state(initial, clients),
-        num_rounds=exp.rounds,
-        train_config=shared,
-        evaluate_config=ConfigRecord(dict(shared)),
-    )
-    seconds = time.time() - t0
+    strategy.start_state(initial, clients)
+    first_round = 1
+    if checkpoint is not None:
+        strategy.restore(checkpoint)  # common adapter, algorithm state, history, sampler and RNGs
+        first_round = checkpoint.round + 1
+    strategy.run_rounds(grid, shared, first_round=first_round)
+    seconds = time.time() - t0 + strategy.elapsed_before
     hists = data.partition_label_histograms(exp.task, exp.partition, fed.num_clients, exp.seed)
     summary = build_summary(exp, strategy.history, strategy.latest_eval, hists, params, seconds)
     run.write_summary(summary)
@@ -94,17 +126,7 @@ def identify_clients(grid: Grid, shared: ConfigRecord, num_clients: int, timeout
     truncation) and to check that a reply comes from the client it claims to be.
     """
     nodes = sorted(grid.get_node_ids())
-    messages = [
-        Message(
-            content=RecordDict({"config": ConfigRecord(dict(shared))}), dst_node_id=n, message_type=MessageType.QUERY
-        )
-        for n in nodes
-    ]
-    clients: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to identify itself: {reply.error.reason}")
-        clients[reply.metadata.src_node_id] = int(reply.content[METRICS_KEY][CLIENT_KEY])
+    clients = query_partition_ids(grid, nodes, shared, timeout)
     taken: dict[int, int] = {}
     for node, client in clients.items():
         if client in taken:

@@ -4,11 +4,20 @@ Objective (PF2LoRA, DESIGN.md): ``x <- sum_k n_k x_k / sum_k n_k`` over the comm
 ``x_k`` the clients return, ``n_k`` their numbers of training examples; private adapters never
 reach the server. The aggregation rule itself is the algorithm's (``Algorithm.aggregate``, a pure
 function tested beside it); this class adds validation, logging and the run directory.
+
+Deployment concerns live here too: nodes are sampled by *client* id with the strategy's own seeded
+RNG (node ids differ from run to run; sampling by them would make runs irreproducible); a node
+that connects late or reconnects under a new node id is identified before it is sampled; a round
+completes with the replies that arrived within ``round_timeout_s`` when at least
+``min_train_clients`` of them are valid, and every missing reply is logged; after every round the
+whole server state is checkpointed (``pf2lora_core.checkpoint``) so that ``resume=<run dir>``
+continues the run.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,11 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from pf2lora_core.algorithms import Algorithm
+from pf2lora_core.checkpoint import (
+    SERVER_STATE_DIR,
+    ServerCheckpoint,
+    algorithm_state,
+    capture_rng,
+    restore_algorithm_state,
+    restore_rng,
+)
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
@@ -32,9 +49,13 @@ from pf2lora_core.constants import (
 )
 from pf2lora_core.outputs import RunDir, aggregate_metric
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
-from pf2lora_core.validation import check_values
+from pf2lora_core.runtime import derived_seed
+from pf2lora_core.validation import check_values, decode_checked
 
 log = logging.getLogger("pf2lora.server")
+SERVER_ROUND_KEY = "server-round"  # Flower's key for the round in train / evaluate configs
+SAMPLER_SALT = 7_501  # derives the node sampler's seed from the run's seed (any fixed number)
+QUERY_TIMEOUT_S = 600.0  # a node answering its identity query: one ClientApp start (~5 s) + model load
 
 
 @dataclass
@@ -49,6 +70,7 @@ class RoundLog:
     bytes_down: int = 0
     bytes_up: int = 0
     aggregated: bool = False
+    missing: list[dict[str, Any]] = field(default_factory=list)  # sampled, no reply within the timeout
 
 
 class CommonOnlyFedAvg(FedAvg):
@@ -68,6 +90,10 @@ class CommonOnlyFedAvg(FedAvg):
         eval_every: int,
         num_rounds: int,
         metric: str,
+        seed: int = 0,
+        round_timeout_s: float = 3600.0,
+        wait_for_nodes_s: float = 30.0,
+        config_yaml: str = "",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -91,9 +117,17 @@ class CommonOnlyFedAvg(FedAvg):
         self.clients: dict[int, int] = {}  # node id -> client (partition id), from identify_clients
         self.state: dict[str, torch.Tensor] = {}  # the algorithm's server state (set by start_state)
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # node id -> arrays sent this round
+        self.outbox: dict[int, Message] = {}  # node id -> message sent (Flower sets its id on push)
         self.latest_eval: dict[int, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.t0 = time.time()
+        self.num_clients = num_clients
+        self.round_timeout_s = round_timeout_s
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.config_yaml = config_yaml
+        self.sampler = random.Random(derived_seed(seed, SAMPLER_SALT))
+        self.query_config = ConfigRecord()  # what a node needs to answer its identity query (set by run_rounds)
+        self.elapsed_before = 0.0  # seconds of the rounds run before a resume
 
     def start_state(self, common: dict[str, torch.Tensor], clients: dict[int, int]) -> ArrayRecord:
         """Set the node -> client map and the algorithm's initial server state; returns the latter."""
@@ -101,37 +135,109 @@ class CommonOnlyFedAvg(FedAvg):
         self.state = self.algorithm.server_init(common)
         return ArrayRecord(self.state)
 
-    def _personalize_messages(self, messages: list[Message], count_bytes: bool) -> list[Message]:
-        """Replace each sampled node's arrays by the algorithm's downlink for that node's client.
+    # ------------------------------------------------------------------------------ rounds
+    def run_rounds(
+        self, grid: Grid, shared: ConfigRecord, first_round: int = 1, evaluate_config: ConfigRecord | None = None
+    ) -> None:
+        """Rounds ``first_round..num_rounds`` (Flower's ``Strategy.start`` loop, able to start later)."""
+        self.query_config = ConfigRecord(dict(shared))
+        for server_round in range(first_round, self.num_rounds + 1):
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, ArrayRecord(), ConfigRecord(dict(shared)), grid),
+                timeout=self.round_timeout_s,
+            )
+            self.aggregate_train(server_round, replies)
+            eval_config = ConfigRecord(dict(evaluate_config if evaluate_config is not None else shared))
+            replies = grid.send_and_receive(
+                self.configure_evaluate(server_round, ArrayRecord(), eval_config, grid),
+                timeout=self.round_timeout_s,
+            )
+            self.aggregate_evaluate(server_round, replies)
+
+    def _messages(
+        self, clients: list[int], config: ConfigRecord, server_round: int, kind: str, count_bytes: bool
+    ) -> list[Message]:
+        """One message per sampled client: the algorithm's downlink for that client, and ``config``.
 
         ``count_bytes``: add the arrays' serialised size to the round's downlink (training messages;
         evaluation sends the same arrays again and is not part of the training cost).
         """
+        nodes = {client: node for node, client in self.clients.items()}
         out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node not in self.clients:
-                raise RuntimeError(f"node {node} did not identify itself (its partition-id is unknown)")
-            down = self.algorithm.downlink(self.state, self.clients[node])
-            record = ArrayRecord(down)
+        for client in clients:
+            node = nodes[client]
+            record = ArrayRecord(self.algorithm.downlink(self.state, client))
             self.sent[node] = {k: v.numpy() for k, v in record.items()}
-            content = RecordDict({ARRAYS_KEY: record, "config": msg.content["config"]})
-            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
+            cfg = ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
+            content = RecordDict({ARRAYS_KEY: record, "config": cfg})
+            out.append(Message(content=content, dst_node_id=node, message_type=kind))
+            self.outbox[node] = out[-1]
             if count_bytes:
                 assert self.current is not None
                 self.current.bytes_down += record.count_bytes()
         return out
+
+    def connected_clients(self, grid: Grid) -> list[int]:
+        """Clients (partition ids) whose node is connected now, in order; new nodes are identified first.
+
+        Waits up to ``wait_for_nodes_s`` for all ``num_clients`` (a SuperNode restarting after a
+        crash rejoins), then goes on with the clients there are.
+        """
+        deadline = time.time() + self.wait_for_nodes_s
+        while True:
+            connected = set(grid.get_node_ids())
+            new = sorted(connected - set(self.clients))
+            if new:
+                self._identify(grid, new, connected)
+            clients = sorted(c for n, c in self.clients.items() if n in connected)
+            if len(clients) >= self.num_clients or time.time() > deadline:
+                return clients
+            time.sleep(1.0)
+
+    def _identify(self, grid: Grid, nodes: list[int], connected: set[int]) -> None:
+        """Ask ``nodes`` for their partition ids; map each to its client unless the client is taken."""
+        found = query_partition_ids(grid, nodes, self.query_config, QUERY_TIMEOUT_S)
+        for node in nodes:
+            if node not in found:
+                log.warning("node %d did not identify itself; not sampled this round", node)
+                continue
+            client = found[node]
+            holder = next((n for n, c in self.clients.items() if c == client), None)
+            if holder is not None and holder in connected:
+                log.warning(
+                    "node %d claims client %d, which node %d holds; node %d ignored", node, client, holder, node
+                )
+                continue
+            if holder is not None:
+                del self.clients[holder]
+                log.info("client %d reconnected as node %d (was node %d)", client, node, holder)
+            self.clients[node] = client
+
+    def _sample(self, clients: list[int], fraction: float, minimum: int) -> list[int]:
+        """``fraction`` of ``clients`` (at least ``minimum``), drawn with the strategy's own RNG."""
+        size = min(len(clients), max(int(len(clients) * fraction), minimum))
+        return sorted(self.sampler.sample(clients, size))
 
     # ----------------------------------------------------------------------------- train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = RoundLog(round=server_round)
-        self.sent = {}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent, self.outbox = {}, {}
+        available = self.connected_clients(grid)
+        if len(available) < self.min_train_clients:
+            raise RuntimeError(
+                f"round {server_round}: {len(available)} client(s) connected after {self.wait_for_nodes_s:.0f} s, "
+                f"fewer than federation.min_train_clients={self.min_train_clients}"
+            )
+        if len(available) < self.num_clients:
+            missing = sorted(set(range(self.num_clients)) - set(available))
+            log.warning("round %d: clients %s are not connected; training without them", server_round, missing)
         if self.algorithm.pooled_training:  # the centralized reference trains on one node
-            messages = messages[:1]
-        messages = self._personalize_messages(messages, count_bytes=True)
+            clients = self._sample(available, 0.0, 1)
+        else:
+            clients = self._sample(available, self.fraction_train, self.min_train_clients)
+        messages = self._messages(clients, config, server_round, MessageType.TRAIN, count_bytes=True)
         log.info("round %d/%d: training on %d clients", server_round, self.num_rounds, len(messages))
         return messages
 
@@ -139,8 +245,10 @@ class CommonOnlyFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None
-        states, weights, clients = [], [], []
+        valid: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        replied: set[int] = set()
         for msg in replies:
+            replied.add(self._source(msg))
             self._audit(server_round, "train", msg)
             client, reason, decoded = self._inspect_train_reply(msg)
             if reason is not None:
@@ -149,11 +257,16 @@ class CommonOnlyFedAvg(FedAvg):
                 continue
             content = msg.content
             metrics = dict(content[METRICS_KEY])
-            states.append({k: torch.from_numpy(v) for k, v in decoded.items()})
-            weights.append(float(metrics[NUM_EXAMPLES]))
-            clients.append(int(metrics[CLIENT_KEY]))
-            self.current.train[clients[-1]] = {k: float(v) for k, v in metrics.items()}
+            valid[int(metrics[CLIENT_KEY])] = ({k: torch.from_numpy(v) for k, v in decoded.items()},
+                                               float(metrics[NUM_EXAMPLES]))  # fmt: skip
+            self.current.train[int(metrics[CLIENT_KEY])] = {k: float(v) for k, v in metrics.items()}
             self.current.bytes_up += content[ARRAYS_KEY].count_bytes()
+        self._log_missing(server_round, "training", replied)
+        # in client order, not arrival order: the float sums (and so the run) are reproducible
+        clients = sorted(valid)
+        states = [valid[c][0] for c in clients]
+        weights = [valid[c][1] for c in clients]
+        self.current.train = {c: self.current.train[c] for c in clients}
         required = 1 if self.algorithm.pooled_training else self.min_train_clients
         if len(states) < required:
             log.warning(
@@ -167,6 +280,25 @@ class CommonOnlyFedAvg(FedAvg):
         self.run.save_common(server_round, aggregated)
         loss = sum(w * self.current.train[c][TRAIN_LOSS] for c, w in zip(self.current.train, weights, strict=True))
         return ArrayRecord(aggregated), MetricRecord({TRAIN_LOSS: loss / sum(weights)})
+
+    def _source(self, msg: Message) -> int:
+        """The node a reply is about: its sender, or for errors the SuperLink generates on a node's
+        behalf (node unavailable), the node the original message went to."""
+        reply_to = getattr(msg.metadata, "reply_to_message_id", "")
+        if reply_to:
+            for node, sent in self.outbox.items():
+                if sent.metadata.message_id == reply_to:
+                    return node
+        return msg.metadata.src_node_id
+
+    def _log_missing(self, server_round: int, phase: str, replied: set[int]) -> None:
+        """Log (and record) every node sent a message this round that did not reply in time."""
+        assert self.current is not None
+        for node in sorted(set(self.sent) - replied):
+            client = f"client {self.clients.get(node, '?')} (node {node})"
+            reason = f"no {phase} reply within federation.round_timeout_s={self.round_timeout_s:g} s"
+            log.warning("round %d: %s: %s", server_round, client, reason)
+            self.current.missing.append({"client": client, "phase": phase, "reason": reason})
 
     def _audit(self, server_round: int, kind: str, msg: Message) -> None:
         """With federation.audit_replies, keep the reply exactly as received (arrays decoded without pickle)."""
@@ -183,9 +315,10 @@ class CommonOnlyFedAvg(FedAvg):
 
     def _inspect_train_reply(self, msg: Message) -> tuple[str, str | None, dict[str, np.ndarray]]:
         """(client label, reason to exclude or None, decoded arrays)."""
-        node = f"node {msg.metadata.src_node_id}"
+        source = self._source(msg)
+        node = f"node {source}"
         if msg.has_error():
-            return node, f"client error: {msg.error.reason}", {}
+            return f"client {self.clients.get(source, '?')} ({node})", f"client error: {msg.error.reason}", {}
         content = msg.content
         if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
             reason = (
@@ -210,7 +343,9 @@ class CommonOnlyFedAvg(FedAvg):
         reason = self.algorithm.check_uplink(expected, declared)  # before any bytes are decoded
         if reason is not None:
             return client, reason, {}
-        decoded = {k: a.numpy() for k, a in arrays.items()}
+        decoded, reason = decode_checked({k: a.numpy for k, a in arrays.items()}, declared)  # never unpickles
+        if reason is not None:
+            return client, reason, {}
         same_shapes = all(decoded[k].shape == sent[k].shape for k in decoded if k in sent) and set(decoded) == set(sent)
         bound = self.max_update_norm if same_shapes else 0.0  # a norm bound needs like-shaped tensors
         return client, check_values(decoded, sent, bound), decoded
@@ -219,18 +354,26 @@ class CommonOnlyFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if server_round % self.eval_every and server_round != self.num_rounds:
+        self.sent, self.outbox = {}, {}
+        if (server_round % self.eval_every and server_round != self.num_rounds) or self.fraction_evaluate == 0:
             return []
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        return self._personalize_messages(messages, count_bytes=False)
+        available = self.connected_clients(grid)
+        clients = self._sample(available, self.fraction_evaluate, 1)
+        return self._messages(clients, config, server_round, MessageType.EVALUATE, count_bytes=False)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         assert self.current is not None
+        replied: set[int] = set()
         for msg in replies:
+            node = self._source(msg)
+            replied.add(node)
             self._audit(server_round, "evaluate", msg)
             if msg.has_error():
-                log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id,
-                            msg.error.reason)  # fmt: skip
+                log.warning("round %d: evaluation failed on client %s (node %d): %s", server_round,
+                            self.clients.get(node, "?"), node, msg.error.reason)  # fmt: skip
+                label = f"client {self.clients.get(node, '?')} (node {node})"
+                reason = f"client error: {msg.error.reason}"
+                self.current.missing.append({"client": label, "phase": "evaluation", "reason": reason})
                 continue
             metrics = dict(msg.content[METRICS_KEY])
             client = int(metrics.pop(CLIENT_KEY))
@@ -238,10 +381,13 @@ class CommonOnlyFedAvg(FedAvg):
             details = msg.content.config_records.get(DETAILS_KEY)
             entry["rank"] = decode_details(details.get(DETAILS_KEY) if details else None).get("rank", {})
             self.current.evaluation[client] = entry
+        self._log_missing(server_round, "evaluation", replied)
+        self.current.evaluation = dict(sorted(self.current.evaluation.items()))
         self.latest_eval.update(self.current.evaluation)
         record = self._finish_round()
         self.history.append(record)
         self.run.append_metrics(record)
+        self.checkpoint(server_round).save(self.run.path / SERVER_STATE_DIR)
         pers = record.get(PERSONALIZED, {})
         glob = record.get(GLOBAL, {})
         log.info(
@@ -259,11 +405,12 @@ class CommonOnlyFedAvg(FedAvg):
         record: dict[str, Any] = {
             "round": cur.round,
             "seconds": time.time() - cur.started,
-            "elapsed": time.time() - self.t0,
+            "elapsed": self.elapsed_before + time.time() - self.t0,
             TRAIN_LOSS: sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights) if weights else None,
             "clients_trained": len(cur.train),
             "aggregated": cur.aggregated,
             "rejected": cur.rejected,
+            "missing": cur.missing,  # sampled clients that did not reply in time (or at all)
             # serialised arrays of this round's training messages, all clients together
             "bytes_down": cur.bytes_down,
             "bytes_up": cur.bytes_up,
@@ -282,6 +429,51 @@ class CommonOnlyFedAvg(FedAvg):
                 for c, e in sorted(cur.evaluation.items())
             }
         return record
+
+    # --------------------------------------------------------------------------- checkpoint
+    def checkpoint(self, server_round: int) -> ServerCheckpoint:
+        """Everything needed to continue after ``server_round`` (see ``pf2lora_core.checkpoint``)."""
+        return ServerCheckpoint(
+            round=server_round,
+            state=self.state,
+            algorithm=algorithm_state(self.algorithm),
+            history=self.history,
+            latest_eval=self.latest_eval,
+            sampler=self.sampler.getstate(),
+            rng=capture_rng(),
+            config_yaml=self.config_yaml,
+        )
+
+    def restore(self, ckpt: ServerCheckpoint) -> None:
+        """Continue from ``ckpt`` (call after ``start_state``, which rebuilds the algorithm's set-up)."""
+        self.state = dict(ckpt.state)
+        restore_algorithm_state(self.algorithm, ckpt.algorithm)
+        self.history = list(ckpt.history)
+        self.latest_eval = dict(ckpt.latest_eval)
+        self.sampler.setstate(ckpt.sampler)
+        restore_rng(ckpt.rng)
+        self.elapsed_before = float(self.history[-1].get("elapsed", 0.0)) if self.history else 0.0
+
+
+def query_partition_ids(grid: Grid, nodes: list[int], shared: ConfigRecord, timeout: float) -> dict[int, int]:
+    """Ask ``nodes`` for their partition id (a QUERY message); node id -> client for those that answered."""
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord(dict(shared))}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in nodes
+    ]
+    found: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d failed to identify itself: %s", node, reply.error.reason)
+            continue
+        try:
+            found[node] = int(reply.content[METRICS_KEY][CLIENT_KEY])
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("node %d sent a malformed identity reply: %r", node, err)
+    return found
 
 
 def _nan(value: float | None) -> float:
