@@ -23,11 +23,11 @@ from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, FLOPS_PER_STEP, PRIVATE
 from pf2lora_core.cost import count_flops
 from pf2lora_core.experiment import Experiment, from_yaml
-from pf2lora_core.models import load_classifier
+from pf2lora_core.models import load_model
 from pf2lora_core.rank import rank_report
 from pf2lora_core.runtime import derived_seed, resolve_device, seed_everything
 from pf2lora_core.solver import autocast_context, iterate_forever
-from pf2lora_core.tasks import ClassificationTask
+from pf2lora_core.tasks import make_task
 
 StateDict = dict[str, Tensor]
 
@@ -53,12 +53,12 @@ def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, o
     """Base model + adapters, initialised from the run seed (identical on server and clients)."""
     labels = data.task_label_names(exp.task, exp.seed)
     seed_everything(exp.seed)
-    loaded = load_classifier(exp.model, num_labels=len(labels))
+    loaded = load_model(exp.model, exp.task.kind, num_labels=len(labels))
     algorithm = exp.algorithm
     common, private = algorithm.adapters()
     model = TwoLevelModel(
         loaded.model,
-        target_modules=exp.model.target_modules,
+        target_modules=loaded.target_modules,
         common=common,
         private=private,
         head_modules=loaded.head_modules,
@@ -78,8 +78,8 @@ class ClientRuntime:
         # Every client's private level starts from the same seeded init (C random, D = 0).
         self.initial_private = self.model.export(PRIVATE) if self.has_private else {}
         bf16 = bool(exp.cfg.bf16)
-        self.task = ClassificationTask(
-            exp.task.metric, self.device, autocast=lambda: autocast_context(self.device, bf16)
+        self.task = make_task(
+            exp.task, exp.generation, self.tokenizer, self.device, autocast=lambda: autocast_context(self.device, bf16)
         )
 
     @property
@@ -90,14 +90,14 @@ class ClientRuntime:
         e = self.exp
         return data.client_split(e.task, e.partition, e.federation.num_clients, client, e.seed, self.tokenizer)
 
-    def _evaluate_global(self, test: data.Batches) -> dict[str, float]:
+    def _evaluate_global(self, test: datasets.Dataset) -> dict[str, float]:
         """The common adapter alone; NaN metrics where the algorithm has no global model."""
         if not self.exp.algorithm.has_global_model:
             return {EVAL_LOSS: float("nan"), self.exp.task.metric: float("nan")}
         with self.model.only(COMMON):
             return self.task.evaluate(self.model.model, test)
 
-    def _evaluate_personalized(self, client: int, test: data.Batches) -> dict[str, float]:
+    def _evaluate_personalized(self, client: int, test: datasets.Dataset) -> dict[str, float]:
         """The client's own model, after the algorithm's personalization (restored afterwards)."""
         if not self.exp.algorithm.adapts_for_evaluation:
             return self._evaluate_mixed(client, test)
@@ -111,7 +111,7 @@ class ClientRuntime:
             for level, state in snapshot.items():
                 self.model.load(level, state)
 
-    def _evaluate_mixed(self, client: int, test: data.Batches) -> dict[str, float]:
+    def _evaluate_mixed(self, client: int, test: datasets.Dataset) -> dict[str, float]:
         """Evaluate the model, with the algorithm's per-instance adapter weights where it has any."""
         seed = derived_seed(self.exp.seed, client, 1 << 21)  # fixed: evaluation is repeatable
         mixer = self.exp.algorithm.evaluation_mixer(self._context(client, seed, 1))
@@ -157,9 +157,7 @@ class ClientRuntime:
 
     def _context(self, client: int, seed: int, steps: int) -> LocalContext:
         """Local work on ``client``'s training split: endless shuffled batches, the task's loss."""
-        batches = data.batches(
-            self._train_data(client), self.exp.task.batch_size, self.tokenizer, shuffle=True, seed=seed
-        )
+        batches = self.task.batches(self._train_data(client), shuffle=True, seed=seed)
         module = self.model.model
         return LocalContext(
             model=self.model,
@@ -176,8 +174,7 @@ class ClientRuntime:
         start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)
-        bs = self.exp.task.eval_batch_size
-        test = data.batches(split.test, bs, self.tokenizer, shuffle=False, seed=0)
+        test = split.test
         global_ = self._evaluate_global(test)
         personalized = self._evaluate_personalized(client, test)
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))

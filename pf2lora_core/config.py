@@ -26,12 +26,13 @@ class ConfigError(ValueError):
 class TaskConfig:
     kind: str = MISSING  # classification | causal_lm
     source: str = MISSING  # packaged | hub | files
-    name: str = MISSING  # packaged/hub dataset name (e.g. rotten_tomatoes, glue/sst2)
+    name: str = MISSING  # packaged/hub dataset name (e.g. rotten_tomatoes, glue/sst2, e2e_nlg)
     data_files: dict[str, str] = field(default_factory=dict)  # files source: split -> path
-    text_columns: list[str] = field(default_factory=list)  # one (single) or two (pair) columns
-    label_column: str = MISSING
+    # classification: one (single) or two (pair) text columns; causal_lm: [input, target]
+    text_columns: list[str] = field(default_factory=list)
+    label_column: str = MISSING  # causal_lm: optional ("" = none), used by label-skewed partitions
     label_names: list[str] = field(default_factory=list)  # optional: fixes the label order
-    metric: str = MISSING  # accuracy | matthews_correlation
+    metric: str = MISSING  # accuracy | matthews_correlation; causal_lm: perplexity | bleu | rouge_l | meteor
     max_length: int = MISSING
     max_examples: int = MISSING  # subset of the pooled data before partitioning (0 = all)
     test_fraction: float = MISSING  # of each client's partition
@@ -46,6 +47,7 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)
     head_level: str = MISSING  # common | private
     head_modules: list[str] = field(default_factory=list)  # empty: modules not in the checkpoint
+    cache_dir: str = MISSING  # converted packaged models (GGUF -> safetensors); "" = ~/.cache/pf2lora
 
 
 @dataclass
@@ -55,6 +57,8 @@ class PartitionConfig:
     alpha: float = MISSING  # dirichlet concentration
     classes_per_partition: int = MISSING  # pathological
     min_partition_size: int = MISSING  # dirichlet: resample until every client has this many
+    by: str = MISSING  # natural: the column whose values are the natural ids (e.g. movie_name)
+    ids_per_client: int = MISSING  # natural: natural ids (e.g. movies) dealt to each client
 
 
 @dataclass
@@ -76,6 +80,16 @@ class FederationConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Decoding and metrics of causal-LM evaluation (ignored by classification tasks)."""
+
+    max_new_tokens: int = MISSING
+    num_beams: int = MISSING  # 1 = greedy
+    batch_size: int = MISSING  # prompts decoded together (left-padded)
+    metrics: list[str] = field(default_factory=list)  # any of bleu, rouge_l, meteor (perplexity always)
+
+
+@dataclass
 class SweepConfig:
     job_timeout_s: float = MISSING  # a job (one `flwr run`) running longer is recorded as failed
     report_x: str = MISSING  # swept key on the report's x axis ("" = partition.s when swept)
@@ -89,6 +103,7 @@ class ExperimentConfig:
     algorithm: Any = MISSING  # validated by the algorithm's Params
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str = MISSING
     seed: int = MISSING
     rounds: int = MISSING

@@ -19,13 +19,18 @@ from pf2lora_core.config import (
     ConfigError,
     ExperimentConfig,
     FederationConfig,
+    GenerationConfig,
     ModelConfig,
     PartitionConfig,
     TaskConfig,
     check,
     validate_structure,
 )
-from pf2lora_core.constants import HEAD_LEVELS
+from pf2lora_core.constants import HEAD_LEVELS, PERPLEXITY
+from pf2lora_core.data.partition import PARTITIONERS
+from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
+from pf2lora_core.nlg_metrics import GENERATION_METRICS
+from pf2lora_core.tasks import METRICS, TASKS
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
@@ -75,6 +80,7 @@ class Experiment:
     model: ModelConfig
     partition: PartitionConfig
     federation: FederationConfig
+    generation: GenerationConfig
     algorithm: Algorithm
 
     @property
@@ -105,6 +111,7 @@ def parse(cfg: DictConfig) -> Experiment:
         model=typed.model,
         partition=typed.partition,
         federation=typed.federation,
+        generation=typed.generation,
         algorithm=algorithm,
     )
 
@@ -137,6 +144,29 @@ def _build_algorithm(section: DictConfig) -> Algorithm:
         raise ConfigError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
 
 
+def _check_task_kind(c: ExperimentConfig) -> None:
+    """The task kind, its metric and (for generation) the decoding options."""
+    task, gen = c.task, c.generation
+    check(task.kind in TASKS, "task.kind", f"choose one of {sorted(TASKS)}, got {task.kind!r}")
+    valid = sorted(METRICS) if task.kind == CLASSIFICATION else [PERPLEXITY, *GENERATION_METRICS]
+    check(task.metric in valid, "task.metric", f"a {task.kind} task reports one of {valid}, got {task.metric!r}")
+    unknown = sorted(set(gen.metrics) - set(GENERATION_METRICS))
+    check(not unknown, "generation.metrics", f"unknown {unknown}; choose from {sorted(GENERATION_METRICS)}")
+    check(
+        task.metric in (PERPLEXITY, *gen.metrics) or task.kind == CLASSIFICATION,
+        "task.metric",
+        f"{task.metric!r} is not computed: add it to generation.metrics",
+    )
+    check(
+        task.kind != CAUSAL_LM or len(task.text_columns) == 2,
+        "task.text_columns",
+        "a causal_lm task needs [input_column, target_column]",
+    )
+    check(gen.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    check(gen.num_beams >= 1, "generation.num_beams", "must be >= 1 (1 = greedy)")
+    check(gen.batch_size >= 1, "generation.batch_size", "must be >= 1")
+
+
 def _check_values(c: ExperimentConfig) -> None:
     check(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
     check(c.local_steps >= 1, "local_steps", f"must be >= 1, got {c.local_steps}")
@@ -145,15 +175,17 @@ def _check_values(c: ExperimentConfig) -> None:
     check(c.flops_rounds >= 0, "flops_rounds", f"must be >= 0 (0 = never), got {c.flops_rounds}")
     check(c.sweep.job_timeout_s > 0, "sweep.job_timeout_s", f"must be > 0, got {c.sweep.job_timeout_s}")
     check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
-    check(len(c.model.target_modules) > 0, "model.target_modules", "name at least one module to adapt")
     check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
     check(c.task.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
     check(c.task.max_length >= 2, "task.max_length", "must be >= 2")
     check(c.task.max_examples >= 0, "task.max_examples", "must be >= 0 (0 = all)")
     check(0 < c.task.test_fraction < 1, "task.test_fraction", f"must be in (0, 1), got {c.task.test_fraction}")
     check(len(c.task.text_columns) in (1, 2), "task.text_columns", "give one column or a pair of columns")
+    _check_task_kind(c)
     check(0 <= c.partition.s <= 1, "partition.s", f"must be in [0, 1], got {c.partition.s}")
     check(c.partition.alpha > 0, "partition.alpha", "must be > 0")
+    check(c.partition.kind in PARTITIONERS, "partition.kind", f"choose one of {sorted(PARTITIONERS)}")
+    check(c.partition.ids_per_client >= 0, "partition.ids_per_client", "must be >= 0 (0 = every id, round robin)")
     fed = c.federation
     check(fed.kind in FEDERATION_KINDS, "federation.kind", f"choose one of {list(FEDERATION_KINDS)}, got {fed.kind!r}")
     check(

@@ -48,8 +48,10 @@ def build_summary(
         "rounds": rounds_done,
         "partition": {k: v for k, v in vars(exp.partition).items()},
         "clients": clients,
-        PERSONALIZED: {"metric": metric, **aggregate_metric([_m(cl, PERSONALIZED, metric) for cl in clients], weights, metric)},
-        GLOBAL: {"metric": metric, **aggregate_metric([_m(cl, GLOBAL, metric) for cl in clients], weights, metric)},
+        **{
+            kind: {"metric": metric, **aggregate_metric([_m(cl, kind, metric) for cl in clients], weights, metric)}
+            for kind in (PERSONALIZED, GLOBAL)
+        },
         "label_histograms": list(label_hists),
         "rejected": [dict(rej, round=r["round"]) for r in history for rej in r["rejected"]],
         "communication": {

@@ -63,7 +63,7 @@ def test_make_partitioner_builds_flwr_partitioners() -> None:
     assert isinstance(make_partitioner(cfg("dirichlet"), 4, 0), DirichletPartitioner)
     assert isinstance(make_partitioner(cfg("pathological"), 4, 0), PathologicalPartitioner)
     assert isinstance(make_partitioner(cfg("iid"), 4, 0), IidPartitioner)
-    assert set(PARTITIONERS) == {"s_split", "dirichlet", "pathological", "iid"}
+    assert set(PARTITIONERS) == {"s_split", "dirichlet", "pathological", "iid", "natural"}
 
 
 def test_unknown_kind_names_the_valid_kinds() -> None:

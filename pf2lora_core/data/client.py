@@ -15,9 +15,22 @@ import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from pf2lora_core.config import PartitionConfig, TaskConfig
-from pf2lora_core.data.columns import LABEL, LABELS, MODEL_INPUTS, ROW, TEST, TRAIN
+from pf2lora_core.data.columns import (
+    ATTENTION_MASK,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    LABEL,
+    LABELS,
+    MODEL_INPUTS,
+    PROMPT,
+    PROMPT_LENGTH,
+    ROW,
+    TARGET,
+    TEST,
+    TRAIN,
+)
 from pf2lora_core.data.partition import make_partitioner
-from pf2lora_core.data.sources import label_names, load_examples, resolve_text_columns
+from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION, label_names, load_examples, resolve_text_columns
 
 T = TypeVar("T")
 Batch = dict[str, torch.Tensor]
@@ -31,7 +44,9 @@ class ClientSplit:
     ----------
     train, test : datasets.Dataset
         Columns ``input_ids``, ``attention_mask`` (``token_type_ids`` where the tokenizer
-        makes them) and ``labels``; unpadded (``collate`` pads per batch).
+        makes them) and ``labels``; unpadded (``collate`` pads per batch). Causal LM: ``labels``
+        are the token ids with the prompt masked (``IGNORE_INDEX``), plus ``prompt_length`` and
+        the ``prompt`` / ``target`` texts (generation and its references).
     label_names : list[str]
         Name of each label id.
     train_label_hist, test_label_hist : list[int]
@@ -156,6 +171,27 @@ def collate(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict[str, Any]
     return collate_rows
 
 
+def collate_causal(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict[str, Any]]], Batch]:
+    """Causal-LM collate: right-pads ``input_ids`` (pad token), ``attention_mask`` (0), ``labels`` (ignored)."""
+    pads = {INPUT_IDS: int(tokenizer.pad_token_id), ATTENTION_MASK: 0, LABELS: IGNORE_INDEX}
+
+    def collate_rows(rows: list[dict[str, Any]]) -> Batch:
+        width = max(len(r[INPUT_IDS]) for r in rows)
+        return {
+            key: torch.tensor([list(r[key]) + [value] * (width - len(r[key])) for r in rows], dtype=torch.long)
+            for key, value in pads.items()
+        }
+
+    return collate_rows
+
+
+# Task kind -> collate function factory (``task.kind``).
+COLLATORS: dict[str, Callable[[PreTrainedTokenizerBase], Callable[[list[dict[str, Any]]], Batch]]] = {
+    CLASSIFICATION: collate,
+    CAUSAL_LM: collate_causal,
+}
+
+
 class Batches:
     """Re-iterable mini-batches of a tokenized dataset.
 
@@ -170,12 +206,13 @@ class Batches:
         tokenizer: PreTrainedTokenizerBase,
         shuffle: bool,
         seed: int,
+        kind: str = CLASSIFICATION,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._ds = ds.select_columns([c for c in ds.column_names if c in MODEL_INPUTS])
         self._batch_size = batch_size
-        self._collate = collate(tokenizer)
+        self._collate = COLLATORS[kind](tokenizer)
         self._shuffle = shuffle
         self._seed = seed
         self._epoch = 0
@@ -198,10 +235,15 @@ class Batches:
 
 
 def batches(
-    ds: datasets.Dataset, batch_size: int, tokenizer: PreTrainedTokenizerBase, shuffle: bool, seed: int
+    ds: datasets.Dataset,
+    batch_size: int,
+    tokenizer: PreTrainedTokenizerBase,
+    shuffle: bool,
+    seed: int,
+    kind: str = CLASSIFICATION,
 ) -> Batches:
-    """Re-iterable mini-batches of ``ds`` (see ``Batches``)."""
-    return Batches(ds, batch_size, tokenizer, shuffle, seed)
+    """Re-iterable mini-batches of ``ds`` (see ``Batches``), collated for a task of ``kind``."""
+    return Batches(ds, batch_size, tokenizer, shuffle, seed, kind)
 
 
 # --- building blocks (each cached) --------------------------------------------------------
@@ -241,22 +283,55 @@ def _tokenized(task: TaskConfig, seed: int, tokenizer: PreTrainedTokenizerBase) 
 def _tokenize(
     pooled: datasets.Dataset, task: TaskConfig, tokenizer: PreTrainedTokenizerBase, key: Hashable
 ) -> datasets.Dataset:
-    """Tokenize one text or a pair, truncated to ``task.max_length``; padding is per batch."""
-    text_columns = resolve_text_columns(task)
+    """Tokenize for the task's kind, truncated to ``task.max_length``; padding is per batch."""
+    if task.kind == CAUSAL_LM:
+        encode, keep = causal_encoder(tokenizer, task.max_length), {PROMPT, TARGET}
+    else:
+        text_columns = resolve_text_columns(task)
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return dict(tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=task.max_length))
+        def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            return dict(tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=task.max_length))
 
+        keep = {LABEL}
     tokenized = pooled.map(
         encode,
         batched=True,
-        remove_columns=[c for c in pooled.column_names if c != LABEL],
+        remove_columns=[c for c in pooled.column_names if c not in keep],
         keep_in_memory=True,
         # Our own fingerprint: hashing the closure (tokenizer included) is slow and may fail.
         new_fingerprint=hashlib.sha256(repr(key).encode()).hexdigest()[:32],
         desc="tokenizing",
     )
-    return tokenized.rename_column(LABEL, LABELS)
+    return tokenized if task.kind == CAUSAL_LM else tokenized.rename_column(LABEL, LABELS)
+
+
+def causal_encoder(
+    tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """Batched encoder of causal-LM rows: ``prompt + target + eos``, the loss on target tokens only.
+
+    The prompt is tokenized with the tokenizer's special tokens (a BOS where it adds one), the
+    target without, followed by the end-of-sequence token so the model learns to stop. Labels
+    are ``IGNORE_INDEX`` on the prompt; a too-long row keeps its prompt (up to ``max_length - 1``
+    tokens) and truncates the target.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token")
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        prompts = tokenizer(batch[PROMPT], truncation=True, max_length=max_length - 1)[INPUT_IDS]
+        targets = tokenizer(batch[TARGET], add_special_tokens=False)[INPUT_IDS]
+        out: dict[str, list[Any]] = {INPUT_IDS: [], ATTENTION_MASK: [], LABELS: [], PROMPT_LENGTH: []}
+        for prompt, target in zip(prompts, targets, strict=True):
+            target = [*target, eos][: max_length - len(prompt)]
+            out[INPUT_IDS].append([*prompt, *target])
+            out[ATTENTION_MASK].append([1] * (len(prompt) + len(target)))
+            out[LABELS].append([IGNORE_INDEX] * len(prompt) + target)
+            out[PROMPT_LENGTH].append(len(prompt))
+        return out
+
+    return encode
 
 
 def _client_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
@@ -269,8 +344,10 @@ def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int,
     pooled = _pooled(task, seed)
     labels = np.asarray(pooled[LABEL])
     partitioner = make_partitioner(partition, num_clients, seed)
-    # The partitioner sees only labels and row numbers: cheap, and the rows come back out.
-    partitioner.dataset = pooled.select_columns([LABEL]).add_column(ROW, list(range(len(pooled))))
+    # The partitioner sees only labels (and the natural-id column) and row numbers: cheap, and the
+    # rows come back out.
+    columns = [LABEL, *([partition.by] if partition.by in pooled.column_names and partition.by != LABEL else [])]
+    partitioner.dataset = pooled.select_columns(columns).add_column(ROW, list(range(len(pooled))))
     parts = [np.asarray(partitioner.load_partition(k)[ROW], dtype=np.int64) for k in range(num_clients)]
     rngs = [np.random.default_rng([seed, k]) for k in range(num_clients)]
     return [_train_test(rows, labels[rows], task.test_fraction, rng) for rows, rng in zip(parts, rngs, strict=True)]

@@ -11,6 +11,13 @@ MOVIE = "movie_name"
 # Rotten Tomatoes raw columns.
 RT_TEXT = "text"
 RT_CATEGORY = "category"
+# Causal-LM examples: the model reads PROMPT and learns to continue it with TARGET.
+PROMPT = "prompt"
+TARGET = "target"
+# Tokenized causal-LM rows: how many leading tokens of input_ids are the prompt (masked from the loss).
+PROMPT_LENGTH = "prompt_length"
+# Label id that cross-entropy ignores (prompt and padding positions of causal-LM labels).
+IGNORE_INDEX = -100
 # Tokenizer outputs that the model consumes (token_type_ids only for BERT-like tokenizers).
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

