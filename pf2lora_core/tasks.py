@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from pf2lora_core import data
 from pf2lora_core.config import GenerationConfig, TaskConfig
-from pf2lora_core.constants import ACCURACY, EVAL_LOSS, MCC, PERPLEXITY
+from pf2lora_core.constants import ACCURACY, EVAL_LOSS, MCC, METEOR, PERPLEXITY
 from pf2lora_core.data.columns import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -32,7 +32,7 @@ from pf2lora_core.data.columns import (
     TARGET,
 )
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
-from pf2lora_core.nlg_metrics import GENERATION_METRICS, perplexity
+from pf2lora_core.nlg_metrics import GENERATION_METRICS, perplexity, wordnet
 
 Batch = dict[str, Tensor]
 Around = Callable[[Batch], AbstractContextManager[Any]]
@@ -214,6 +214,8 @@ class CausalLMTask(_TokenTask):
             raise ValueError(f"generation.metrics: unknown {unknown}; choose from {sorted(GENERATION_METRICS)}")
         if metric != PERPLEXITY and metric not in generation.metrics:
             raise ValueError(f"task.metric={metric!r} is not computed: add it to generation.metrics")
+        if METEOR in generation.metrics:
+            wordnet()  # a missing WordNet fails here, when the client starts, not after a round of training
         super().__init__(device, autocast, tokenizer, batch_size, eval_batch_size)
         self.metric = metric
         self.generation = generation

@@ -241,6 +241,27 @@ def test_e2e_hub_loader_linearizes_and_pools(monkeypatch: pytest.MonkeyPatch) ->
     assert "Data: name: R0 | food: Thai\nText:" in ds[PROMPT] and " R0 serves Thai food." in ds[TARGET]
 
 
+def test_web_nlg_hub_loader_explodes_texts_and_labels_by_category(monkeypatch: pytest.MonkeyPatch) -> None:
+    def split(category: str, n: int) -> datasets.Dataset:
+        return datasets.Dataset.from_list([
+            {"category": category, "modified_triple_sets": {"mtriple_set": [[f"E{i} | p | O"]]},
+             "lex": {"text": [f"E{i} p O.", f"O is p of E{i}."], "lang": ["en", "en"]}}
+            for i in range(n)
+        ])  # fmt: skip
+
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_load(*args: Any, **kwargs: Any) -> datasets.DatasetDict:
+        calls.append((*args, kwargs.get("revision")))
+        return datasets.DatasetDict({"train": split("Airport", 2), "dev": split("Astronaut", 1)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    ds = load_examples(load(["task=web_nlg", "task.name=web_nlg:release_v2"]).task, seed=0)
+    assert calls == [("webnlg-challenge/web_nlg", "release_v2", "refs/convert/parquet")]
+    assert len(ds) == 6 and ds.features[LABEL].names == ["Airport", "Astronaut"]
+    assert "Data: E0 | p | O\nText:" in ds[PROMPT]
+
+
 def test_generation_dataset_needs_causal_kind() -> None:
     with pytest.raises(ConfigError, match=r"set task\.kind=causal_lm"):
         load_examples(_e2e_task(kind="classification"), seed=0)
