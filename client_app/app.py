@@ -5,17 +5,21 @@ The private level lives in ``context.state`` (fast, within a run) and is mirrore
 deployment the SuperNode's node config ``state-dir`` puts it on that machine's own disk.
 A round always starts from the private level of the newest round *before* it: a round run again
 after a server resume does not build on what its first attempt produced.
+
+torch, transformers and peft are imported only by the train / evaluate handlers: in deployment
+every message starts a fresh ClientApp process, and the identity query must not pay seconds of
+imports on every node.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pf2lora_core.client import ClientRuntime, experiment_for, runtime_for
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
@@ -27,7 +31,10 @@ from pf2lora_core.constants import (
     PRIVATE_STATE_KEY,
 )
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
-from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, PrivateStore, tensor_digest
+
+if TYPE_CHECKING:
+    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.state import PrivateState, PrivateStore
 
 app = ClientApp()
 log = logging.getLogger("pf2lora.client")
@@ -45,6 +52,9 @@ def _setup_logging() -> None:
 
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore]:
+    from pf2lora_core.client import runtime_for
+    from pf2lora_core.state import PrivateStore
+
     _setup_logging()
     config = msg.content["config"]
     runtime = runtime_for(str(config[CONFIG_YAML_KEY]))
@@ -75,6 +85,8 @@ def _private(context: Context, store: PrivateStore, before_round: int) -> Privat
     context.state first (same process lifetime), else disk (a restarted SuperNode, a resumed run),
     else None (fresh init).
     """
+    from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, tensor_digest
+
     if PRIVATE_STATE_KEY in context.state.array_records:
         meta = context.state[PRIVATE_META_KEY]
         if int(meta[ROUND_META]) < before_round:
@@ -94,6 +106,8 @@ def _private(context: Context, store: PrivateStore, before_round: int) -> Privat
 
 def _keep_private(context: Context, store: PrivateStore, state: PrivateState) -> None:
     """Mirror the private level to context.state and (atomically) to disk."""
+    from pf2lora_core.state import ROUND_META, STEPS_META
+
     context.state[PRIVATE_STATE_KEY] = ArrayRecord(state.tensors)
     context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
     store.save(state)
@@ -101,6 +115,8 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from pf2lora_core.state import PrivateState
+
     runtime, client, store = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
@@ -116,9 +132,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Identify this node: its partition id (the server maps node ids to clients once, at start)."""
-    exp = experiment_for(str(msg.content["config"][CONFIG_YAML_KEY]))
-    client = _client_id(context, exp.federation.num_clients)
+    """Identify this node: its partition id (the server maps node ids to clients when they connect).
+
+    Reads only ``federation.num_clients`` of the resolved config (no torch import: this is cheap).
+    """
+    from omegaconf import OmegaConf
+
+    num_clients = int(OmegaConf.create(str(msg.content["config"][CONFIG_YAML_KEY])).federation.num_clients)
+    client = _client_id(context, num_clients)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord({CLIENT_KEY: client})}), reply_to=msg)
 
 
