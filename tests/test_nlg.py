@@ -262,6 +262,24 @@ def test_web_nlg_hub_loader_explodes_texts_and_labels_by_category(monkeypatch: p
     assert "Data: E0 | p | O\nText:" in ds[PROMPT]
 
 
+def test_local_jsonl_prompt_target_pairs(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"input": f"Q{i}?", "output": f"A{i}.", "site": "ab"[i % 2]} for i in range(6)] + [
+        {"input": "", "output": "x"}
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    base = ["task=files_lm", f"+task.data_files.train={path}", "task.text_columns=[input,output]"]
+    ds = load_examples(load(base).task, seed=0)
+    assert len(ds) == 6 and set(ds.column_names) == {PROMPT, TARGET, LABEL}  # the empty input is dropped
+    assert sorted(ds[PROMPT]) == [f"Q{i}?" for i in range(6)] and ds.features[LABEL].names == ["all"]
+    labelled = load_examples(load([*base, "task.label_column=site"]).task, seed=0)
+    assert labelled.features[LABEL].names == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"\[input_column, target_column\]"):
+        load([*base, "task.text_columns=[input]"])
+
+
 def test_generation_dataset_needs_causal_kind() -> None:
     with pytest.raises(ConfigError, match=r"set task\.kind=causal_lm"):
         load_examples(_e2e_task(kind="classification"), seed=0)
@@ -334,3 +352,31 @@ def test_two_level_lora_on_tiny_decoders(arch: str, tiny: dict[str, Path]) -> No
         assert result[PERPLEXITY] == pytest.approx(math.exp(result["eval_loss"]))
     assert ev.personalized != ev.global_  # the private adapter changes the model
     assert ev.rank["effective"] > 0
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_is_dequantized_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF checkpoint becomes a float32 safetensors directory once; later starts only load it."""
+    import json
+
+    import transformers
+
+    from pf2lora_core.models import load_causal_lm, resolve_model
+
+    cfg = load(["model=smollm2", f"model.cache_dir={tmp_path}"]).model
+    converted = Path(resolve_model(cfg))
+    assert converted.is_relative_to(tmp_path) and (converted / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((converted / "config.json").read_text())
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if "gguf_file" in kwargs:
+            raise AssertionError("the GGUF checkpoint was converted again")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", guarded)
+    assert Path(resolve_model(cfg)) == converted
+    loaded = load_causal_lm(cfg)
+    assert loaded.model.config.model_type == "llama" and loaded.target_modules == ["q_proj", "v_proj"]
+    assert loaded.tokenizer.eos_token is not None and loaded.tokenizer.pad_token is not None
