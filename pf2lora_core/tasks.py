@@ -206,14 +206,9 @@ class CausalLMTask(_TokenTask):
         eval_batch_size: int,
         generation: GenerationConfig,
     ) -> None:
-        valid = [PERPLEXITY, *GENERATION_METRICS]
-        if metric not in valid:
-            raise ValueError(f"task.metric={metric!r}: a causal_lm task reports one of {valid}")
-        unknown = sorted(set(generation.metrics) - set(GENERATION_METRICS))
-        if unknown:
-            raise ValueError(f"generation.metrics: unknown {unknown}; choose from {sorted(GENERATION_METRICS)}")
-        if metric != PERPLEXITY and metric not in generation.metrics:
-            raise ValueError(f"task.metric={metric!r} is not computed: add it to generation.metrics")
+        problem = generation_metrics_problem(metric, generation.metrics)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
         if METEOR in generation.metrics:
             wordnet()  # a missing WordNet fails here, when the client starts, not after a round of training
         super().__init__(device, autocast, tokenizer, batch_size, eval_batch_size)
@@ -289,6 +284,19 @@ class CausalLMTask(_TokenTask):
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+def generation_metrics_problem(metric: str, metrics: Sequence[str]) -> tuple[str, str] | None:
+    """``(key, what is wrong)`` when a causal-LM task cannot report ``metric`` with ``metrics``, else None."""
+    valid = [PERPLEXITY, *GENERATION_METRICS]
+    unknown = sorted(set(metrics) - set(GENERATION_METRICS))
+    if metric not in valid:
+        return "task.metric", f"a causal_lm task reports one of {valid}, got {metric!r}"
+    if unknown:
+        return "generation.metrics", f"unknown {unknown}; choose from {sorted(GENERATION_METRICS)}"
+    if metric != PERPLEXITY and metric not in metrics:
+        return "task.metric", f"{metric!r} is not computed: add it to generation.metrics"
+    return None
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
