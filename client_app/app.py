@@ -42,9 +42,18 @@ STATE_DIR_NODE_KEY = "state-dir"  # node config: where this SuperNode keeps priv
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted (the SuperNode's log), not as it was
+    when the handler was made (a test's captured stream may be closed by then)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s pf2lora-client %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
