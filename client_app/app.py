@@ -14,7 +14,6 @@ imports on every node.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,6 +29,7 @@ from pf2lora_core.constants import (
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
+from pf2lora_core.logs import stream_handler
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
 
 if TYPE_CHECKING:
@@ -42,20 +42,9 @@ STATE_DIR_NODE_KEY = "state-dir"  # node config: where this SuperNode keeps priv
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is when a record is emitted (the SuperNode's log), not as it was
-    when the handler was made (a test's captured stream may be closed by then)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
 def _setup_logging() -> None:
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s pf2lora-client %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
+    if not log.handlers:  # to the SuperNode's stderr as it is at each record, not as it was at import
+        log.addHandler(stream_handler("stderr", "%(asctime)s pf2lora-client %(levelname)s %(message)s"))
         log.setLevel(logging.INFO)
         log.propagate = False
 

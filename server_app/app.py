@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from pf2lora_core.client import build_model
 from pf2lora_core.config import ConfigError, check
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.experiment import Experiment, load, split_overrides
+from pf2lora_core.logs import stream_handler
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
@@ -30,10 +30,8 @@ app = ServerApp()
 
 
 def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s pf2lora %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
+    if not log.handlers:  # to stdout as it is at each record (the ServerApp's may be swapped later)
+        log.addHandler(stream_handler("stdout", "%(asctime)s pf2lora %(levelname)s %(message)s"))
         log.setLevel(logging.INFO)
         log.propagate = False
 
