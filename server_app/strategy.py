@@ -388,14 +388,18 @@ class CommonOnlyFedAvg(FedAvg):
         self.history.append(record)
         self.run.append_metrics(record)
         self.checkpoint(server_round).save(self.run.path / SERVER_STATE_DIR)
-        pers = record.get(PERSONALIZED, {})
-        glob = record.get(GLOBAL, {})
         log.info(
-            "round %d/%d done in %.1fs | train loss %.4f | personalized %s %.4f | global %.4f | rejected %d",
-            server_round, self.num_rounds, record["seconds"], record.get(TRAIN_LOSS) or float("nan"), self.metric,
-            _nan(pers.get("mean")), _nan(glob.get("mean")), len(record["rejected"]),
+            "round %d/%d done in %.1fs | train loss %.4f | %s | rejected %d", server_round, self.num_rounds,
+            record["seconds"], _nan(record.get(TRAIN_LOSS)), self._eval_line(record), len(record["rejected"]),
         )  # fmt: skip
         return None
+
+    def _eval_line(self, record: dict[str, Any]) -> str:
+        """The log's evaluation part: a round that did not evaluate says so, not ``nan``."""
+        if PERSONALIZED not in record:
+            return "not evaluated"
+        pers, glob = _nan(record[PERSONALIZED].get("mean")), _nan(record[GLOBAL].get("mean"))
+        return f"personalized {self.metric} {pers:.4f} | global {glob:.4f}"
 
     def _finish_round(self) -> dict[str, Any]:
         cur = self.current

@@ -140,3 +140,13 @@ def test_round_bytes_are_the_serialised_uplinks(tmp_path: Path) -> None:
     expected = sum(r.content[ARRAYS_KEY].count_bytes() for r in replies)
     s.aggregate_train(1, replies)
     assert s.current.bytes_up == expected
+
+
+def test_round_without_evaluation_logs_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = strategy(tmp_path)
+    s.aggregate_train(1, [good(1, 1.0), good(2, 2.0)])
+    s.sent = {}  # configure_evaluate sent nothing this round (eval_every)
+    with caplog.at_level(logging.INFO, logger="pf2lora.server"):
+        s.aggregate_evaluate(1, [])
+    line = next(r.getMessage() for r in caplog.records if "done in" in r.getMessage())
+    assert "not evaluated" in line and "nan" not in line and "train loss 0.5000" in line

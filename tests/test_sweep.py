@@ -66,24 +66,16 @@ def test_multirun_records_failures_reports_and_resumes(
     common = [f"hydra.sweep.dir={sweep_dir}", "model.source=path", "federation.num_clients=2",
               "task.max_examples=160", "rounds=1", "local_steps=1", "federation.min_train_clients=1"]  # fmt: skip
     swept = ["algorithm=homlora,fedsa_lora", "partition.s=0.5,0.9"]
-    # the broken model comes first in every (algorithm, s) pair: the real run after it must still happen
-    assert main(["-m", *common, *swept, f"model.name={broken},{tiny}"]) == 1
+    # a 2 x 2 sweep through Flower: 4 run directories, a 4-row report
+    assert main(["-m", *common, *swept, f"model.name={tiny}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("FAILED") == 4 and out.count("done in") == 4 and "[8/8]" in out
-    jobs = [p for p in sweep_dir.iterdir() if (p / JOB_FILE).exists()]
-    finished = [p for p in jobs if (p / SUMMARY_FILE).exists()]
-    failed = [p for p in jobs if (p / FAILED_FILE).exists()]
-    assert len(jobs) == 8 and len(finished) == 4 and len(failed) == 4
-    for p in failed:
-        record = json.loads((p / FAILED_FILE).read_text())
-        assert record["error"] and str(broken) in " ".join(record["overrides"])
+    assert out.count("done in") == 4 and "[4/4]" in out and "FAILED" not in out
+    finished = [p for p in sweep_dir.iterdir() if (p / SUMMARY_FILE).exists()]
+    assert len(finished) == 4
     rows = list(csv.DictReader((sweep_dir / REPORT_CSV).open()))
-    assert len(rows) == 4
     assert {(r["algorithm"], r["partition.s"]) for r in rows} == {
         (a, s) for a in ("homlora", "fedsa_lora") for s in ("0.5", "0.9")
-    }
-    report = (sweep_dir / REPORT_MD).read_text()
-    assert "Failed" in report and str(broken) in report
+    } and len(rows) == 4
     for p in finished:  # cost accounting reached every summary
         cost = json.loads((p / SUMMARY_FILE).read_text())["cost"]
         assert cost["flops_per_local_step"] > 0 and cost["seconds_per_round"] > 0
@@ -93,6 +85,20 @@ def test_multirun_records_failures_reports_and_resumes(
     out = capsys.readouterr().out
     assert out.count("skipped (finished before)") == 4 and "done in" not in out
     assert all((p / SUMMARY_FILE).stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # a job that fails inside the app (a model that passes the up-front check but cannot load) comes
+    # first: it is recorded with its error, and the real run after it still happens
+    assert main(["-m", *common, "algorithm=homlora", "partition.s=0.7", f"model.name={broken},{tiny}"]) == 1
+    out = capsys.readouterr().out
+    assert "[1/2] FAILED" in out and "[2/2] done in" in out
+    jobs = [p for p in sweep_dir.iterdir() if (p / JOB_FILE).exists()]
+    failed = [p for p in jobs if (p / FAILED_FILE).exists()]
+    assert len(jobs) == 6 and len(failed) == 1 and sum((p / SUMMARY_FILE).exists() for p in jobs) == 5
+    record = json.loads((failed[0] / FAILED_FILE).read_text())
+    assert record["error"] and str(broken) in " ".join(record["overrides"])
+    assert len(list(csv.DictReader((sweep_dir / REPORT_CSV).open()))) == 5
+    report = (sweep_dir / REPORT_MD).read_text()
+    assert "Failed" in report and str(broken) in report
 
 
 class FakeFlower:
