@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def flwr_run(
         raise ValueError("a simulation run needs federation_config and flwr_home")
     else:
         env["FLWR_HOME"] = str(flwr_home)
+        env.update(private_superlink_ports(env))
         cmd += ["--federation-config", federation_config]
     cmd += ["--stream", "--run-config", f"overrides='{overrides}'"]
     try:
@@ -78,6 +80,30 @@ def flwr_run(
     finally:
         if connection is None and flwr_home is not None:
             stop_processes_matching(str(flwr_home))
+
+
+# Flower's CLI reads these to place the local SuperLink it starts for simulation (defaults 39091 and
+# 39093, the same for every checkout on a machine: a second run would reuse the first one's
+# SuperLink, and with it the first one's environment).
+LOCAL_PORT_VARS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def private_superlink_ports(env: dict[str, str]) -> dict[str, str]:
+    """Fresh ports for this run's own local SuperLink, unless the caller chose them in ``env``."""
+    chosen = {var: env[var] for var in LOCAL_PORT_VARS if env.get(var)}
+    for var in LOCAL_PORT_VARS:
+        while var not in chosen:
+            port = str(free_port())
+            if port not in chosen.values():
+                chosen[var] = port
+    return chosen
 
 
 def stop_processes_matching(pattern: str) -> int:
