@@ -24,6 +24,7 @@ from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, FLOPS_PER
 from pf2lora_core.cost import count_flops
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_model
+from pf2lora_core.precision import configure_matmul_precision
 from pf2lora_core.rank import rank_report
 from pf2lora_core.runtime import derived_seed, resolve_device, seed_everything
 from pf2lora_core.solver import autocast_context, iterate_forever
@@ -74,6 +75,7 @@ class ClientRuntime:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
         self.device = resolve_device(str(exp.cfg.device))
+        configure_matmul_precision()  # IEEE float32 matmuls, no TF32 (pf2lora_core.precision)
         self.model, self.tokenizer = build_model(exp, self.device)
         # Every client's private level starts from the same seeded init (C random, D = 0).
         self.initial_private = self.model.export(PRIVATE) if self.has_private else {}
@@ -142,7 +144,7 @@ class ClientRuntime:
             metrics = self.exp.algorithm.train(ctx)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
-            common=self.exp.algorithm.uplink(self.model),
+            common=wire_state(self.exp.algorithm.uplink(self.model)),
             private=self.model.export(PRIVATE) if self.has_private else {},
             metrics=metrics,
             num_examples=len(self._train_data(client)),
@@ -179,6 +181,19 @@ class ClientRuntime:
         personalized = self._evaluate_personalized(client, test)
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
         return EvalOutcome(personalized, global_, rank, len(split.test), time.perf_counter() - start)
+
+
+def wire_state(state: StateDict) -> StateDict:
+    """What may leave the client: contiguous CPU tensors, floating point ones as float32.
+
+    Flower's ArrayRecord rejects bfloat16, and the server averages in float32; an algorithm's
+    ``uplink`` normally returns ``TwoLevelModel.export`` copies already, so this only guards overrides.
+    """
+    out = {}
+    for name, t in state.items():
+        t = t.detach().to("cpu")
+        out[name] = (t.float() if t.is_floating_point() else t).contiguous()
+    return out
 
 
 @functools.lru_cache(maxsize=2)

@@ -22,21 +22,31 @@ when the method drops the term. Methods are chosen by name from ``HVP_METHODS``.
   ``(grad_x f(x, y + d v) - grad_x f(x, y - d v)) / (2 d)`` (central, O(d^2) error).
 - ``first_order``: the term is dropped (the paper's first-order ablation).
 
-Second-order passes run under the math SDPA backend: flash / memory-efficient attention kernels
-implement neither double backward nor forward-mode AD.
+Attention: *every* pass of a step (inner, outer, HVP probes and products, for every method)
+runs under one SDPA backend, the math kernel (``math_attention``): flash / memory-efficient
+kernels implement neither double backward nor forward-mode AD, and passes of one step must not
+switch kernels, since each kernel has its own numerics and its own way of drawing attention
+dropout from the RNG. Models whose attention goes through transformers' attention interface run
+attention with live dropout in ``noise.taped_attention`` instead (eager, masks on the dropout tape),
+so their attention-dropout masks are equal across the passes by construction.
+
+Precision: under bf16 autocast the two ends of every finite difference run in float32
+(``precision.float32_pass``); see ``pf2lora_core.precision`` for which pass runs in which precision.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pf2lora_core.precision import float32_pass
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,11 @@ LossFn = Callable[[dict[str, Tensor] | None], Tensor]
 
 
 def math_attention() -> AbstractContextManager[None]:
-    """Context selecting the math SDPA backend (differentiable twice, forward-AD capable)."""
+    """Context selecting the math SDPA backend (differentiable twice, forward-AD capable).
+
+    Every pass of a bilevel step runs under it (``Evaluator.grads``, the HVP methods), so that
+    all passes of one step share one attention kernel.
+    """
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -89,10 +103,9 @@ class Evaluator:
             leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in y]
         else:
             leaves = [t.detach() for t in y]
-        ctx = math_attention() if create_graph else nullcontext()
         xs = list(self.x.values()) if want_x else []
         inputs = xs + (leaves if want_y else [])
-        with ctx:
+        with math_attention():  # one kernel for every pass of a step (module docstring)
             loss = self.loss_fn(self.as_dict(leaves))
             grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
@@ -152,7 +165,17 @@ class FiniteDifference(HvpMethod):
         self.scheme = scheme
         self.needs_base_grad_x = scheme == "forward"
 
+    def gradient_pass(self, ev: Evaluator, y: Sequence[Tensor], *, want_x: bool = True) -> GradPass:
+        if not self.needs_base_grad_x:
+            return super().gradient_pass(ev, y, want_x=want_x)
+        with float32_pass():  # its grad_x is one end of the forward difference
+            return super().gradient_pass(ev, y, want_x=want_x)
+
     def hvp(self, ev: Evaluator, y: Sequence[Tensor], v: Sequence[Tensor], at: GradPass) -> list[Tensor]:
+        with float32_pass():  # both ends of the difference in float32, even under bf16 autocast
+            return self._difference(ev, y, v, at)
+
+    def _difference(self, ev: Evaluator, y: Sequence[Tensor], v: Sequence[Tensor], at: GradPass) -> list[Tensor]:
         norm = float(_norm(v))
         if norm == 0.0:
             return [torch.zeros_like(p) for p in ev.x.values()]

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from pf2lora_core.hypergrad import Evaluator, GradPass, HvpMethod, LossFn, _norm
+from pf2lora_core.precision import float32_required
 
 BILEVEL = "bilevel"
 JOINT = "joint"
@@ -163,9 +164,13 @@ def _hvp_norm(hv: list[Tensor] | None) -> float:
 
 
 def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[None]:
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay float32)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when asked (CUDA, and CPU, which torch's autocast supports too), else float32.
+
+    Inside ``precision.float32_pass`` (the finite-difference passes) autocast is off whatever
+    ``bf16`` says; ``pf2lora_core.precision`` lists which pass runs in which precision.
+    """
+    if bf16 and device.type in ("cuda", "cpu") and not float32_required():
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 

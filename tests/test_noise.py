@@ -63,20 +63,23 @@ def _loss_and_grads(fn, model: TwoLevelModel, y: dict[str, torch.Tensor]) -> lis
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_replayed_passes_equal_reseeded_passes_exactly(attention: str) -> None:
-    """Every pass with the tape equals the re-seeded pass without it, bit for bit (CPU).
+    """Every taped pass equals a re-seeded untaped pass of transformers' eager attention, bit for bit (CPU).
 
-    The y point changes between passes as in the solver (y, then y'), and SDPA's own attention
-    dropout (which the tape does not record) must still see the same stream.
+    The y point changes between passes as in the solver (y, then y'). Taped passes run attention
+    in ``taped_attention`` whatever the model is configured with, drawing the attention-dropout
+    masks on the tape; the reference is the model's own eager attention, whose ``F.dropout`` draws
+    from the re-seeded stream: equality shows the tape's draws and replays are those draws.
     """
-    model = _bert(attention)
+    model, reference = _bert(attention), _bert("eager")
     batch = _batch()
     y0 = {n: p.detach().clone() for n, p in model.parameters(PRIVATE).items()}
     y1 = {n: t + 0.1 for n, t in y0.items()}
     taped = SeededLoss(_objective(model, batch), 123, CPU, model.dropout_tape)
-    plain = SeededLoss(_objective(model, batch), 123, CPU)
+    plain = SeededLoss(_objective(reference, batch), 123, CPU)
     for y in (y0, y1, y0):
-        for a, b in zip(_loss_and_grads(taped, model, y), _loss_and_grads(plain, model, y), strict=True):
+        for a, b in zip(_loss_and_grads(taped, model, y), _loss_and_grads(plain, reference, y), strict=True):
             assert torch.equal(a, b)
+    assert model.model.config._attn_implementation == attention  # untouched outside taped passes
 
 
 def test_the_tape_draws_masks_once_and_noise_really_varies_by_seed() -> None:
@@ -84,9 +87,10 @@ def test_the_tape_draws_masks_once_and_noise_really_varies_by_seed() -> None:
     batch = _batch()
     taped = SeededLoss(_objective(model, batch), 5, CPU, model.dropout_tape)
     first = taped(None)
-    # embeddings, 2 per layer, the classifier: the attention's own nn.Dropout is unused (the
-    # attention functions take its p and draw inside, from the restored stream)
-    assert len(taped.recording.masks) == 1 + 2 * 2 + 1
+    # embeddings, per layer the attention probabilities (taped_attention) and two hidden-state
+    # dropouts, the classifier (the attention module's own nn.Dropout is never called: its p is)
+    assert len(taped.recording.masks) == 1 + 3 * 2 + 1
+    assert all(m.dtype == torch.bool for m in taped.recording.masks)
     assert torch.equal(taped(None), first)
     other = SeededLoss(_objective(model, batch), 6, CPU, model.dropout_tape)(None)
     assert not torch.equal(other, first)  # dropout is live: another seed, another loss
