@@ -45,7 +45,7 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +57,8 @@ from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA, PF2LoRAParams
 from pf2lora_core.config import ModelConfig
 from pf2lora_core.constants import ACCURACY, COMMON, PRIVATE
-from pf2lora_core.models import load_classifier
+from pf2lora_core.models import LoadedModel, load_classifier
+from pf2lora_core.precision import configure_matmul_precision
 from pf2lora_core.runtime import resolve_device
 from pf2lora_core.solver import autocast_context
 from pf2lora_core.tasks import ClassificationTask
@@ -210,18 +211,27 @@ def run_call(
     return [b - a for a, b in itertools.pairwise(stamps)][1:]
 
 
-def build_arms(device: torch.device) -> list[Arm]:
+def build_arms(
+    device: torch.device, loaded: LoadedModel | None = None, methods: Sequence[str] | None = None
+) -> list[Arm]:
+    """HOMLoRA and the PF2LoRA ``methods`` (default: all of ``METHODS``) on copies of ``loaded``.
+
+    ``loaded`` defaults to the packaged MiniLM-L6.
+    """
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     cfg = ModelConfig(
         source="packaged", name="minilm-l6", target_modules=["query", "value"], head_level=COMMON, head_modules=[]
     )
-    loaded = load_classifier(cfg, num_labels=2)
+    loaded = loaded or load_classifier(cfg, num_labels=2)
 
     def wrap(algorithm: Algorithm) -> TwoLevelModel:
         torch.manual_seed(0)  # same adapter init for both models
         common, private = algorithm.adapters()
         return TwoLevelModel(
             copy.deepcopy(loaded.model),
-            target_modules=cfg.target_modules,
+            target_modules=loaded.target_modules,
             common=common,
             private=private,
             head_modules=loaded.head_modules,
@@ -234,6 +244,8 @@ def build_arms(device: torch.device) -> list[Arm]:
     two_level = wrap(PF2LoRA(PF2LORA_PARAMS))
     initial = {COMMON: two_level.export(COMMON), PRIVATE: two_level.export(PRIVATE)}
     for name, overrides in METHODS.items():
+        if methods is not None and name not in methods:
+            continue
         algorithm = PF2LoRA(dataclasses.replace(PF2LORA_PARAMS, **overrides))
         arms.append(Arm(name, algorithm, two_level, initial))
     return arms
@@ -277,10 +289,11 @@ def report(arms: list[Arm], device: torch.device, args: argparse.Namespace) -> d
     base = arms[0]
     m0, w0 = base.peak, max(base.working_set, 1)
     threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    precision = "bf16 autocast" if getattr(args, "bf16", False) else "float32"
     print(
-        f"PF2LoRA local step vs HOMLoRA local step: MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, "
-        f"r=8 / r~=2 on query,value, train mode; device {device} ({threads}), torch {torch.__version__}, "
-        f"{platform.machine()}; median of {len(base.seconds)} steps each"
+        f"PF2LoRA local step vs HOMLoRA local step: {getattr(args, 'model', 'MiniLM-L6')}, batch {args.batch_size}, "
+        f"length {args.seq_len}, r=8 / r~=2 on query,value, train mode, {precision}; device {device} ({threads}), "
+        f"torch {torch.__version__}, {platform.machine()}; median of {len(base.seconds)} steps each"
     )
     header = f"{'method':<27} {'step s':>7} {'time x':>7} {'peak MiB':>9} {'mem x':>6} {'work MiB':>9} {'work x':>7}"
     print(header)
@@ -303,6 +316,27 @@ def report(arms: list[Arm], device: torch.device, args: argparse.Namespace) -> d
     return out
 
 
+def table(
+    device: torch.device,
+    args: argparse.Namespace,
+    loaded: LoadedModel | None = None,
+    methods: Sequence[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Measure and print the table; returns ``{method: {"time_ratio", "memory_ratio"}}``.
+
+    ``args``: rounds, steps, batch_size, seq_len, bf16 (autocast of every pass, with the
+    finite-difference passes in float32: ``pf2lora_core.precision``) and optionally model (a label).
+    """
+    configure_matmul_precision()  # as every client does: IEEE float32 matmuls
+    arms = build_arms(device, loaded, methods)
+    vocab = arms[0].model.model.config.vocab_size
+    batches = itertools.cycle(random_batches(4, args.batch_size, args.seq_len, vocab, seed=0))
+    bf16 = bool(getattr(args, "bf16", False))
+    task = ClassificationTask(ACCURACY, device, autocast=lambda: autocast_context(device, bf16))
+    measure(arms, batches, task, device, args)
+    return report(arms, device, args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -310,17 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="local steps per train call (the first is dropped)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (finite differences stay float32)")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.rounds < 1:
         parser.error("need --steps >= 2 and --rounds >= 1")
     logging.basicConfig(level=logging.ERROR)
-    device = resolve_device(args.device)
-    arms = build_arms(device)
-    vocab = arms[0].model.model.config.vocab_size
-    batches = itertools.cycle(random_batches(4, args.batch_size, args.seq_len, vocab, seed=0))
-    task = ClassificationTask(ACCURACY, device, autocast=lambda: autocast_context(device, False))
-    measure(arms, batches, task, device, args)
-    print(json.dumps(report(arms, device, args)))
+    print(json.dumps(table(resolve_device(args.device), args)))
 
 
 if __name__ == "__main__":
