@@ -16,8 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from pf2lora_core.config import ConfigError
 from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.runtime import simulation_gpu_problem
 
 
 def federation_config(exp: Experiment) -> str:
@@ -37,6 +40,9 @@ def federation_config(exp: Experiment) -> str:
         raise ConfigError(
             f"federation.kind={fed.kind}: no local simulation to size; submit with `flwr run . {fed.connection}`"
         )
+    problem = simulation_gpu_problem(str(exp.cfg.device), float(fed.client_gpus), torch.cuda.device_count())
+    if problem:
+        raise ConfigError(f"invalid configuration: {problem}")
     return (
         f"num-supernodes={fed.num_clients} client-resources-num-cpus={fed.client_cpus} "
         f"client-resources-num-gpus={fed.client_gpus}"

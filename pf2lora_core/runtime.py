@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
+
+# Ray hides every GPU from an actor that reserves none (CUDA_VISIBLE_DEVICES="" unless
+# RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0), so a simulated client sees a GPU only with client_gpus > 0.
+RAY_GPU_HINT = "in a Ray simulation a client sees a GPU only with federation.client_gpus > 0 (e.g. 0.125: 8 per GPU)"
+
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` picks CUDA when present; otherwise the device named (``cpu``, ``cuda``, ``cuda:1``)."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # GPUs hidden from this process on purpose
+            log.warning("device=auto: no GPU visible to this process (CUDA_VISIBLE_DEVICES is empty); %s", RAY_GPU_HINT)
+        return torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as err:
         raise ValueError(f"device: {spec!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {spec!r} asked for CUDA but torch sees no GPU (use device=auto or cpu)")
+        raise ValueError(
+            f"device: {spec!r} asked for CUDA but torch sees no GPU (use device=auto or cpu; {RAY_GPU_HINT})"
+        )
     return device
+
+
+def simulation_gpu_problem(device: str, client_gpus: float, gpus_here: int) -> str | None:
+    """What is wrong with a local simulation's GPU settings on a machine with ``gpus_here`` GPUs, or None.
+
+    ``device=cuda`` with ``client_gpus=0`` fails in every client (Ray hides the GPUs); ``client_gpus
+    > 0`` on a machine without GPUs never starts a client (Ray waits for GPUs forever).
+    """
+    if client_gpus < 0:
+        return f"federation.client_gpus={client_gpus} must be >= 0"
+    if client_gpus > 0 and gpus_here == 0:
+        return (
+            f"federation.client_gpus={client_gpus} but this machine has no GPU torch can see: "
+            "Ray would never start a client; set federation.client_gpus=0"
+        )
+    if device.startswith("cuda") and client_gpus == 0:
+        return f"device={device} with federation.client_gpus=0: {RAY_GPU_HINT}"
+    return None
 
 
 def seed_everything(seed: int) -> None:

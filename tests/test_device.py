@@ -1,0 +1,51 @@
+"""Device placement: what device=auto picks in a Ray client, and GPU settings a simulation cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pf2lora_core.config import ConfigError
+from pf2lora_core.experiment import load
+from pf2lora_core.launch import federation_config
+from pf2lora_core.runtime import resolve_device, simulation_gpu_problem
+
+
+@pytest.mark.parametrize(
+    ("device", "client_gpus", "gpus", "problem"),
+    [
+        ("auto", 0.0, 0, None),
+        ("cpu", 0.0, 1, None),
+        ("auto", 0.125, 1, None),
+        ("cuda", 0.125, 1, None),
+        ("cuda", 0.0, 1, "client_gpus > 0"),  # Ray hides the GPU from every client
+        ("cuda:0", 0.0, 1, "client_gpus > 0"),
+        ("auto", 0.5, 0, "never start a client"),  # Ray waits for a GPU that does not exist
+        ("cpu", -1.0, 1, "must be >= 0"),
+    ],
+)
+def test_simulation_gpu_settings(device: str, client_gpus: float, gpus: int, problem: str | None) -> None:
+    found = simulation_gpu_problem(device, client_gpus, gpus)
+    assert found is None if problem is None else problem in found
+
+
+def test_federation_config_refuses_gpu_clients_on_a_machine_without_gpus() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="never start a client"):
+        federation_config(load(["federation.client_gpus=0.125"]))
+    assert "client-resources-num-gpus=0.0" in federation_config(load([]))
+
+
+def test_auto_on_a_process_whose_gpus_are_hidden_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what Ray sets for a client with client_gpus=0
+    with caplog.at_level(logging.WARNING, logger="pf2lora_core.runtime"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "client_gpus > 0" in caplog.text
+    with pytest.raises(ValueError, match="client_gpus > 0"):
+        resolve_device("cuda")
