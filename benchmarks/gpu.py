@@ -16,7 +16,8 @@ one JSON line on stdout (human-readable tables go to stderr):
 - ``flwr``: a real ``flwr run`` of the demo (8 clients, 2 rounds) with every client on the GPU
   (``federation.client_gpus=0.125``), and the same run on the CPU of that machine: seconds per
   round and their ratio. Started through ``pf2lora_core.launch.flwr_run`` (own SuperLink ports and
-  FLWR_HOME, SuperLink stopped afterwards); any Ray or Flower process left by a run is stopped by PID.
+  FLWR_HOME, SuperLink stopped afterwards); any process left by a run (Ray's, found by that run's own
+  FLWR_HOME in its environment) is stopped by PID.
 - ``client_memory``: one demo client's peak GPU memory over a local round and an evaluation
   batch (PF2LoRA, MiniLM-L6, batch 16, length 64; tensors allocated and reserved by torch's
   caching allocator, plus the CUDA context measured at start), and how many such clients fit in
@@ -301,36 +302,41 @@ def client_memory(device: torch.device, sizes: Sizes, dry: bool, context_bytes: 
 
 
 # ----------------------------------------------------------------------------------- flwr run
-def _own_processes() -> set[int]:
-    """PIDs of this user's processes now (from /proc)."""
-    uid = os.getuid()
-    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) == uid}
+def _stop_processes_of_run(flwr_home: Path) -> list[int]:
+    """SIGTERM every process left by one run: those whose environment carries its own FLWR_HOME.
 
-
-def _uid(proc: Path) -> int:
-    try:
-        return proc.stat().st_uid
-    except OSError:
-        return -1
-
-
-def _stop_new_flower_processes(before: set[int]) -> list[int]:
-    """SIGTERM processes started since ``before`` that belong to Ray or Flower (left by a run)."""
+    ``flwr_run`` stops the run's SuperLink; the Ray processes its simulation started (GCS, raylet,
+    workers) may outlive it, reparented. They inherit the run's environment, and ``flwr_home`` is a
+    fresh temporary directory, so the match selects this run's processes only (never another
+    user's or another run's on a shared machine).
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
     stopped = []
-    for pid in sorted(_own_processes() - before - {os.getpid()}):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
-        if any(word in cmd for word in ("ray", "flwr", "flower")):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environ:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                stopped.append(pid)
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped.append(int(proc.name))
     return stopped
 
 
-def flwr_part(sizes: Sizes, dry: bool, deadline: float) -> dict:
-    """The demo as a real `flwr run` with 8 clients on the GPU, then on the CPU: seconds per round."""
+FLWR_RUNS = {"cuda": "device=cuda federation.client_gpus=0.125", "cpu": "device=cpu federation.client_gpus=0.0"}
+
+
+def flwr_part(
+    sizes: Sizes, dry: bool, deadline: float, runs: tuple[str, ...] = ("cuda", "cpu"), clients: int = 8, extra: str = ""
+) -> dict:
+    """The demo as a real `flwr run` with 8 clients on the GPU, then on the CPU: seconds per round.
+
+    ``runs``, ``clients`` and ``extra`` (more Hydra overrides) exist to check the plumbing on a
+    CPU machine (e.g. ``runs=("cpu",)``, a tiny model); the device check uses the defaults.
+    """
     if dry:
         return {
             "skipped": "dry run: a real flwr run costs about a minute of CI time (tests/test_simulation.py runs one)"
@@ -342,19 +348,17 @@ def flwr_part(sizes: Sizes, dry: bool, deadline: float) -> dict:
     from pf2lora_core.experiment import load
     from pf2lora_core.launch import federation_config, flwr_run
 
-    out: dict[str, Any] = {"clients": 8, "rounds": sizes.flwr_rounds}
-    for name, device_overrides in (("cuda", "device=cuda federation.client_gpus=0.125"),
-                                   ("cpu", "device=cpu federation.client_gpus=0.0")):  # fmt: skip
+    out: dict[str, Any] = {"clients": clients, "rounds": sizes.flwr_rounds}
+    for name in runs:
         left = deadline - time.monotonic()
         if left < 60:
             out[name] = {"skipped": f"time budget: {left:.0f} s left"}
             continue
         with tempfile.TemporaryDirectory(prefix="pf2lora-gpu-") as tmp:
             overrides = (
-                f"rounds={sizes.flwr_rounds} federation.num_clients=8 federation.client_cpus=2 {device_overrides} "
-                f"run_dir={tmp}/run federation.state_dir={tmp}/state"
+                f"rounds={sizes.flwr_rounds} federation.num_clients={clients} federation.client_cpus=2 "
+                f"{FLWR_RUNS[name]} run_dir={tmp}/run federation.state_dir={tmp}/state {extra}"
             )
-            before = _own_processes()
             start = time.monotonic()
             try:
                 fed = federation_config(load(overrides.split()))
@@ -363,7 +367,7 @@ def flwr_part(sizes: Sizes, dry: bool, deadline: float) -> dict:
                 out[name] = {"error": f"{type(err).__name__}: {err}"}
                 continue
             finally:
-                leftovers = _stop_new_flower_processes(before)
+                leftovers = _stop_processes_of_run(Path(tmp) / "flwr_home")
             rounds = _round_seconds(Path(tmp) / "run" / "metrics.jsonl")
             out[name] = {
                 "returncode": proc.returncode, "wall_s": round(time.monotonic() - start, 1),

@@ -145,7 +145,7 @@ class ClientRuntime:
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
             common=wire_state(self.exp.algorithm.uplink(self.model)),
-            private=self.model.export(PRIVATE) if self.has_private else {},
+            private=wire_state(self.model.export(PRIVATE)) if self.has_private else {},  # kept in an ArrayRecord too
             metrics=metrics,
             num_examples=len(self._train_data(client)),
         )
