@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check (issue 17), for the project's lent GPU machine (its own torch, no network).
 #
-#   bash benchmarks/gpu_device.sh fetch   # here, once: wheels the device image lacks, into .whl/ (git-ignored)
+#   bash benchmarks/gpu_device.sh fetch   # here, once: wheels the device image lacks, into .whl/ (in .gitignore)
 #   bash benchmarks/gpu_device.sh run     # there (device tool: carry [".whl"], timeout_s 600): one JSON line
 #
 # The device image has torch, transformers, peft, pyarrow, pandas, matplotlib, seaborn and tqdm, but
@@ -13,8 +13,6 @@ cd "$(dirname "$0")/.."
 WHEELS=(omegaconf==2.3.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 flwr-datasets==0.6.1 peft==0.21.2)
 case "${1:-}" in
   fetch)
-    exclude="$(git rev-parse --git-common-dir)/info/exclude"
-    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl "${WHEELS[@]}"
