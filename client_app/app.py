@@ -240,7 +240,7 @@ def _diagnostics(runtime: ClientRuntime, client: int, policy: NodePolicy, site: 
     if not site:
         return {"rank": rank}
     if not policy.share_spectra:
-        modules = {name: {k: v for k, v in m.items() if k != "singular_values"} for name, m in rank["modules"].items()}
+        modules = {name: {**m, "singular_values": []} for name, m in rank["modules"].items()}  # shape kept
         rank = {**rank, "modules": modules}
     out: dict[str, Any] = {"rank": rank}
     if policy.share_data_stats:
