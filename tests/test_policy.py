@@ -8,7 +8,6 @@ file, and a server config that names no data at all.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import uuid
@@ -28,17 +27,10 @@ from pf2lora_core.constants import ARRAYS_KEY, COMMON, NUM_EXAMPLES
 from pf2lora_core.experiment import Experiment, load
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY
+from tests.sites import LABELS, MIXES, split_sizes, write_site
 from tests.tiny_bert import make_tiny_bert
 
 SECRET = "s3cr3t-HOSPITAL-4711"
-LABELS = ["neg", "neu", "pos"]
-MIXES = [
-    (24, 4, 4),
-    (4, 4, 24),
-    (4, 20, 8),
-]  # per site: neg, neu, pos examples (multiples of 4: test_fraction 0.25 splits exactly)
-WORDS = ["good", "bad", "fine", "film", "plot", "actor", "scene", "music", "long", "short", "dull", "great"]
-
 OPENED: list[str] = []
 WATCHING: list[bool] = [False]
 
@@ -60,21 +52,6 @@ def flower_task_identity() -> Iterator[None]:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
-def write_site(path: Path, mix: tuple[int, ...], seed: int, extra_column: str = "") -> Path:
-    rows = []
-    for label, count in zip(LABELS, mix, strict=True):
-        for i in range(count):
-            words = [WORDS[(seed * 7 + i * 3 + j) % len(WORDS)] for j in range(5)]
-            rows.append(
-                {"text": f"{label} " + " ".join(words), "label": label, **({extra_column: 1} if extra_column else {})}
-            )
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @dataclass
@@ -344,8 +321,7 @@ def test_in_process_deployment_each_site_on_its_own_file(setup: Setup, tmp_path:
     grid = SiteGrid({100 + k: context(setup.node_config(k, **share), 100 + k) for k in range(3)}, [])
     summary = run_experiment(grid, exp, RunDir(new_run_dir("", "", str(tmp_path / "run"))))
     for k, client in enumerate(summary["clients"]):
-        test = [round(0.25 * c) for c in MIXES[k]]  # stratified: each label gives its share
-        assert client["label_histogram"]["test"] == test, (k, client)
-        assert [a + b for a, b in zip(client["label_histogram"]["train"], test, strict=True)] == list(MIXES[k])
-        assert client["num_train"] == sum(MIXES[k]) - sum(test) and client["num_test"] == sum(test)
+        train, test = split_sizes(MIXES[k])  # stratified: each label gives its share
+        assert client["label_histogram"] == {"train": train, "test": test}, (k, client)
+        assert client["num_train"] == sum(train) and client["num_test"] == sum(test)
     assert SECRET not in "".join(grid.received)
