@@ -6,6 +6,8 @@ no ``openssl`` or ``ssh-keygen`` binary. Writes into ``--out`` (default ``certs/
 
     ca.crt, ca.key                the certificate authority (keep ca.key off the network)
     server.pem, server.key        the SuperLink's certificate (signed by the CA) and key
+    superexec.secret              shared secret of the SuperLink and its SuperExec
+                                  (``--superexec-auth-secret-file``, process isolation)
     supernode_<k>, supernode_<k>.pub
                                   SuperNode k's ECDSA P-384 key pair in OpenSSH format
 
@@ -31,6 +33,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -128,6 +131,12 @@ def make_server_cert(out: Path, ca_key: rsa.RSAPrivateKey, ca: x509.Certificate,
     _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
+def make_superexec_secret(out: Path) -> None:
+    """32 random bytes (hex) that the SuperLink and its SuperExec share; kept if it exists."""
+    if not (out / "superexec.secret").exists():
+        _write(out / "superexec.secret", secrets.token_hex(32).encode(), private=True)
+
+
 def make_supernode_key(out: Path, name: str) -> Path:
     """``<out>/<name>`` (OpenSSH private key) and ``<out>/<name>.pub``; returns the public key's path."""
     key = ec.generate_private_key(NIST_CURVE())
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ca_key, ca = make_ca(args.out)
         make_server_cert(args.out, ca_key, ca, hosts)
-        print(f"wrote {args.out}/ca.crt, ca.key, server.pem, server.key (SANs: {', '.join(hosts)})")
+        make_superexec_secret(args.out)
+        print(f"wrote {args.out}/ca.crt, ca.key, server.pem, server.key, superexec.secret (SANs: {', '.join(hosts)})")
     for k in range(args.supernodes):
         if not (args.out / f"supernode_{k}").exists():
             make_supernode_key(args.out, f"supernode_{k}")

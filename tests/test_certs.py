@@ -88,7 +88,7 @@ def test_strict_verification_still_rejects_a_foreign_ca(certs: Path, tmp_path: P
 
 
 def test_private_keys_are_0600_and_public_files_are_not_secret(certs: Path) -> None:
-    for key in ("ca.key", "server.key", "supernode_0", "supernode_1"):
+    for key in ("ca.key", "server.key", "superexec.secret", "supernode_0", "supernode_1"):
         assert mode(certs / key) == 0o600, key
     for public in ("ca.crt", "server.pem", "supernode_0.pub"):
         assert mode(certs / public) == 0o644, public
