@@ -325,3 +325,21 @@ def test_in_process_deployment_each_site_on_its_own_file(setup: Setup, tmp_path:
         assert client["label_histogram"] == {"train": train, "test": test}, (k, client)
         assert client["num_train"] == sum(train) and client["num_test"] == sum(test)
     assert SECRET not in "".join(grid.received)
+
+
+def test_hub_revision_must_match_the_pinned_one(setup: Setup) -> None:
+    hub = {"model__source": "hub", "model__name": "org/bert", "model__revision": "abc"}
+    cfg = OmegaConf.create(edited(server_exp(setup), **hub))
+    pinned = P.NodePolicy.from_node_config(setup.node_config(0, **{P.ALLOW_MODELS: "org/bert@abc"}))
+    P.check_request(pinned, cfg)  # the pinned revision: allowed
+    other = P.NodePolicy.from_node_config(setup.node_config(0, **{P.ALLOW_MODELS: "org/bert@def"}))
+    with pytest.raises(P.PolicyError, match="model-revision"):
+        P.check_request(other, cfg)
+
+
+def test_simulated_partitions_keep_the_pooled_path() -> None:
+    """No policy key and a simulation run: nothing is localized (today's pooled-and-partitioned data)."""
+    policy = P.NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 2})
+    cfg = OmegaConf.create({"federation": {"kind": "simulation"}, "task": {"data_files": {"train": "x.csv"}}})
+    assert not P.is_site(policy, cfg)
+    assert P.localize(policy, cfg) == (cfg, [])
