@@ -125,16 +125,18 @@ def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateS
 
 def _client_id(context: Context, num_clients: int) -> int:
     if "partition-id" not in context.node_config:
-        raise ValueError(
+        raise PolicyError(
+            "node-config",
             "node config lacks 'partition-id'; start the SuperNode with "
-            '--node-config "partition-id=K num-partitions=N"'
+            '--node-config "partition-id=K num-partitions=N"',
         )
     client = int(context.node_config["partition-id"])
     declared = int(context.node_config.get("num-partitions", num_clients))
     if declared != num_clients or not 0 <= client < num_clients:
-        raise ValueError(
+        raise PolicyError(
+            "node-config",
             f"partition-id={client}, num-partitions={declared} do not fit federation.num_clients={num_clients}; "
-            "make the federation's num-supernodes equal federation.num_clients"
+            "make the federation's num-supernodes equal federation.num_clients",
         )
     return client
 
