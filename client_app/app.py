@@ -9,14 +9,22 @@ after a server resume does not build on what its first attempt produced.
 torch, transformers and peft are imported only by the train / evaluate handlers: in deployment
 every message starts a fresh ClientApp process, and the identity query must not pay seconds of
 imports on every node.
+
+The received config is the server's *request*. Before any work it is checked against this node's
+own policy (``pf2lora_core.policy``, from the node config): no interpolation is resolved, a
+request outside policy is refused naming the rule, and on a site the data, state and cache
+directories are the node's, never the server's. Every handler catches its own errors: details go
+to this SuperNode's log only; the reply carries an error code and a message without data values.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pf2lora_core.constants import (
@@ -30,6 +38,19 @@ from pf2lora_core.constants import (
     PRIVATE_STATE_KEY,
 )
 from pf2lora_core.logs import stream_handler
+from pf2lora_core.policy import (
+    CLIENT_FAILED,
+    LABEL_HISTOGRAM,
+    POLICY_REFUSED,
+    STATE_DIR,
+    NodePolicy,
+    PolicyError,
+    check_request,
+    check_uplink,
+    is_site,
+    localize,
+    reject_interpolation,
+)
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
 
 if TYPE_CHECKING:
@@ -38,7 +59,7 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 log = logging.getLogger("pf2lora.client")
-STATE_DIR_NODE_KEY = "state-dir"  # node config: where this SuperNode keeps private adapters
+STATE_DIR_NODE_KEY = STATE_DIR  # node config: where this SuperNode keeps private adapters
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
 
 
@@ -49,30 +70,73 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore]:
+def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Run a handler; a failure is logged here in full and answered with a code and a data-free reason.
+
+    Flower would send ``str(exception)`` to the server, and exception messages may quote data
+    (a column name, a label value, an environment variable resolved into the config).
+    """
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        _setup_logging()
+        try:
+            return handler(msg, context)
+        except PolicyError as err:  # our own text: rule names and numbers only
+            log.warning("%s", err)
+            return Message(Error(code=POLICY_REFUSED, reason=str(err)), reply_to=msg)
+        except Exception as err:
+            log.exception("client failed on %s", msg.metadata.message_type)
+            reason = f"{type(err).__name__} on the client; details are in that SuperNode's log"
+            return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
+
+    return run
+
+
+def request(msg: Message, context: Context) -> tuple[NodePolicy, str, bool]:
+    """This node's policy, the request checked against it and localized (as YAML), and whether this is a site.
+
+    Nothing here opens a file: the text is parsed as data (no interpolation), compared with the
+    policy, and the node's own data / state / cache paths are put in place of the server's.
+    """
+    from omegaconf import OmegaConf
+
+    policy = NodePolicy.from_node_config(context.node_config)
+    text = str(msg.content["config"][CONFIG_YAML_KEY])
+    reject_interpolation(text)
+    cfg = OmegaConf.create(text)
+    check_request(policy, cfg)
+    local, ignored = localize(policy, cfg)
+    if ignored:
+        log.info("site data: training on this node's data-path only; the server's %s ignored", ", ".join(ignored))
+    return policy, OmegaConf.to_yaml(local), is_site(policy, cfg)
+
+
+def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore, NodePolicy, bool]:
     from pf2lora_core.client import runtime_for
     from pf2lora_core.state import PrivateStore
 
-    _setup_logging()
-    config = msg.content["config"]
-    runtime = runtime_for(str(config[CONFIG_YAML_KEY]))
+    policy, config_yaml, site = request(msg, context)
+    runtime = runtime_for(config_yaml)
     client = _client_id(context, runtime.exp.federation.num_clients)
     root = str(context.node_config.get(STATE_DIR_NODE_KEY, runtime.exp.federation.state_dir))
-    return runtime, client, PrivateStore(root, str(config[RUN_KEY]), client)
+    return runtime, client, PrivateStore(root, str(msg.content["config"][RUN_KEY]), client), policy, site
 
 
 def _client_id(context: Context, num_clients: int) -> int:
     if "partition-id" not in context.node_config:
-        raise ValueError(
+        raise PolicyError(
+            "node-config",
             "node config lacks 'partition-id'; start the SuperNode with "
-            '--node-config "partition-id=K num-partitions=N"'
+            '--node-config "partition-id=K num-partitions=N"',
         )
     client = int(context.node_config["partition-id"])
     declared = int(context.node_config.get("num-partitions", num_clients))
     if declared != num_clients or not 0 <= client < num_clients:
-        raise ValueError(
+        raise PolicyError(
+            "node-config",
             f"partition-id={client}, num-partitions={declared} do not fit federation.num_clients={num_clients}; "
-            "make the federation's num-supernodes equal federation.num_clients"
+            "make the federation's num-supernodes equal federation.num_clients",
         )
     return client
 
@@ -112,23 +176,27 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
 
 
 @app.train()
+@guarded
 def train(msg: Message, context: Context) -> Message:
     from pf2lora_core.state import PrivateState
 
-    runtime, client, store = _setup(msg, context)
+    runtime, client, store, policy, site = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     previous = _private(context, store, before_round=server_round)
     out = runtime.train(client, server_round, common, previous.tensors if previous else None)
+    if site:
+        check_uplink(policy, out.common, runtime.head_modules)
     if out.private:
         steps = (previous.steps_total if previous else 0) + runtime.exp.local_steps
         _keep_private(context, store, PrivateState(out.private, server_round, steps))
-    metrics = {CLIENT_KEY: client, NUM_EXAMPLES: out.num_examples, **out.metrics}
+    metrics = {CLIENT_KEY: client, NUM_EXAMPLES: _count(policy, site, out.num_examples), **out.metrics}
     content = RecordDict({ARRAYS_KEY: ArrayRecord(out.common), METRICS_KEY: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.query()
+@guarded
 def query(msg: Message, context: Context) -> Message:
     """Identify this node: its partition id (the server maps node ids to clients when they connect).
 
@@ -136,20 +204,48 @@ def query(msg: Message, context: Context) -> Message:
     """
     from omegaconf import OmegaConf
 
-    num_clients = int(OmegaConf.create(str(msg.content["config"][CONFIG_YAML_KEY])).federation.num_clients)
+    text = str(msg.content["config"][CONFIG_YAML_KEY])
+    reject_interpolation(text)
+    NodePolicy.from_node_config(context.node_config)  # a malformed node config fails at once, not in round 1
+    num_clients = int(OmegaConf.create(text).federation.num_clients)
     client = _client_id(context, num_clients)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord({CLIENT_KEY: client})}), reply_to=msg)
 
 
 @app.evaluate()
+@guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    runtime, client, store = _setup(msg, context)
+    runtime, client, store, policy, site = _setup(msg, context)
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     # evaluation of round r uses the private level round r's training produced
     private = _private(context, store, before_round=int(msg.content["config"][SERVER_ROUND_KEY]) + 1)
     out = runtime.evaluate(client, common, private.tensors if private else None)
-    metrics = flatten_eval(client, out.num_examples, {PERSONALIZED: out.personalized, GLOBAL: out.global_})
+    results = {PERSONALIZED: out.personalized, GLOBAL: out.global_}
+    metrics = flatten_eval(client, _count(policy, site, out.num_examples), results)
     metrics[COMPUTE_SECONDS] = out.seconds
-    details = ConfigRecord({DETAILS_KEY: encode_details({"rank": out.rank})})
+    details = ConfigRecord({DETAILS_KEY: encode_details(_diagnostics(runtime, client, policy, site, out.rank))})
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})
     return Message(content=content, reply_to=msg)
+
+
+def _count(policy: NodePolicy, site: bool, n: int) -> int:
+    """An example count as it leaves: exact in simulation, coarse on a site unless it shares data stats."""
+    return policy.reported_count(n) if site else n
+
+
+def _diagnostics(runtime: ClientRuntime, client: int, policy: NodePolicy, site: bool, rank: dict) -> dict[str, Any]:
+    """What an evaluation reply tells about this client beyond its metrics; on a site, only what it opted in to.
+
+    Per-module singular values (they include the private level) need ``share-spectra``; the label
+    histograms of its train / test split need ``share-data-stats``.
+    """
+    if not site:
+        return {"rank": rank}
+    if not policy.share_spectra:
+        modules = {name: {**m, "singular_values": []} for name, m in rank["modules"].items()}  # shape kept
+        rank = {**rank, "modules": modules}
+    out: dict[str, Any] = {"rank": rank}
+    if policy.share_data_stats:
+        split = runtime.split(client)
+        out[LABEL_HISTOGRAM] = {"train": split.train_label_hist, "test": split.test_label_hist}
+    return out

@@ -16,4 +16,4 @@ ENV HF_HUB_OFFLINE=1 \
 # Run directories of the ServerApp (submit with output_dir=/app/outputs).
 VOLUME ["/app/outputs"]
 ENTRYPOINT ["flower-superexec"]
-CMD ["--runtime-api-address", "superlink:9093", "--root-certificates", "/certs/ca.crt"]
+CMD ["--runtime-api-address", "superlink:9093", "--root-certificates", "/certs/ca.crt", "--superexec-auth-secret-file", "/secrets/superexec.secret"]

@@ -8,4 +8,4 @@ LABEL org.opencontainers.image.title="pf2lora-superlink" \
 RUN mkdir -p /app/data
 VOLUME ["/app/data"]
 ENTRYPOINT ["flower-superlink"]
-CMD ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/server.pem", "--ssl-keyfile", "/certs/server.key", "--enable-supernode-auth", "--isolation", "process", "--host", "0.0.0.0", "--port", "9093", "--database", "/app/data/state.db", "--disable-runtime-dependency-installation"]
+CMD ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/server.pem", "--ssl-keyfile", "/certs/server.key", "--enable-supernode-auth", "--isolation", "process", "--host", "0.0.0.0", "--port", "9093", "--database", "/app/data/state.db", "--disable-runtime-dependency-installation", "--superexec-auth-secret-file", "/secrets/superexec.secret"]

@@ -22,4 +22,4 @@ ENV HF_HUB_OFFLINE=1 \
 # Private adapters (node config state-dir=/app/state): a volume, so they outlive the container.
 VOLUME ["/app/state"]
 ENTRYPOINT ["flower-supernode"]
-CMD ["--root-certificates", "/certs/ca.crt", "--superlink", "superlink:9093", "--auth-supernode-private-key", "/keys/supernode.key", "--isolation", "subprocess", "--node-config", "partition-id=0 num-partitions=1 state-dir=\"/app/state\""]
+CMD ["--root-certificates", "/certs/ca.crt", "--superlink", "superlink:9093", "--auth-supernode-private-key", "/keys/supernode.key", "--isolation", "subprocess", "--node-config", "partition-id=0 num-partitions=1 state-dir=\"/app/state\" data-path=\"/data/site.csv\""]

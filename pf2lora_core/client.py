@@ -22,6 +22,7 @@ from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, FLOPS_PER_STEP, PRIVATE
 from pf2lora_core.cost import count_flops
+from pf2lora_core.data.site import config_label_names, site_split
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_model
 from pf2lora_core.precision import configure_matmul_precision
@@ -31,6 +32,7 @@ from pf2lora_core.solver import autocast_context, iterate_forever
 from pf2lora_core.tasks import make_task
 
 StateDict = dict[str, Tensor]
+DEPLOYMENT = "deployment"  # federation.kind of a real deployment: site-local data, labels from config
 
 
 @dataclass
@@ -50,9 +52,22 @@ class EvalOutcome:
     seconds: float  # compute time of this evaluation
 
 
+def label_names(exp: Experiment) -> list[str]:
+    """The label set: from config in deployment (no data on the server), else from the pooled data."""
+    if exp.federation.kind == DEPLOYMENT:
+        return config_label_names(exp.task)
+    return data.task_label_names(exp.task, exp.seed)
+
+
 def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, object]:
     """Base model + adapters, initialised from the run seed (identical on server and clients)."""
-    labels = data.task_label_names(exp.task, exp.seed)
+    model, tokenizer, _ = build_model_with_heads(exp, device)
+    return model, tokenizer
+
+
+def build_model_with_heads(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, object, list[str]]:
+    """``build_model`` and the task-head modules trained in full (a site checks its uplink against them)."""
+    labels = label_names(exp)
     seed_everything(exp.seed)
     loaded = load_model(exp.model, exp.task.kind, num_labels=len(labels))
     algorithm = exp.algorithm
@@ -66,7 +81,7 @@ def build_model(exp: Experiment, device: torch.device) -> tuple[TwoLevelModel, o
         head_level=algorithm.head_level(exp.model.head_level),
         assign=algorithm.assign_level,
     ).to(device)
-    return model, loaded.tokenizer
+    return model, loaded.tokenizer, list(loaded.head_modules)
 
 
 class ClientRuntime:
@@ -76,7 +91,7 @@ class ClientRuntime:
         self.exp = exp
         self.device = resolve_device(str(exp.cfg.device))
         configure_matmul_precision()  # IEEE float32 matmuls, no TF32 (pf2lora_core.precision)
-        self.model, self.tokenizer = build_model(exp, self.device)
+        self.model, self.tokenizer, self.head_modules = build_model_with_heads(exp, self.device)
         # Every client's private level starts from the same seeded init (C random, D = 0).
         self.initial_private = self.model.export(PRIVATE) if self.has_private else {}
         bf16 = bool(exp.cfg.bf16)
@@ -90,6 +105,8 @@ class ClientRuntime:
 
     def split(self, client: int) -> data.ClientSplit:
         e = self.exp
+        if e.federation.kind == DEPLOYMENT:  # this site's own file (policy.localize chose it), unpartitioned
+            return site_split(e.task, e.seed, self.tokenizer)
         return data.client_split(e.task, e.partition, e.federation.num_clients, client, e.seed, self.tokenizer)
 
     def _evaluate_global(self, test: datasets.Dataset) -> dict[str, float]:
@@ -153,7 +170,7 @@ class ClientRuntime:
     def _train_data(self, client: int) -> datasets.Dataset:
         """The client's training split, or every client's pooled for the centralized reference."""
         e = self.exp
-        if e.algorithm.pooled_training:
+        if e.algorithm.pooled_training and e.federation.kind != DEPLOYMENT:
             return data.pooled_train(e.task, e.partition, e.federation.num_clients, e.seed, self.tokenizer)
         return self.split(client).train
 

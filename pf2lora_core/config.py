@@ -32,6 +32,9 @@ class TaskConfig:
     text_columns: list[str] = field(default_factory=list)
     label_column: str = MISSING  # causal_lm: optional ("" = none), used by label-skewed partitions
     label_names: list[str] = field(default_factory=list)  # optional: fixes the label order
+    # deployment (the server holds no data): the head's size when label_names is empty (ids 0..K-1).
+    # Defaults to 0 (= from label_names or the data) so task files that predate it stay valid.
+    num_labels: int = 0
     metric: str = MISSING  # accuracy | matthews_correlation; causal_lm: perplexity | bleu | rouge_l | meteor
     max_length: int = MISSING
     max_examples: int = MISSING  # subset of the pooled data before partitioning (0 = all)
@@ -48,6 +51,7 @@ class ModelConfig:
     head_level: str = MISSING  # common | private
     head_modules: list[str] = field(default_factory=list)  # empty: modules not in the checkpoint
     cache_dir: str = MISSING  # converted packaged models (GGUF -> safetensors); "" = ~/.cache/pf2lora
+    revision: str = ""  # hub: the commit to load (pin it; a site refuses an unpinned hub model)
 
 
 @dataclass

@@ -5,6 +5,8 @@
 and cached as safetensors), ``hub`` passes the id to ``from_pretrained`` (downloads when the Hub
 is reachable), ``path`` loads a local directory. ``load_model`` picks the head by task kind
 (``MODEL_KINDS``): a fresh classification head, or the checkpoint's own language-model head.
+Weights load from safetensors only (``use_safetensors=True``; never a pickle), a hub id at its
+pinned ``model.revision``.
 """
 
 from __future__ import annotations
@@ -141,7 +143,26 @@ def resolve_model(cfg: ModelConfig) -> str:
     """The ``from_pretrained`` argument (directory or hub id) for ``cfg``."""
     if cfg.source not in LOADERS:
         raise ValueError(f"model.source={cfg.source!r}: choose one of {sorted(LOADERS)}")
+    _warn_unpinned(cfg)
     return LOADERS[cfg.source](cfg.name, cfg.cache_dir)
+
+
+def hub_kwargs(cfg: ModelConfig) -> dict[str, str]:
+    """``revision=`` for a hub id (a pinned commit: the files cannot change under the same name)."""
+    return {"revision": cfg.revision} if cfg.source == "hub" and cfg.revision else {}
+
+
+def weights_kwargs(cfg: ModelConfig) -> dict[str, object]:
+    """Weights only from safetensors: a pickled ``pytorch_model.bin`` can run code when loaded.
+
+    A checkpoint without ``model.safetensors`` fails to load (convert it once where you trust it).
+    """
+    return {"use_safetensors": True, **hub_kwargs(cfg)}
+
+
+def _warn_unpinned(cfg: ModelConfig) -> None:
+    if cfg.source == "hub" and not cfg.revision:
+        log.warning("model.name=%r from the Hub without model.revision: pin a commit hash", cfg.name)
 
 
 @dataclass
@@ -157,9 +178,9 @@ def load_classifier(cfg: ModelConfig, num_labels: int) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    tokenizer = AutoTokenizer.from_pretrained(where, **hub_kwargs(cfg))
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        where, num_labels=num_labels, output_loading_info=True
+        where, num_labels=num_labels, output_loading_info=True, **weights_kwargs(cfg)
     )
     _ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -177,9 +198,9 @@ def load_causal_lm(cfg: ModelConfig, num_labels: int = 0) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    tokenizer = AutoTokenizer.from_pretrained(where, **hub_kwargs(cfg))
     _ensure_pad_token(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(where, dtype="float32", **weights_kwargs(cfg))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

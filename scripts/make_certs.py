@@ -6,17 +6,25 @@ no ``openssl`` or ``ssh-keygen`` binary. Writes into ``--out`` (default ``certs/
 
     ca.crt, ca.key                the certificate authority (keep ca.key off the network)
     server.pem, server.key        the SuperLink's certificate (signed by the CA) and key
+    superexec.secret              shared secret of the SuperLink and its SuperExec
+                                  (``--superexec-auth-secret-file``, process isolation)
     supernode_<k>, supernode_<k>.pub
                                   SuperNode k's ECDSA P-384 key pair in OpenSSH format
 
 ``ca.crt`` goes to every SuperNode (``--root-certificates``) and to the machine that runs
 ``flwr`` (``root-certificates`` in ``$FLWR_HOME/config.toml``). ``server.pem`` / ``server.key``
-stay on the SuperLink machine. ``supernode_<k>`` (private) goes to client machine k only;
-``supernode_<k>.pub`` is registered with ``flwr supernode register``.
+stay on the SuperLink machine. A site makes its own SuperNode key pair on its own machine
+(``--supernode-only``) and sends only the ``.pub`` to the operator, who registers it with
+``flwr supernode register``; ``--supernodes N`` (all pairs on one machine) is for tests and demos.
+
+Private keys are created with mode 0600 (``os.open``, so they are never readable by others, not
+even for a moment); certificates carry Subject / Authority Key Identifiers and KeyUsage, so they
+pass strict X.509 verification (``ssl.VERIFY_X509_STRICT``, Python 3.13's default).
 
 Usage::
 
-    python scripts/make_certs.py --out certs --hosts superlink.example.org,10.0.0.5 --supernodes 3
+    python scripts/make_certs.py --out certs --hosts superlink.example.org,10.0.0.5   # operator
+    python scripts/make_certs.py --supernode-only --out keys --name site_a             # each site
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -40,9 +49,15 @@ NIST_CURVE = ec.SECP384R1  # SuperNode keys: Flower 1.41 accepts NIST EC curves 
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
+    """Write ``data``; a private key is created 0600 (owner only) and stays so, whatever the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    mode = 0o600 if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # an existing file keeps its old mode through O_CREAT: set it
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
@@ -53,6 +68,12 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_usage(**set_bits: bool) -> x509.KeyUsage:
+    bits = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+            "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")  # fmt: skip
+    return x509.KeyUsage(**{bit: set_bits.get(bit, False) for bit in bits})
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -76,10 +97,10 @@ def make_ca(out: Path) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )  # digital_signature, key_cert_sign, crl_sign
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     _write(out / "ca.key", _pem_key(key), private=True)
@@ -101,10 +122,19 @@ def make_server_cert(out: Path, ca_key: rsa.RSAPrivateKey, ca: x509.Certificate,
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_key_usage(digital_signature=True, key_encipherment=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     _write(out / "server.key", _pem_key(key), private=True)
     _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM), private=False)
+
+
+def make_superexec_secret(out: Path) -> None:
+    """32 random bytes (hex) that the SuperLink and its SuperExec share; kept if it exists."""
+    if not (out / "superexec.secret").exists():
+        _write(out / "superexec.secret", secrets.token_hex(32).encode(), private=True)
 
 
 def make_supernode_key(out: Path, name: str) -> Path:
@@ -128,8 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated DNS names / IPs the SuperLink is reached at (the certificate's SANs)",
     )
     parser.add_argument("--supernodes", type=int, default=0, help="how many SuperNode key pairs to make")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing CA or key pair")
+    parser.add_argument(
+        "--supernode-only",
+        action="store_true",
+        help="make only this site's SuperNode key pair (<out>/<name>, <name>.pub): keep the key, send the .pub",
+    )
+    parser.add_argument("--name", default="supernode", help="file name of the --supernode-only key pair")
     args = parser.parse_args(argv)
+    if args.supernode_only:
+        return _supernode_only(args.out, args.name, args.force)
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if not hosts:
         parser.error("--hosts needs at least one name or address")
@@ -138,12 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ca_key, ca = make_ca(args.out)
         make_server_cert(args.out, ca_key, ca, hosts)
-        print(f"wrote {args.out}/ca.crt, ca.key, server.pem, server.key (SANs: {', '.join(hosts)})")
+        make_superexec_secret(args.out)
+        print(f"wrote {args.out}/ca.crt, ca.key, server.pem, server.key, superexec.secret (SANs: {', '.join(hosts)})")
     for k in range(args.supernodes):
         if not (args.out / f"supernode_{k}").exists():
             make_supernode_key(args.out, f"supernode_{k}")
     if args.supernodes:
         print(f"wrote {args.out}/supernode_<k> and supernode_<k>.pub for k = 0..{args.supernodes - 1}")
+    return 0
+
+
+def _supernode_only(out: Path, name: str, force: bool) -> int:
+    if (out / name).exists() and not force:
+        print(f"{out / name} exists; pass --force to replace it (then register the new .pub)")
+        return 1
+    public = make_supernode_key(out, name)
+    print(f"wrote {out / name} (private, mode 0600: stays on this machine) and {public} (send it to the operator)")
     return 0
 
 

@@ -1,4 +1,8 @@
-"""ServerApp: compose the experiment, run common-only FedAvg, write the run directory."""
+"""ServerApp: compose the experiment, run common-only FedAvg, write the run directory.
+
+In deployment the server never loads client data: the label set comes from config
+(``task.label_names`` / ``task.num_labels``) and label histograms only from sites that opt in.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
 from pf2lora_core.checkpoint import ServerCheckpoint
-from pf2lora_core.client import build_model
+from pf2lora_core.client import DEPLOYMENT, build_model
 from pf2lora_core.config import ConfigError, check
 from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.data.site import config_label_names
 from pf2lora_core.experiment import Experiment, load, split_overrides
 from pf2lora_core.logs import stream_handler
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
+from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
@@ -76,6 +82,9 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir, checkpoint: ServerC
     """Run all rounds (after ``checkpoint``'s, when given) on ``grid``; write summary and plots."""
     fed = exp.federation
     check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
+    deployment = fed.kind == DEPLOYMENT
+    if deployment:  # the server holds no client data: the head's size comes from config (ConfigError now)
+        config_label_names(exp.task)
     wait_for_nodes(grid, fed.num_clients, fed.wait_for_nodes_s)
     seed_everything(exp.seed)
     random.seed(exp.seed)  # FedAvg samples nodes with `random`
@@ -110,11 +119,21 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir, checkpoint: ServerC
         first_round = checkpoint.round + 1
     strategy.run_rounds(grid, shared, first_round=first_round)
     seconds = time.time() - t0 + strategy.elapsed_before
-    hists = data.partition_label_histograms(exp.task, exp.partition, fed.num_clients, exp.seed)
+    hists = site_histograms(strategy.latest_eval, fed.num_clients) if deployment else pooled_histograms(exp)
     summary = build_summary(exp, strategy.history, strategy.latest_eval, hists, params, seconds)
     run.write_summary(summary)
     write_run_plots(run, strategy.history, summary)
     return summary
+
+
+def pooled_histograms(exp: Experiment) -> list[dict[str, list[int]]]:
+    """Simulation: every client's label histograms, from the pooled data this process can read."""
+    return data.partition_label_histograms(exp.task, exp.partition, exp.federation.num_clients, exp.seed)
+
+
+def site_histograms(latest_eval: dict[int, dict], num_clients: int) -> list[dict[str, list[int]] | None]:
+    """Deployment: the label histograms that sites chose to report (``share-data-stats``), else None."""
+    return [latest_eval.get(c, {}).get(LABEL_HISTOGRAM) for c in range(num_clients)]
 
 
 def identify_clients(grid: Grid, shared: ConfigRecord, num_clients: int, timeout: float = 600) -> dict[int, int]:

@@ -48,6 +48,7 @@ from pf2lora_core.constants import (
     TRAIN_LOSS,
 )
 from pf2lora_core.outputs import RunDir, aggregate_metric
+from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
 from pf2lora_core.runtime import derived_seed
 from pf2lora_core.validation import check_values, decode_checked
@@ -379,7 +380,10 @@ class CommonOnlyFedAvg(FedAvg):
             client = int(metrics.pop(CLIENT_KEY))
             entry = split_metrics(metrics)
             details = msg.content.config_records.get(DETAILS_KEY)
-            entry["rank"] = decode_details(details.get(DETAILS_KEY) if details else None).get("rank", {})
+            decoded = decode_details(details.get(DETAILS_KEY) if details else None)
+            entry["rank"] = decoded.get("rank", {})
+            if LABEL_HISTOGRAM in decoded:  # only from a site that opted in (share-data-stats)
+                entry[LABEL_HISTOGRAM] = decoded[LABEL_HISTOGRAM]
             self.current.evaluation[client] = entry
         self._log_missing(server_round, "evaluation", replied)
         self.current.evaluation = dict(sorted(self.current.evaluation.items()))
