@@ -43,12 +43,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# `flwr run .` with the simulation size (num-supernodes, CPUs per client) read from the Hydra
-# config, so the two can't disagree. OVERRIDES="algorithm=homlora" etc. selects another experiment.
+# `flwr run .` through pf2lora_core.launch: the simulation size (num-supernodes, CPUs per client) read
+# from the Hydra config, a SuperLink of this run's own (fresh ports, FLWR_HOME above), the console
+# live, and every process the run started stopped when it ends or on Ctrl-C / SIGTERM.
+# OVERRIDES="algorithm=homlora" etc. selects another experiment.
 demo: install
-	flwr run . --stream \
-	  --federation-config "$$($(PY) -m pf2lora_core.launch federation-config $(OVERRIDES))" \
-	  --run-config "overrides='$(OVERRIDES)'"
+	$(PY) -m pf2lora_core.launch demo $(OVERRIDES)
 
 # The offline generation demo: SmolLM2-135M writes reviews of its own films, 4 clients partitioned
 # by movie (conf/experiment/offline_nlg.yaml). OVERRIDES="algorithm=homlora" etc. as for demo.

@@ -29,7 +29,7 @@ from pf2lora_core.constants import (
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
-from pf2lora_core.logs import stream_handler
+from pf2lora_core.logs import quiet_libraries, stream_handler
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def _setup_logging() -> None:
         log.addHandler(stream_handler("stderr", "%(asctime)s pf2lora-client %(levelname)s %(message)s"))
         log.setLevel(logging.INFO)
         log.propagate = False
+        quiet_libraries()
 
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore]:

@@ -16,7 +16,7 @@ from pf2lora_core.client import build_model
 from pf2lora_core.config import ConfigError, check
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.experiment import Experiment, load, split_overrides
-from pf2lora_core.logs import stream_handler
+from pf2lora_core.logs import quiet_libraries, stream_handler
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
@@ -27,6 +27,7 @@ from server_app.strategy import CommonOnlyFedAvg, query_partition_ids
 
 log = logging.getLogger("pf2lora.server")
 app = ServerApp()
+quiet_libraries()  # at import: the simulation starts Ray (and its tip) beside this app's main
 
 
 def _setup_logging() -> None:
