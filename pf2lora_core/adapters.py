@@ -79,6 +79,8 @@ class TwoLevelModel:
         if private is not None:
             self.specs[PRIVATE] = private
         self.head_level = head_level
+        self.head_modules = tuple(head_modules)
+        self.target_modules = tuple(target_modules)
         self.model: PeftModel = get_peft_model(base, _lora_config(common, target_modules), adapter_name=COMMON)
         if private is not None:
             self.model.add_adapter(PRIVATE, _lora_config(private, target_modules))

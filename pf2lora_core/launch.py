@@ -72,14 +72,13 @@ def flwr_run(
     each output line there as it arrives (the demo's live console). A timeout raises
     ``subprocess.TimeoutExpired`` with the output so far.
     """
-    mark = uuid.uuid4().hex
     env = {
         **os.environ,
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra_env or {}),
-        LAUNCH_MARK: mark,
     }
+    mark = env.setdefault(LAUNCH_MARK, uuid.uuid4().hex)  # a caller's own mark (tests look its processes up)
     cmd = ["flwr", "run", str(app_dir)]
     if connection is not None:
         cmd.append(connection)
@@ -189,8 +188,8 @@ def describe_process(proc: psutil.Process) -> str:
         home = proc.environ().get("FLWR_HOME")
         if home:
             parts.append(f"FLWR_HOME={home}")
-    with contextlib.suppress(psutil.Error):
-        parts.append(f"environment {Path(proc.exe()).parent.parent}")
+    with contextlib.suppress(psutil.Error, IndexError):  # the interpreter as started (a venv's bin/python)
+        parts.append(f"environment {Path(proc.cmdline()[0]).parent.parent}")
     return ", ".join(parts)
 
 

@@ -22,6 +22,7 @@ from pf2lora_core.plots import write_run_plots
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
+from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
 from server_app.strategy import CommonOnlyFedAvg, query_partition_ids
 
@@ -49,7 +50,12 @@ def main(grid: Grid, context: Context) -> None:
         run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
         run.write_config(exp.to_yaml())
     log.info("run directory: %s", run.path.resolve())
-    summary = run_experiment(grid, exp, run, checkpoint)
+    run = ServerRunDir(run.path, exp)  # tracking and PEFT-format adapters beside the run directory's files
+    run.tracker.log_config(exp.to_yaml())
+    try:
+        summary = run_experiment(grid, exp, run, checkpoint)
+    finally:
+        run.tracker.close()
     print(format_client_table(summary), flush=True)
     log.info("results in %s", run.path.resolve())
 
