@@ -150,18 +150,26 @@ def launched_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
-def stop_launched(mark: str, grace_s: float = 10.0) -> int:
-    """SIGTERM every process of launch ``mark``, SIGKILL those still there after ``grace_s``; how many."""
-    procs = launched_processes(mark)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
-    return len(procs)
+def stop_launched(mark: str, grace_s: float = 10.0, passes: int = 3) -> int:
+    """SIGTERM every process of launch ``mark``, SIGKILL those still there after ``grace_s``; how many.
+
+    Looked up again after each pass: a process may start another while it is being stopped (Ray).
+    """
+    stopped = 0
+    for _ in range(passes):
+        procs = launched_processes(mark)
+        if not procs:
+            break
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
+        stopped += len(procs)
+    return stopped
 
 
 class LaunchError(RuntimeError):
@@ -294,6 +302,10 @@ def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run and the SuperLink it started are stopped", file=sys.stderr)
         return 130
+    if proc.returncode < 0:  # not a failure of the app: something outside stopped `flwr run`
+        name = signal.Signals(-proc.returncode).name
+        print(f"`flwr run` was stopped by {name} from outside; the run's processes are stopped", file=sys.stderr)
+        return 128 - proc.returncode
     return proc.returncode
 
 
