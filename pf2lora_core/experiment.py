@@ -30,6 +30,7 @@ from pf2lora_core.constants import HEAD_LEVELS
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
 from pf2lora_core.tasks import METRICS, TASKS, generation_metrics_problem
+from pf2lora_core.tracking import TRACKERS
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
@@ -169,6 +170,7 @@ def _check_values(c: ExperimentConfig) -> None:
     check(0 < c.rank_threshold < 1, "rank_threshold", f"must be in (0, 1), got {c.rank_threshold}")
     check(c.flops_rounds >= 0, "flops_rounds", f"must be >= 0 (0 = never), got {c.flops_rounds}")
     check(c.sweep.job_timeout_s > 0, "sweep.job_timeout_s", f"must be > 0, got {c.sweep.job_timeout_s}")
+    check(c.tracking.kind in TRACKERS, "tracking", f"choose one of {sorted(TRACKERS)}, got {c.tracking.kind!r}")
     check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
     check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
     check(c.task.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")

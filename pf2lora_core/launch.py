@@ -1,9 +1,11 @@
-"""Launch helpers: Flower's simulation size from the Hydra config, and stopping the local SuperLink.
+"""Launching `flwr run`: the simulation size from the Hydra config, a private SuperLink, nothing left running.
 
 ``python -m pf2lora_core.launch federation-config [hydra overrides]`` prints the
 ``--federation-config`` value for ``flwr run`` (``num-supernodes=8 client-resources-num-cpus=1
 ...``), so the simulation size comes from the one Hydra tree (``federation.num_clients``,
-``client_cpus``, ``client_gpus``) instead of being repeated by hand.
+``client_cpus``, ``client_gpus``) instead of being repeated by hand. ``python -m pf2lora_core.launch
+demo [hydra overrides]`` runs an experiment as ``make demo`` does (see :func:`demo`);
+``stop-superlink`` stops the local SuperLink of ``$FLWR_HOME``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
+from typing import TextIO
+
+import psutil
 
 import torch
 
@@ -54,16 +61,22 @@ def flwr_run(
     federation_config: str | None,
     flwr_home: Path | None,
     app_dir: Path,
-    timeout: float,
+    timeout: float | None,
     extra_env: dict[str, str] | None = None,
     connection: str | None = None,
+    *,
+    echo: TextIO | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run <app_dir> --stream`` in a subprocess; returns the finished process.
+    """``flwr run <app_dir> --stream`` in a subprocess; returns the finished process (its log in ``stdout``).
 
-    Simulation (``connection`` None): with its own ``FLWR_HOME``; the local SuperLink that
-    ``flwr run`` starts outlives the command, so it is found by its database path under
-    ``flwr_home`` and stopped by PID, also when the run fails or times out. Deployment: submitted
-    to the SuperLink ``connection`` of the user's own ``$FLWR_HOME/config.toml``.
+    Simulation (``connection`` None): with its own ``FLWR_HOME`` and fresh local SuperLink ports
+    (refused with a message naming the owner if a chosen port is taken). Every process the run starts
+    (the SuperLink ``flwr run`` leaves behind, its SuperExec, the simulation, Ray) inherits a launch
+    mark in its environment and is stopped by it when the run ends, fails, times out or is
+    interrupted. Deployment: submitted to the SuperLink ``connection`` of the user's own
+    ``$FLWR_HOME/config.toml`` (nothing is started locally, nothing stopped). ``echo``: also write
+    each output line there as it arrives (the demo's live console). A timeout raises
+    ``subprocess.TimeoutExpired`` with the output so far.
     """
     env = {
         **os.environ,
@@ -71,6 +84,7 @@ def flwr_run(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra_env or {}),
     }
+    mark = env.setdefault(LAUNCH_MARK, uuid.uuid4().hex)  # a caller's own mark (tests look its processes up)
     cmd = ["flwr", "run", str(app_dir)]
     if connection is not None:
         cmd.append(connection)
@@ -78,14 +92,143 @@ def flwr_run(
         raise ValueError("a simulation run needs federation_config and flwr_home")
     else:
         env["FLWR_HOME"] = str(flwr_home)
-        env.update(private_superlink_ports(env))
+        ports = private_superlink_ports(env)
+        refuse_foreign_superlink(ports)
+        env.update(ports)
         cmd += ["--federation-config", federation_config]
     cmd += ["--stream", "--run-config", f"overrides='{overrides}'"]
     try:
-        return subprocess.run(cmd, cwd=app_dir, env=env, capture_output=True, text=True, timeout=timeout)
+        return _run_streaming(cmd, app_dir, env, timeout, echo)
     finally:
-        if connection is None and flwr_home is not None:
-            stop_processes_matching(str(flwr_home))
+        if connection is None:
+            stop_launched(mark)
+
+
+def _run_streaming(
+    cmd: list[str], cwd: Path, env: dict[str, str], timeout: float | None, echo: TextIO | None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with stdout and stderr merged, keeping (and echoing) every line; a timeout kills it."""
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc, reader)
+        raise subprocess.TimeoutExpired(cmd, timeout, output="".join(lines)) from None
+    except BaseException:  # Ctrl-C or SIGTERM: the caller then stops what the run started
+        _kill(proc, reader)
+        raise
+    reader.join(timeout=30)
+    return subprocess.CompletedProcess(cmd, code, stdout="".join(lines), stderr="")
+
+
+def _kill(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    proc.kill()
+    proc.wait()
+    reader.join(timeout=5)
+
+
+# Every process a launch starts carries this variable (a fresh id per launch) in its environment; the
+# processes are found by it afterwards, whatever they are called and whoever their parent now is.
+LAUNCH_MARK = "PF2LORA_LAUNCH_ID"
+
+
+def launched_processes(mark: str) -> list[psutil.Process]:
+    """Processes (other than this one) whose environment carries ``LAUNCH_MARK=mark``."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(LAUNCH_MARK) == mark:
+                found.append(proc)
+    return found
+
+
+def stop_launched(mark: str, grace_s: float = 10.0, passes: int = 3) -> int:
+    """SIGTERM every process of launch ``mark``, SIGKILL those still there after ``grace_s``; how many.
+
+    Looked up again after each pass: a process may start another while it is being stopped (Ray).
+    """
+    stopped = 0
+    for _ in range(passes):
+        procs = launched_processes(mark)
+        if not procs:
+            break
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
+        stopped += len(procs)
+    return stopped
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start as asked (e.g. another process holds its SuperLink port)."""
+
+
+def port_owner(port: int) -> psutil.Process | None:
+    """The process listening on TCP ``port`` of this machine, if any (None also if it is not ours to see)."""
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return psutil.Process(conn.pid)
+    return None
+
+
+def describe_process(proc: psutil.Process) -> str:
+    """``pid N (command), started in <cwd>, Python <executable>``: enough to tell whose it is."""
+    parts = [f"pid {proc.pid}"]
+    with contextlib.suppress(psutil.Error):
+        parts.append(f"({' '.join(proc.cmdline()[:3])[:160]})")
+    with contextlib.suppress(psutil.Error):
+        parts.append(f"started in {proc.cwd()}")
+    with contextlib.suppress(psutil.Error):
+        home = proc.environ().get("FLWR_HOME")
+        if home:
+            parts.append(f"FLWR_HOME={home}")
+    with contextlib.suppress(psutil.Error, IndexError):  # the interpreter as started (a venv's bin/python)
+        parts.append(f"environment {Path(proc.cmdline()[0]).parent.parent}")
+    return ", ".join(parts)
+
+
+def refuse_foreign_superlink(ports: dict[str, str]) -> None:
+    """Raise LaunchError naming the owner if any of this run's SuperLink ports is already taken.
+
+    ``flwr run`` would otherwise hand the app to whatever SuperLink answers there, which runs it in
+    the environment (and checkout) that SuperLink was started from.
+    """
+    for var, port in ports.items():
+        if not _port_taken(int(port)):
+            continue
+        owner = port_owner(int(port))
+        who = describe_process(owner) if owner else "a process this user cannot inspect"
+        stop = f"stop it with `kill {owner.pid}`" if owner else "stop it"
+        raise LaunchError(
+            f"port {port} ({var}) is taken by {who}: that is not this run's SuperLink, and `flwr run` would run "
+            f"the app in its environment; {stop} (or `make stop-superlink` in its checkout), or unset {var} so "
+            "that this run picks free ports"
+        )
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # Flower's CLI reads these to place the local SuperLink it starts for simulation (defaults 39091 and
@@ -112,31 +255,93 @@ def private_superlink_ports(env: dict[str, str]) -> dict[str, str]:
     return chosen
 
 
-def stop_processes_matching(pattern: str) -> int:
-    """SIGTERM every process whose command line contains ``pattern`` (not this one)."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    return len(pids)
+def stop_local_superlink(flwr_home: Path | None = None) -> int:
+    """Stop the local simulation SuperLink(s) of ``flwr_home`` (default: ``$FLWR_HOME``) and what they started.
+
+    Only processes of that Flower home, found by ``FLWR_HOME`` in their environment or the home's
+    path on their command line (a SuperLink's ``--database`` lies under it), so that another
+    checkout's SuperLink is left alone. For a SuperLink left by a run that was killed with SIGKILL.
+    """
+    home = str((flwr_home or _flwr_home()).resolve())
+    procs = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("FLWR_HOME") == home or any(home in arg for arg in proc.cmdline()):
+                procs.append(proc)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)
 
 
-def stop_local_superlink() -> int:
-    """Stop `flower-superlink` processes started by `flwr run` for local simulation; returns how many."""
-    return stop_processes_matching("flower-superlink .*--simulation")
+def _flwr_home() -> Path:
+    """Flower's home as the CLI resolves it: ``$FLWR_HOME`` or ``~/.flwr``."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
+    """``flwr run`` of the composed experiment, its output live, and nothing left running afterwards.
+
+    The simulation size comes from the config; the local SuperLink is this run's own (fresh ports,
+    ``flwr_home``) and is stopped with everything it started when the run ends, fails, or is
+    interrupted (Ctrl-C, SIGTERM). A deployment experiment is submitted to its SuperLink connection.
+    Returns the exit status of ``flwr run`` (2 for a config or launch problem, 130 when interrupted).
+    """
+    text = join_overrides(overrides)
+    try:
+        exp = load(overrides)
+        fed = exp.federation
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: the finally stops all
+        if fed.kind == "deployment":
+            proc = flwr_run(text, None, None, app_dir, timeout=None, connection=fed.connection, echo=sys.stdout)
+        else:
+            proc = flwr_run(text, federation_config(exp), flwr_home, app_dir, timeout=None, echo=sys.stdout)
+    except (ConfigError, LaunchError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run and the SuperLink it started are stopped", file=sys.stderr)
+        return 130
+    if proc.returncode < 0:  # not a failure of the app: something outside stopped `flwr run`
+        name = signal.Signals(-proc.returncode).name
+        print(f"`flwr run` was stopped by {name} from outside; the run's processes are stopped", file=sys.stderr)
+        return 128 - proc.returncode
+    return proc.returncode
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def join_overrides(overrides: list[str]) -> str:
+    """One override string for the app's run config (``shlex``-splittable; double quotes where needed)."""
+    for item in overrides:
+        if "'" in item:
+            raise ConfigError(f"invalid configuration: override {item!r}: use double quotes, not single quotes")
+    return " ".join(f'"{o}"' if any(c.isspace() for c in o) else o for o in overrides)
+
+
+USAGE = "usage: python -m pf2lora_core.launch {demo [overrides...] | federation-config [overrides...] | stop-superlink}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("federation-config", "stop-superlink"):
-        print(
-            "usage: python -m pf2lora_core.launch {federation-config [overrides...] | stop-superlink}", file=sys.stderr
-        )
+    if not args or args[0] not in ("demo", "federation-config", "stop-superlink"):
+        print(USAGE, file=sys.stderr)
         return 2
     if args[0] == "stop-superlink":
-        print(f"stopped {stop_local_superlink()} local SuperLink process(es)")
+        print(f"stopped {stop_local_superlink()} process(es) of the local SuperLink under {_flwr_home()}")
         return 0
+    if args[0] == "demo":
+        from pf2lora_core.experiment import conf_dir
+
+        return demo(args[1:], conf_dir().parent, _flwr_home())
     try:
         print(federation_config(load(args[1:])))
     except ConfigError as err:

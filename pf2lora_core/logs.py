@@ -1,4 +1,4 @@
-"""Log streams that follow ``sys.stdout`` / ``sys.stderr`` instead of holding on to them.
+"""Console output: log streams that follow ``sys.stdout`` / ``sys.stderr``, quiet libraries, round progress.
 
 A handler made with ``StreamHandler(sys.stderr)`` keeps the stream of the moment it was made. Hosts
 swap those streams (a SuperNode mirroring its apps' output, pytest capturing each test), so such a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Literal, TextIO
 
 StreamName = Literal["stdout", "stderr"]
@@ -57,3 +58,52 @@ def detach_absl_stream() -> None:
     if not isinstance(handler.stream, CurrentStream):
         with handler.lock:  # not setStream: it flushes the old stream, which may be closed by now
             handler.stream = CurrentStream("stderr")
+
+
+# Warnings of libraries we depend on that say nothing actionable to a user of this app: (message regex,
+# category). Matched by message, so any other warning of the same category still shows.
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers 5 reads its own deprecated property when peft wraps a model
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # Ray's tip about a future default (raised by ray.init in the simulation process); its env var
+    # would change which devices zero-GPU actors see, so the tip is filtered, not acted on
+    (r"Tip: In future versions of Ray, Ray will no longer override accelerator", FutureWarning),
+)
+
+
+def quiet_libraries() -> None:
+    """Silence datasets' and transformers' progress bars and info chatter, and the known warnings.
+
+    Through each library's own switches (datasets / transformers logging and progress bars, warning
+    filters by message), never by redirecting streams: our loggers (``pf2lora.*``), Flower's, and
+    every library's errors and other warnings still show. Idempotent; call once per process, before
+    the libraries do their work (the ServerApp at import, each ClientApp process on its first message).
+    """
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def progress(elapsed_s: float, done: int, total: int) -> str:
+    """``elapsed 1:05 | ~2:10 left``: time so far and the rest at the mean pace of the rounds done.
+
+    ``done`` counts the rounds finished (the round number, also after a resume, whose elapsed time
+    includes the rounds before it); the estimate is ``elapsed / done * (total - done)``.
+    """
+    left = elapsed_s / done * (total - done) if done > 0 else float("nan")
+    return f"elapsed {_clock(elapsed_s)} | ~{_clock(left)} left"
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour); ``?`` when unknown."""
+    if seconds != seconds or seconds < 0:  # NaN
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

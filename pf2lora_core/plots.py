@@ -9,9 +9,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
+import datasets
 import matplotlib.pyplot as plt
+from flwr_datasets.partitioner import Partitioner
 
 from pf2lora_core.constants import GLOBAL, PERSONALIZED, TRAIN_LOSS
+
+LABEL = "label"  # the label column of the partitions label_distributions plots
 
 
 def round_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -81,3 +85,47 @@ def write_run_plots(run: Any, history: Sequence[Mapping[str, Any]], summary: Map
                 spectra[f"client {c['client']}"] = modules[first]["singular_values"]
         if spectra:
             rank_spectra(spectra, run.plots / "rank_spectra.png", "update spectrum (first adapted module)")
+    hists = summary.get("label_histograms") or []
+    if hists and all(h and any(sum(v) for v in h.values()) for h in hists):
+        names = [f"label {i}" for i in range(len(next(iter(hists[0].values()))))]
+        label_distributions(hists, names, run.plots / "label_distribution.png")
+
+
+class HistogramPartitioner(Partitioner):
+    """The run's client splits as a flwr-datasets ``Partitioner`` of label rows (for its plots).
+
+    ``histograms[k][split]`` counts client k's examples per label id (``summary.json``'s
+    ``label_histogram``); partition k is one row per counted example, train and test together.
+    """
+
+    def __init__(self, histograms: Sequence[Mapping[str, Sequence[int]]], label_names: Sequence[str]) -> None:
+        super().__init__()
+        self._features = datasets.Features({LABEL: datasets.ClassLabel(names=list(label_names))})
+        counts = [[sum(col) for col in zip(*h.values(), strict=True)] for h in histograms]
+        self._rows = [[label for label, n in enumerate(c) for _ in range(n)] for c in counts]
+        self.dataset = self._labels([row for rows in self._rows for row in rows])  # plots read its features
+
+    def _labels(self, rows: list[int]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({LABEL: rows}, features=self._features)
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self._rows)
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        return self._labels(self._rows[partition_id])
+
+
+def label_distributions(
+    histograms: Sequence[Mapping[str, Sequence[int]]], label_names: Sequence[str], path: Path
+) -> None:
+    """flwr-datasets' ``plot_label_distributions``: examples per label and client (train + test)."""
+    from flwr_datasets.visualization import plot_label_distributions
+
+    partitioner = HistogramPartitioner(histograms, label_names)
+    fig, _, _ = plot_label_distributions(
+        partitioner, label_name=LABEL, plot_type="bar", size_unit="absolute", legend=True,
+        legend_title="label", title="examples per label and client",
+    )  # fmt: skip
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

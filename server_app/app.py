@@ -21,18 +21,20 @@ from pf2lora_core.config import ConfigError, check
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.data.site import config_label_names
 from pf2lora_core.experiment import Experiment, load, split_overrides
-from pf2lora_core.logs import stream_handler
+from pf2lora_core.logs import quiet_libraries, stream_handler
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import write_run_plots
 from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
+from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
 from server_app.strategy import CommonOnlyFedAvg, query_partition_ids
 
 log = logging.getLogger("pf2lora.server")
 app = ServerApp()
+quiet_libraries()  # at import: the simulation starts Ray (and its tip) beside this app's main
 
 
 def _setup_logging() -> None:
@@ -54,7 +56,12 @@ def main(grid: Grid, context: Context) -> None:
         run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
         run.write_config(exp.to_yaml())
     log.info("run directory: %s", run.path.resolve())
-    summary = run_experiment(grid, exp, run, checkpoint)
+    run = ServerRunDir(run.path, exp)  # tracking and PEFT-format adapters beside the run directory's files
+    run.tracker.log_config(exp.to_yaml())
+    try:
+        summary = run_experiment(grid, exp, run, checkpoint)
+    finally:
+        run.tracker.close()
     print(format_client_table(summary), flush=True)
     log.info("results in %s", run.path.resolve())
 

@@ -47,6 +47,7 @@ from pf2lora_core.constants import (
     PERSONALIZED,
     TRAIN_LOSS,
 )
+from pf2lora_core.logs import progress
 from pf2lora_core.outputs import RunDir, aggregate_metric
 from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
@@ -393,8 +394,9 @@ class CommonOnlyFedAvg(FedAvg):
         self.run.append_metrics(record)
         self.checkpoint(server_round).save(self.run.path / SERVER_STATE_DIR)
         log.info(
-            "round %d/%d done in %.1fs | train loss %.4f | %s | rejected %d", server_round, self.num_rounds,
-            record["seconds"], _nan(record.get(TRAIN_LOSS)), self._eval_line(record), len(record["rejected"]),
+            "round %d/%d done in %.1fs | %s | train loss %.4f | %s | rejected %d", server_round, self.num_rounds,
+            record["seconds"], progress(record["elapsed"], server_round, self.num_rounds),
+            _nan(record.get(TRAIN_LOSS)), self._eval_line(record), len(record["rejected"]),
         )  # fmt: skip
         return None
 

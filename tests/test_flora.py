@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from pf2lora_core.algorithms.flora import STACK_A, STACK_B, FLoRA, stack
 from pf2lora_core.constants import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from tests.flower_run import tiny_flower_run
 from tests.tiny import MLP
+
+if TYPE_CHECKING:
+    from pf2lora_core.client import ClientRuntime
 
 A, B, H = "m.lora_A.common.weight", "m.lora_B.common.weight", "head.weight"
 
@@ -83,3 +87,59 @@ def test_two_rounds_through_flower(tmp_path: Path) -> None:
     assert [r["clients_trained"] for r in records] == [2, 2] and not any(r["rejected"] for r in records)
     assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the rank-2r stack
     assert json.loads((run_dir / SUMMARY_FILE).read_text())["algorithm"] == "flora"
+
+
+@pytest.mark.slow  # ~25 s for both (tokenizer training, data): CI's make test runs it
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_flora_round_on_a_tiny_decoder_merges_what_peft_computes(arch: str, tmp_path: Path) -> None:
+    """Two clients train a round, the server stacks, a client merges: its merged base model gives the
+    logits of the unmerged model carrying the stack as a LoRA adapter in peft's own forward (GPT-2's
+    c_attn is a Conv1D whose weight is stored transposed, which the merge must respect)."""
+    from peft import LoraConfig
+
+    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.experiment import load
+    from tests.tiny_lm import make_tiny_lm
+
+    model_dir = make_tiny_lm(tmp_path / arch, arch)
+    exp = load(["experiment=offline_nlg", "algorithm=flora", "model.source=path", f"model.name={model_dir}",
+                "federation.num_clients=2", "local_steps=2", "partition.ids_per_client=15"])  # fmt: skip
+    rt = ClientRuntime(exp)  # one process serving both clients, as a Ray actor does
+    algo = exp.algorithm
+    state = algo.server_init(rt.model.export(COMMON))
+    outs = [rt.train(k, 1, algo.downlink(state, k), None) for k in (0, 1)]
+    state = algo.server_update(state, [o.common for o in outs], [o.num_examples for o in outs], [0, 1])
+    downlink = algo.downlink(state, 0)
+    rt.model.model.eval()  # GPT-2 has dropout
+    batch = {"input_ids": torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))}
+    # oracle: client 0's weights of round 1 plus the stack as one LoRA adapter, in peft's forward
+    rt._load(_no_stack(downlink), outs[0].private)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in rt.model.lora_modules()})
+    rank = next(v for k, v in downlink.items() if k.endswith(STACK_A)).shape[0]
+    peft_model = rt.model.model
+    peft_model.add_adapter("stack", LoraConfig(r=rank, lora_alpha=algo.scaling * rank, target_modules=targets))
+    for name, module in rt.model.lora_modules().items():
+        module.lora_A["stack"].weight.data.copy_(downlink[name + STACK_A])
+        module.lora_B["stack"].weight.data.copy_(downlink[name + STACK_B])
+    peft_model.base_model.set_adapter(["stack"])
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.base_model.set_adapter([COMMON])
+    peft_model.base_model.delete_adapter("stack")
+    # the client's own round 2: receive (merge) the stack, then its fresh LoRA (B = 0) adds nothing
+    rt._load(downlink, outs[0].private)
+    with torch.no_grad():
+        merged = peft_model(**batch).logits
+    assert torch.allclose(merged, expected, atol=1e-5), float((merged - expected).abs().max())
+    assert not torch.allclose(merged, _base_logits(rt, outs[0].private, batch), atol=1e-4)  # the merge did something
+
+
+def _no_stack(downlink: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The downlink with empty stacks: receive() then only loads the fresh LoRA and the head."""
+    return {k: (torch.zeros(0) if k.endswith((STACK_A, STACK_B)) else v) for k, v in downlink.items()}
+
+
+def _base_logits(rt: ClientRuntime, private: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    rt.model.load(PRIVATE, private)
+    with torch.no_grad():
+        return rt.model.model(**batch).logits

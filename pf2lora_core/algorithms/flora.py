@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
@@ -120,12 +120,10 @@ class FLoRA(Algorithm):
         if not self._fresh:
             self._fresh = model.export(COMMON)  # first call in this process: the seeded init
         modules = model.lora_modules()
-        with torch.no_grad():
-            for name, module in modules.items():
-                a, b = downlink[name + STACK_A], downlink[name + STACK_B]
-                if a.numel():
-                    weight = module.base_layer.weight
-                    weight.add_((self.scaling * (b @ a)).to(weight.device, weight.dtype))
+        for name, module in modules.items():
+            a, b = downlink[name + STACK_A], downlink[name + STACK_B]
+            if a.numel():  # peft computes s B A in the layer's own layout (GPT-2's Conv1D is transposed)
+                merge_into_base(module, a, b, self.scaling)
         model.load(COMMON, {**self._fresh, **{k: v for k, v in downlink.items() if not is_stack(k)}})
 
     def train(self, ctx: LocalContext) -> dict[str, float]:
