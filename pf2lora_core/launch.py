@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TextIO
 
 import psutil
-
 import torch
 
 from pf2lora_core.config import ConfigError
