@@ -22,10 +22,9 @@ from flwr.clientapp import ClientApp
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
-    GLOBAL,
     METRICS_KEY,
     NUM_EXAMPLES,
-    PERSONALIZED,
+    NUM_VALIDATION,
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
@@ -148,7 +147,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     # evaluation of round r uses the private level round r's training produced
     private = _private(context, store, before_round=int(msg.content["config"][SERVER_ROUND_KEY]) + 1)
     out = runtime.evaluate(client, common, private.tensors if private else None)
-    metrics = flatten_eval(client, out.num_examples, {PERSONALIZED: out.personalized, GLOBAL: out.global_})
+    metrics = flatten_eval(client, out.num_examples, out.results())  # test and validation, both models
+    metrics[NUM_VALIDATION] = out.num_validation
     metrics[COMPUTE_SECONDS] = out.seconds
     details = ConfigRecord({DETAILS_KEY: encode_details({"rank": out.rank})})
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})

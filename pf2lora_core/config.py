@@ -36,6 +36,7 @@ class TaskConfig:
     max_length: int = MISSING
     max_examples: int = MISSING  # subset of the pooled data before partitioning (0 = all)
     test_fraction: float = MISSING  # of each client's partition
+    val_fraction: float = MISSING  # of each client's partition, carved out of what test leaves
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
 

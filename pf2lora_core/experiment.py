@@ -175,6 +175,11 @@ def _check_values(c: ExperimentConfig) -> None:
     check(c.task.max_length >= 2, "task.max_length", "must be >= 2")
     check(c.task.max_examples >= 0, "task.max_examples", "must be >= 0 (0 = all)")
     check(0 < c.task.test_fraction < 1, "task.test_fraction", f"must be in (0, 1), got {c.task.test_fraction}")
+    check(
+        0 <= c.task.val_fraction < 1 - c.task.test_fraction,
+        "task.val_fraction",
+        f"must be in [0, 1 - test_fraction) (0 = no validation split), got {c.task.val_fraction}",
+    )
     check(len(c.task.text_columns) in (1, 2), "task.text_columns", "give one column or a pair of columns")
     _check_task_kind(c)
     check(0 <= c.partition.s <= 1, "partition.s", f"must be in [0, 1], got {c.partition.s}")
