@@ -92,7 +92,7 @@ def test_tiny_partition_keeps_a_train_row() -> None:
 def test_bad_val_fraction_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="val_fraction"):
         train_val_test(np.arange(10), np.zeros(10, dtype=int), 0.5, 0.5, np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="task.val_fraction"):
+    with pytest.raises(ConfigError, match=r"task\.val_fraction"):
         load(["task.val_fraction=0.8"])
 
 
