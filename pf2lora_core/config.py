@@ -48,6 +48,7 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)
     head_level: str = MISSING  # common | private
     head_modules: list[str] = field(default_factory=list)  # empty: modules not in the checkpoint
+    pooling: str = MISSING  # classification: what the head reads, mean (over real tokens) | native
     cache_dir: str = MISSING  # converted packaged models (GGUF -> safetensors); "" = ~/.cache/pf2lora
 
 

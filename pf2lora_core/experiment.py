@@ -29,6 +29,7 @@ from pf2lora_core.config import (
 from pf2lora_core.constants import HEAD_LEVELS
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
+from pf2lora_core.pooling import POOLINGS
 from pf2lora_core.tasks import METRICS, TASKS, generation_metrics_problem
 
 CONF_ENV = "PF2LORA_CONF"
@@ -170,6 +171,7 @@ def _check_values(c: ExperimentConfig) -> None:
     check(c.flops_rounds >= 0, "flops_rounds", f"must be >= 0 (0 = never), got {c.flops_rounds}")
     check(c.sweep.job_timeout_s > 0, "sweep.job_timeout_s", f"must be > 0, got {c.sweep.job_timeout_s}")
     check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
+    check(c.model.pooling in POOLINGS, "model.pooling", f"choose one of {list(POOLINGS)}, got {c.model.pooling!r}")
     check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
     check(c.task.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
     check(c.task.max_length >= 2, "task.max_length", "must be >= 2")

@@ -99,3 +99,14 @@ def test_bad_val_fraction_is_one_clear_error() -> None:
 def test_val_fraction_zero_gives_no_validation_rows() -> None:
     task = dataclasses.replace(make_task(max_examples=400), val_fraction=0.0)
     assert all(len(r.validation) == 0 for r in _client_rows(task, PARTITIONS["iid"], 2, seed=0))
+
+
+def test_rotten_tomatoes_3way_has_plot_as_a_third_class() -> None:
+    task = make_task(name="rotten_tomatoes_3way", max_examples=0)
+    pooled = _pooled(task, 0)
+    labels = np.asarray(pooled[LABEL])
+    assert pooled.features[LABEL].names == ["rotten", "fresh", "plot"]
+    counts = np.bincount(labels, minlength=3)
+    assert counts[2] > 900 and counts[0] > 4000 and counts[1] > 6000  # ~1.1k plot, 5.4k rotten, 7.4k fresh
+    rows = _client_rows(dataclasses.replace(task, max_examples=1200), PARTITIONS["iid"], 4, seed=0)
+    assert all(len(r.validation) and len(r.test) for r in rows)
