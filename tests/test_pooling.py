@@ -61,5 +61,5 @@ def test_mean_pooling_refuses_a_model_without_pooler() -> None:
             super().__init__()
             self.encoder = nn.Linear(2, 2)
 
-    with pytest.raises(ValueError, match="model.pooling=native"):
+    with pytest.raises(ValueError, match=r"model\.pooling=native"):
         use_mean_pooling(NoPooler())
