@@ -122,3 +122,11 @@ def test_default_alphas_and_max_ranks_match_homlora() -> None:
     for name in ("hetlora", "flexlora"):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert cfg.rank >= hom.rank and all(r <= cfg.rank for r in cfg.client_ranks), name
+
+
+def test_offline_compare_preset() -> None:
+    exp = load(["experiment=offline_compare", "algorithm=pf2lora"])
+    assert (exp.cfg.rounds, exp.cfg.local_steps, exp.cfg.eval_every) == (8, 5, 2)
+    assert (exp.task.name, exp.task.max_examples, exp.task.val_fraction) == ("rotten_tomatoes", 3200, 0.1)
+    assert (exp.partition.kind, exp.partition.s, exp.federation.num_clients) == ("s_split", 0.5, 8)
+    assert exp.model.name == "minilm-l6" and exp.model.pooling == "mean"
