@@ -47,10 +47,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args()
-    for name, arm in ARMS.items():
-        for seed in args.seeds:
-            print(json.dumps({"arm": name, "seed": seed, **measure(arm, args.rows, args.steps, seed)}), flush=True)
+    for seed in args.seeds:
+        for name in args.arms:
+            print(json.dumps({"arm": name, "seed": seed, **measure(ARMS[name], args.rows, args.steps, seed)}), flush=True)
 
 
 if __name__ == "__main__":
