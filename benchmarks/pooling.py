@@ -51,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     for seed in args.seeds:
         for name in args.arms:
-            print(json.dumps({"arm": name, "seed": seed, **measure(ARMS[name], args.rows, args.steps, seed)}), flush=True)
+            result = measure(ARMS[name], args.rows, args.steps, seed)
+            print(json.dumps({"arm": name, "seed": seed, **result}), flush=True)
 
 
 if __name__ == "__main__":
