@@ -212,7 +212,13 @@ def run_call(
 
 def build_arms(device: torch.device) -> list[Arm]:
     cfg = ModelConfig(
-        source="packaged", name="minilm-l6", target_modules=["query", "value"], head_level=COMMON, head_modules=[]
+        source="packaged",
+        name="minilm-l6",
+        target_modules=["query", "value"],
+        head_level=COMMON,
+        head_modules=[],
+        cache_dir="",
+        pooling="mean",
     )
     loaded = load_classifier(cfg, num_labels=2)
 
