@@ -126,7 +126,7 @@ def test_default_alphas_and_max_ranks_match_homlora() -> None:
 
 def test_offline_compare_preset() -> None:
     exp = load(["experiment=offline_compare", "algorithm=pf2lora"])
-    assert (exp.cfg.rounds, exp.cfg.local_steps, exp.cfg.eval_every) == (8, 5, 2)
+    assert (exp.cfg.rounds, exp.cfg.local_steps, exp.cfg.eval_every) == (8, 8, 4)
     assert (exp.task.name, exp.task.max_examples, exp.task.val_fraction) == ("rotten_tomatoes", 3200, 0.1)
     assert (exp.partition.kind, exp.partition.s, exp.federation.num_clients) == ("s_split", 0.5, 8)
     assert exp.model.name == "minilm-l6" and exp.model.pooling == "mean"
