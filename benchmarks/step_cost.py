@@ -222,7 +222,13 @@ def build_arms(
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     cfg = ModelConfig(
-        source="packaged", name="minilm-l6", target_modules=["query", "value"], head_level=COMMON, head_modules=[]
+        source="packaged",
+        name="minilm-l6",
+        target_modules=["query", "value"],
+        head_level=COMMON,
+        head_modules=[],
+        cache_dir="",
+        pooling="mean",
     )
     loaded = loaded or load_classifier(cfg, num_labels=2)
 

@@ -30,10 +30,9 @@ from flwr.clientapp import ClientApp
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
-    GLOBAL,
     METRICS_KEY,
     NUM_EXAMPLES,
-    PERSONALIZED,
+    NUM_VALIDATION,
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
@@ -221,8 +220,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     # evaluation of round r uses the private level round r's training produced
     private = _private(context, store, before_round=int(msg.content["config"][SERVER_ROUND_KEY]) + 1)
     out = runtime.evaluate(client, common, private.tensors if private else None)
-    results = {PERSONALIZED: out.personalized, GLOBAL: out.global_}
-    metrics = flatten_eval(client, _count(policy, site, out.num_examples), results)
+    # test and validation, both models
+    metrics = flatten_eval(client, _count(policy, site, out.num_examples), out.results())
+    metrics[NUM_VALIDATION] = _count(policy, site, out.num_validation)
     metrics[COMPUTE_SECONDS] = out.seconds
     details = ConfigRecord({DETAILS_KEY: encode_details(_diagnostics(runtime, client, policy, site, out.rank))})
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})

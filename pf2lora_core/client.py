@@ -8,10 +8,11 @@ a client's own state (its private level) is loaded into the shared model at ever
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -20,8 +21,23 @@ from torch import Tensor
 from pf2lora_core import data
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.constants import COMMON, COMPUTE_SECONDS, EVAL_LOSS, FLOPS_PER_STEP, PRIVATE
+from pf2lora_core.constants import (
+    BATCHES_SEEN,
+    COMMON,
+    COMPUTE_SECONDS,
+    EVAL_LOSS,
+    EXAMPLES_SEEN,
+    FLOPS_PER_CLIENT_ROUND,
+    FLOPS_PER_STEP,
+    GLOBAL,
+    GRADIENT_PASSES,
+    PERSONALIZED,
+    PRIVATE,
+    VALIDATION,
+    VALIDATION_GLOBAL,
+)
 from pf2lora_core.cost import count_flops
+from pf2lora_core.data.columns import TEST
 from pf2lora_core.data.site import config_label_names, site_split
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_model
@@ -45,11 +61,23 @@ class TrainOutcome:
 
 @dataclass
 class EvalOutcome:
-    personalized: dict[str, float]
-    global_: dict[str, float]
+    personalized: dict[str, float]  # test split
+    global_: dict[str, float]  # test split
     rank: dict  # rank_report(...) of the client's full update
-    num_examples: int
+    num_examples: int  # rows of the test split
     seconds: float  # compute time of this evaluation
+    validation: dict[str, float] = field(default_factory=dict)  # personalized, on the validation split
+    validation_global: dict[str, float] = field(default_factory=dict)  # global, on the validation split
+    num_validation: int = 0  # rows of the validation split
+
+    def results(self) -> dict[str, dict[str, float]]:
+        """Every evaluated kind (``constants.EVAL_KINDS``) -> its metrics, as the client sends them."""
+        return {
+            PERSONALIZED: self.personalized,
+            GLOBAL: self.global_,
+            VALIDATION: self.validation,
+            VALIDATION_GLOBAL: self.validation_global,
+        }
 
 
 def label_names(exp: Experiment) -> list[str]:
@@ -109,34 +137,48 @@ class ClientRuntime:
             return site_split(e.task, e.seed, self.tokenizer)
         return data.client_split(e.task, e.partition, e.federation.num_clients, client, e.seed, self.tokenizer)
 
-    def _evaluate_global(self, test: datasets.Dataset) -> dict[str, float]:
-        """The common adapter alone; NaN metrics where the algorithm has no global model."""
+    def _evaluate_global(self, splits: Mapping[str, datasets.Dataset]) -> dict[str, dict[str, float]]:
+        """The common adapter alone on each split; NaN metrics where the algorithm has no global model."""
         if not self.exp.algorithm.has_global_model:
-            return {EVAL_LOSS: float("nan"), self.exp.task.metric: float("nan")}
+            return {name: self._missing() for name in splits}
         with self.model.only(COMMON):
-            return self.task.evaluate(self.model.model, test)
+            return {name: self._evaluate_split(ds) for name, ds in splits.items()}
 
-    def _evaluate_personalized(self, client: int, test: datasets.Dataset) -> dict[str, float]:
-        """The client's own model, after the algorithm's personalization (restored afterwards)."""
+    def _evaluate_personalized(
+        self, client: int, splits: Mapping[str, datasets.Dataset]
+    ) -> dict[str, dict[str, float]]:
+        """The client's own model on each split, after the algorithm's personalization (restored afterwards).
+
+        One personalization serves every split, so validation and test score the same model.
+        """
         if not self.exp.algorithm.adapts_for_evaluation:
-            return self._evaluate_mixed(client, test)
+            return {name: self._evaluate_mixed(client, ds) for name, ds in splits.items()}
         snapshot = {level: self.model.export(level) for level in self.model.levels}
         seed = derived_seed(self.exp.seed, client, 1 << 20)  # fixed: evaluation is repeatable
         self.model.model.train()
         self.exp.algorithm.personalize(self._context(client, seed, 1))
         try:
-            return self._evaluate_mixed(client, test)
+            return {name: self._evaluate_mixed(client, ds) for name, ds in splits.items()}
         finally:
             for level, state in snapshot.items():
                 self.model.load(level, state)
+
+    def _missing(self) -> dict[str, float]:
+        return {EVAL_LOSS: float("nan"), self.exp.task.metric: float("nan")}
+
+    def _evaluate_split(self, ds: datasets.Dataset, around: Callable | None = None) -> dict[str, float]:
+        """The task's metrics on ``ds``; an empty split (``task.val_fraction=0``) is not evaluated."""
+        if len(ds) == 0:
+            return self._missing()
+        return self.task.evaluate(self.model.model, ds, around=around)
 
     def _evaluate_mixed(self, client: int, test: datasets.Dataset) -> dict[str, float]:
         """Evaluate the model, with the algorithm's per-instance adapter weights where it has any."""
         seed = derived_seed(self.exp.seed, client, 1 << 21)  # fixed: evaluation is repeatable
         mixer = self.exp.algorithm.evaluation_mixer(self._context(client, seed, 1))
         if mixer is None:
-            return self.task.evaluate(self.model.model, test)
-        return self.task.evaluate(self.model.model, test, around=lambda batch: self.model.row_weights(mixer(batch)))
+            return self._evaluate_split(test)
+        return self._evaluate_split(test, around=lambda batch: self.model.row_weights(mixer(batch)))
 
     def _load(self, downlink: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> None:
         """The client's own private level first, then the server's downlink (which may build on it)."""
@@ -153,12 +195,19 @@ class ClientRuntime:
         if self.exp.algorithm.pooled_training:
             steps *= self.exp.federation.num_clients
         ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
+        drawn = data.CountedBatches(ctx.batches)
+        ctx = dataclasses.replace(ctx, batches=drawn)
         self.model.model.train()
         if server_round <= int(self.exp.cfg.flops_rounds):
             metrics, flops = count_flops(lambda: self.exp.algorithm.train(ctx))
             metrics[FLOPS_PER_STEP] = flops / steps
+            metrics[FLOPS_PER_CLIENT_ROUND] = float(flops)
         else:
             metrics = self.exp.algorithm.train(ctx)
+        # what this round consumed (equal-budget accounting): one pass per step unless the algorithm says
+        metrics[BATCHES_SEEN] = float(drawn.batches)
+        metrics[EXAMPLES_SEEN] = float(drawn.examples)
+        metrics.setdefault(GRADIENT_PASSES, float(steps))
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(
             common=wire_state(self.exp.algorithm.uplink(self.model)),
@@ -193,11 +242,20 @@ class ClientRuntime:
         start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)
-        test = split.test
-        global_ = self._evaluate_global(test)
-        personalized = self._evaluate_personalized(client, test)
+        splits = {TEST: split.test, VALIDATION: split.validation}
+        global_ = self._evaluate_global(splits)
+        personalized = self._evaluate_personalized(client, splits)
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
-        return EvalOutcome(personalized, global_, rank, len(split.test), time.perf_counter() - start)
+        return EvalOutcome(
+            personalized[TEST],
+            global_[TEST],
+            rank,
+            len(split.test),
+            time.perf_counter() - start,
+            validation=personalized[VALIDATION],
+            validation_global=global_[VALIDATION],
+            num_validation=len(split.validation),
+        )
 
 
 def wire_state(state: StateDict) -> StateDict:

@@ -39,6 +39,7 @@ class TaskConfig:
     max_length: int = MISSING
     max_examples: int = MISSING  # subset of the pooled data before partitioning (0 = all)
     test_fraction: float = MISSING  # of each client's partition
+    val_fraction: float = MISSING  # of each client's partition, carved out of what test leaves
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
 
@@ -50,6 +51,7 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)
     head_level: str = MISSING  # common | private
     head_modules: list[str] = field(default_factory=list)  # empty: modules not in the checkpoint
+    pooling: str = MISSING  # classification: what the head reads, mean (over real tokens) | native
     cache_dir: str = MISSING  # converted packaged models (GGUF -> safetensors); "" = ~/.cache/pf2lora
     revision: str = ""  # hub: the commit to load (pin it; a site refuses an unpinned hub model)
 

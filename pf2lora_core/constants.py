@@ -33,6 +33,7 @@ EVAL_LOSS = "eval_loss"
 GRADIENT_PASSES = "gradient_passes"  # forward+backward passes of a round's local steps
 COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or evaluate)
 FLOPS_PER_STEP = "flops_per_local_step"  # counted FLOPs of a round's training / its local steps
+FLOPS_PER_CLIENT_ROUND = "flops_per_client_round"  # counted FLOPs of one client's round of local training
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"
 # Generation metrics (causal-LM tasks): corpus BLEU (sacrebleu), ROUGE-L F1, METEOR, and the
@@ -45,6 +46,22 @@ PERPLEXITY = "perplexity"
 LOWER_IS_BETTER = frozenset({EVAL_LOSS, PERPLEXITY})
 PERSONALIZED = "personalized"
 GLOBAL = "global"
+# The same two models on each client's validation split (choosing hyper-parameters or rounds
+# reads these, never the test split): VALIDATION mirrors PERSONALIZED, VALIDATION_GLOBAL mirrors GLOBAL.
+VALIDATION = "validation"
+VALIDATION_GLOBAL = "validation_global"
+NUM_VALIDATION = "num-validation"  # rows of a client's validation split (weights VALIDATION means)
+# Every evaluated kind, and the per-client count that weights its example-weighted mean.
+EVAL_KINDS = {
+    PERSONALIZED: NUM_EXAMPLES,
+    GLOBAL: NUM_EXAMPLES,
+    VALIDATION: NUM_VALIDATION,
+    VALIDATION_GLOBAL: NUM_VALIDATION,
+}
+BALANCED_ACCURACY = "balanced_accuracy"  # mean per-class recall over the classes present (classification)
+# What one round of local training consumed on a client (train metrics; summary ``cost``).
+EXAMPLES_SEEN = "examples_seen"  # rows of the minibatches the algorithm drew
+BATCHES_SEEN = "batches_seen"  # minibatches the algorithm drew
 
 # Run-directory contract (DESIGN.md).
 CONFIG_FILE = "config.yaml"

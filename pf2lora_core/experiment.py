@@ -29,6 +29,7 @@ from pf2lora_core.config import (
 from pf2lora_core.constants import HEAD_LEVELS
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
+from pf2lora_core.pooling import POOLINGS
 from pf2lora_core.tasks import METRICS, TASKS, generation_metrics_problem
 from pf2lora_core.tracking import TRACKERS
 
@@ -172,11 +173,17 @@ def _check_values(c: ExperimentConfig) -> None:
     check(c.sweep.job_timeout_s > 0, "sweep.job_timeout_s", f"must be > 0, got {c.sweep.job_timeout_s}")
     check(c.tracking.kind in TRACKERS, "tracking", f"choose one of {sorted(TRACKERS)}, got {c.tracking.kind!r}")
     check(c.model.head_level in HEAD_LEVELS, "model.head_level", f"choose one of {list(HEAD_LEVELS)}")
+    check(c.model.pooling in POOLINGS, "model.pooling", f"choose one of {list(POOLINGS)}, got {c.model.pooling!r}")
     check(c.task.batch_size >= 1, "task.batch_size", "must be >= 1")
     check(c.task.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
     check(c.task.max_length >= 2, "task.max_length", "must be >= 2")
     check(c.task.max_examples >= 0, "task.max_examples", "must be >= 0 (0 = all)")
     check(0 < c.task.test_fraction < 1, "task.test_fraction", f"must be in (0, 1), got {c.task.test_fraction}")
+    check(
+        0 <= c.task.val_fraction < 1 - c.task.test_fraction,
+        "task.val_fraction",
+        f"must be in [0, 1 - test_fraction) (0 = no validation split), got {c.task.val_fraction}",
+    )
     check(len(c.task.text_columns) in (1, 2), "task.text_columns", "give one column or a pair of columns")
     _check_task_kind(c)
     check(0 <= c.partition.s <= 1, "partition.s", f"must be in [0, 1], got {c.partition.s}")

@@ -5,9 +5,85 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pf2lora_core.constants import COMMON, FLOPS_PER_STEP, GLOBAL, NUM_EXAMPLES, PERSONALIZED, PRIVATE
+import numpy as np
+
+from pf2lora_core.constants import (
+    ACCURACY,
+    BALANCED_ACCURACY,
+    BATCHES_SEEN,
+    COMMON,
+    EVAL_KINDS,
+    EXAMPLES_SEEN,
+    FLOPS_PER_CLIENT_ROUND,
+    FLOPS_PER_STEP,
+    GLOBAL,
+    GRADIENT_PASSES,
+    NUM_EXAMPLES,
+    NUM_VALIDATION,
+    PERSONALIZED,
+    PRIVATE,
+    VALIDATION,
+)
+from pf2lora_core.data.columns import TEST, TRAIN
+from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.experiment import Experiment
 from pf2lora_core.outputs import aggregate_metric
+
+CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split
+GLOBAL_MAJORITY = "global_majority"  # every client predicts the majority label of all train splits pooled
+BASELINES = "baselines"
+
+
+def aggregate_block(results: Sequence[Mapping[str, float]], weights: Sequence[float], metric: str) -> dict[str, Any]:
+    """``{metric, mean, weighted_mean, worst}`` of the clients' ``metric`` (NaNs skipped).
+
+    Where the clients report balanced accuracy (classification), the block also carries
+    ``balanced_accuracy: {mean, weighted_mean, worst}``: every evaluated kind has the same shape.
+    """
+    block: dict[str, Any] = {"metric": metric, **aggregate_metric([_get(r, metric) for r in results], weights, metric)}
+    if any(BALANCED_ACCURACY in r for r in results):
+        block[BALANCED_ACCURACY] = aggregate_metric([_get(r, BALANCED_ACCURACY) for r in results], weights)
+    return block
+
+
+def evaluation_blocks(evaluation: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
+    """One aggregate block per evaluated kind (``EVAL_KINDS``) of a round's (or the latest) evaluations.
+
+    ``personalized`` / ``global`` are weighted by the test rows, ``validation`` /
+    ``validation_global`` by the validation rows.
+    """
+    entries = list(evaluation.values())
+    return {
+        kind: aggregate_block([e.get(kind) or {} for e in entries], [e.get(count) or 0 for e in entries], metric)
+        for kind, count in EVAL_KINDS.items()
+    }
+
+
+def majority_baselines(label_hists: Sequence[Mapping[str, list[int]]]) -> list[dict[str, dict[str, float]]]:
+    """Per client, the test accuracy and balanced accuracy of two constant predictors.
+
+    ``client_majority``: the most frequent label of the client's own TRAIN split (ties: the lowest
+    label id), scored on its TEST split: ``acc = n_test[m_k] / |test_k|``. ``global_majority``:
+    the most frequent label of every client's train split pooled, ``g``, scored the same way. A
+    constant predictor's balanced accuracy is ``1 / |labels present in test|`` when its label is
+    present, else 0. The test split's labels never choose the predicted label.
+    """
+    pooled = np.sum([np.asarray(h[TRAIN]) for h in label_hists], axis=0) if label_hists else np.zeros(0)
+    g = int(np.argmax(pooled)) if pooled.size else 0
+    out = []
+    for h in label_hists:
+        train, test = np.asarray(h[TRAIN]), np.asarray(h[TEST])
+        own = int(np.argmax(train)) if train.sum() else g
+        out.append({CLIENT_MAJORITY: _constant_scores(test, own), GLOBAL_MAJORITY: _constant_scores(test, g)})
+    return out
+
+
+def _constant_scores(test: np.ndarray, label: int) -> dict[str, float]:
+    n, present = int(test.sum()), int((test > 0).sum())
+    if n == 0:
+        return {ACCURACY: float("nan"), BALANCED_ACCURACY: float("nan")}
+    hit = int(test[label]) if label < len(test) else 0
+    return {ACCURACY: hit / n, BALANCED_ACCURACY: (1.0 / present) if hit else 0.0}
 
 
 def build_summary(
@@ -21,6 +97,8 @@ def build_summary(
     """Final per-client results (each client's latest evaluation) and their aggregates."""
     metric = exp.task.metric
     num_train = _latest_num_train(history)
+    classification = exp.task.kind == CLASSIFICATION
+    baselines = majority_baselines(label_hists) if classification else []
     clients = []
     for c in sorted(latest_eval):
         e = latest_eval[c]
@@ -28,11 +106,12 @@ def build_summary(
             {
                 "client": c,
                 "num_train": num_train.get(c),
+                "num_validation": e.get(NUM_VALIDATION),
                 "num_test": e.get(NUM_EXAMPLES),
-                PERSONALIZED: e.get(PERSONALIZED, {}),
-                GLOBAL: e.get(GLOBAL, {}),
+                **{kind: e.get(kind) or {} for kind in EVAL_KINDS},
                 "rank": e.get("rank", {}),
                 "label_histogram": label_hists[c] if c < len(label_hists) else None,
+                BASELINES: baselines[c] if c < len(baselines) else None,
             }
         )
     weights = [cl["num_test"] or 0 for cl in clients]
@@ -48,10 +127,11 @@ def build_summary(
         "rounds": rounds_done,
         "partition": {k: v for k, v in vars(exp.partition).items()},
         "clients": clients,
-        **{
-            kind: {"metric": metric, **aggregate_metric([_m(cl, kind, metric) for cl in clients], weights, metric)}
-            for kind in (PERSONALIZED, GLOBAL)
-        },
+        # personalized / global: test split; validation / validation_global: the same models on the
+        # validation split (what any choice reads)
+        **evaluation_blocks({cl["client"]: _eval_entry(cl) for cl in clients}, metric),
+        # constant predictors on the same test splits (classification; None otherwise)
+        BASELINES: _baseline_blocks(clients, weights) if classification else None,
         "label_histograms": list(label_hists),
         "rejected": [dict(rej, round=r["round"]) for r in history for rej in r["rejected"]],
         "communication": {
@@ -65,13 +145,41 @@ def build_summary(
             "seconds_per_round": seconds_total / max(rounds_done, 1),
             # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
             FLOPS_PER_STEP: _mean_train_metric(history, FLOPS_PER_STEP),
+            FLOPS_PER_CLIENT_ROUND: _mean_train_metric(history, FLOPS_PER_CLIENT_ROUND),
+            # what local training consumed: summed over a round's clients, mean over rounds ...
+            "examples_per_round": _per_round_total(history, EXAMPLES_SEEN),
+            "gradient_passes_per_round": _per_round_total(history, GRADIENT_PASSES),
+            # ... and per client and round (the equal-budget check: K batches of task.batch_size)
+            "examples_per_client_round": _mean_train_metric(history, EXAMPLES_SEEN),
+            "batches_per_client_round": _mean_train_metric(history, BATCHES_SEEN),
+            "gradient_passes_per_client_round": _mean_train_metric(history, GRADIENT_PASSES),
         },
     }
 
 
-def _m(client: Mapping[str, Any], kind: str, metric: str) -> float:
-    value = client.get(kind, {}).get(metric)
+def _get(results: Mapping[str, Any], key: str) -> float:
+    value = results.get(key)
     return float("nan") if value is None else float(value)
+
+
+def _eval_entry(client: Mapping[str, Any]) -> dict[str, Any]:
+    """A summary client row in the shape of one evaluation reply (for ``evaluation_blocks``)."""
+    counts = {NUM_EXAMPLES: client["num_test"], NUM_VALIDATION: client["num_validation"]}
+    return {**{kind: client[kind] for kind in EVAL_KINDS}, **counts}
+
+
+def _baseline_blocks(clients: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+    """``{client_majority, global_majority}``: aggregate blocks over the summarised clients."""
+    rows = [cl[BASELINES] or {} for cl in clients]
+    return {
+        name: aggregate_block([r.get(name) or {} for r in rows], weights, ACCURACY)
+        for name in (CLIENT_MAJORITY, GLOBAL_MAJORITY)
+    }
+
+
+def _per_round_total(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    totals = [sum(m[key] for m in r["train"].values() if key in m) for r in history if r.get("train")]
+    return sum(totals) / len(totals) if totals else None
 
 
 def _mean_train_metric(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -88,23 +196,51 @@ def _latest_num_train(history: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 
 def format_client_table(summary: Mapping[str, Any]) -> str:
-    """Plain-text table: one row per client, then mean / weighted mean / worst."""
+    """Plain-text table: one row per client, then mean / weighted mean / worst, then the baselines.
+
+    Columns: test-split ``personalized`` and ``global``, the personalized model on ``validation``,
+    the personalized balanced accuracy (``bal.acc``) and the client's own majority-label accuracy
+    (``client maj.``) where the task is classification.
+    """
     metric = summary[PERSONALIZED]["metric"]
-    head = f"{'client':>6} {'train':>6} {'test':>5} {'personalized':>13} {'global':>8} {'eff.rank':>8}"
+    head = (
+        f"{'client':>6} {'train':>6} {'val':>4} {'test':>5} {'personalized':>13} {'global':>8} "
+        f"{'validation':>10} {'bal.acc':>7} {'client maj.':>11} {'eff.rank':>8}"
+    )
     lines = [f"{summary['algorithm']} on {summary['task']} ({metric})", head, "-" * len(head)]
     for c in summary["clients"]:
+        maj = (c.get(BASELINES) or {}).get(CLIENT_MAJORITY) or {}
         lines.append(
-            f"{c['client']:>6} {c['num_train'] or 0:>6} {c['num_test'] or 0:>5} "
+            f"{c['client']:>6} {c['num_train'] or 0:>6} {c.get('num_validation') or 0:>4} {c['num_test'] or 0:>5} "
             f"{_fmt(c[PERSONALIZED].get(metric)):>13} {_fmt(c[GLOBAL].get(metric)):>8} "
-            f"{_fmt(c['rank'].get('effective'), 2):>8}"
+            f"{_fmt((c.get(VALIDATION) or {}).get(metric)):>10} {_fmt(c[PERSONALIZED].get(BALANCED_ACCURACY)):>7} "
+            f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c['rank'].get('effective'), 2):>8}"
         )
     lines.append("-" * len(head))
     for agg in ("mean", "weighted_mean", "worst"):
-        lines.append(f"{agg:>18} {_fmt(summary[PERSONALIZED][agg]):>13} {_fmt(summary[GLOBAL][agg]):>8}")
+        lines.append(
+            f"{agg:>18} {_fmt(summary[PERSONALIZED][agg]):>13} {_fmt(summary[GLOBAL][agg]):>8} "
+            f"{_fmt((summary.get(VALIDATION) or {}).get(agg)):>10} "
+            f"{_fmt((summary[PERSONALIZED].get(BALANCED_ACCURACY) or {}).get(agg)):>7}"
+        )
+    baselines = summary.get(BASELINES) or {}
+    for name in (CLIENT_MAJORITY, GLOBAL_MAJORITY):
+        if name in baselines:
+            b = baselines[name]
+            lines.append(
+                f"{name} accuracy: mean {_fmt(b['mean'])}, weighted {_fmt(b['weighted_mean'])}, "
+                f"worst {_fmt(b['worst'])} (balanced {_fmt((b.get(BALANCED_ACCURACY) or {}).get('mean'))})"
+            )
     cost = summary["cost"]
     lines.append(f"{cost['seconds_total']:.1f} s total, {cost['seconds_per_round']:.1f} s per round")
+    if cost.get("examples_per_client_round") is not None:
+        lines.append(
+            f"per client and round: {cost['examples_per_client_round']:.0f} examples in "
+            f"{cost['batches_per_client_round']:.0f} batches, "
+            f"{cost['gradient_passes_per_client_round']:.0f} gradient passes"
+        )
     return "\n".join(lines)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or value != value else f"{value:.{digits}f}"

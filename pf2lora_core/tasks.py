@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from pf2lora_core import data
 from pf2lora_core.config import GenerationConfig, TaskConfig
-from pf2lora_core.constants import ACCURACY, EVAL_LOSS, MCC, METEOR, PERPLEXITY
+from pf2lora_core.constants import ACCURACY, BALANCED_ACCURACY, EVAL_LOSS, MCC, METEOR, PERPLEXITY
 from pf2lora_core.data.columns import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -40,6 +40,18 @@ Around = Callable[[Batch], AbstractContextManager[Any]]
 
 def accuracy(preds: Tensor, labels: Tensor) -> float:
     return float((preds == labels).float().mean()) if labels.numel() else float("nan")
+
+
+def balanced_accuracy(preds: Tensor, labels: Tensor) -> float:
+    """Mean recall over the classes present in ``labels``: ``(1/|C|) sum_c #{pred = y = c} / #{y = c}``.
+
+    A model that predicts one label everywhere scores ``1/|C|`` whatever the label mix, so a score
+    that only reflects the label prior shows as what it is (scikit-learn's ``balanced_accuracy_score``).
+    """
+    classes = torch.unique(labels)
+    if classes.numel() == 0:
+        return float("nan")
+    return float(torch.stack([(preds[labels == c] == c).float().mean() for c in classes]).mean())
 
 
 def matthews_correlation(preds: Tensor, labels: Tensor) -> float:
@@ -174,9 +186,13 @@ class ClassificationTask(_TokenTask):
             labels.append(batch["labels"].cpu())
         model.train(was_training)
         if n == 0:
-            return {EVAL_LOSS: float("nan"), self.metric: float("nan")}
+            return {EVAL_LOSS: float("nan"), self.metric: float("nan"), BALANCED_ACCURACY: float("nan")}
         p, y = torch.cat(preds), torch.cat(labels)
-        return {EVAL_LOSS: loss_sum / n, self.metric: METRICS[self.metric](p, y)}
+        return {
+            EVAL_LOSS: loss_sum / n,
+            self.metric: METRICS[self.metric](p, y),
+            BALANCED_ACCURACY: balanced_accuracy(p, y),
+        }
 
 
 def _inputs(batch: Batch) -> Batch:

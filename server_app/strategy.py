@@ -41,17 +41,20 @@ from pf2lora_core.checkpoint import (
 from pf2lora_core.constants import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
+    EVAL_KINDS,
     GLOBAL,
     METRICS_KEY,
     NUM_EXAMPLES,
     PERSONALIZED,
     TRAIN_LOSS,
+    VALIDATION,
 )
 from pf2lora_core.logs import progress
-from pf2lora_core.outputs import RunDir, aggregate_metric
+from pf2lora_core.outputs import RunDir
 from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, decode_details, split_metrics
 from pf2lora_core.runtime import derived_seed
+from pf2lora_core.summary import evaluation_blocks
 from pf2lora_core.validation import check_values, decode_checked
 
 log = logging.getLogger("pf2lora.server")
@@ -405,7 +408,8 @@ class CommonOnlyFedAvg(FedAvg):
         if PERSONALIZED not in record:
             return "not evaluated"
         pers, glob = _nan(record[PERSONALIZED].get("mean")), _nan(record[GLOBAL].get("mean"))
-        return f"personalized {self.metric} {pers:.4f} | global {glob:.4f}"
+        val = _nan(record.get(VALIDATION, {}).get("mean"))
+        return f"personalized {self.metric} {pers:.4f} | global {glob:.4f} | validation {val:.4f}"
 
     def _finish_round(self) -> dict[str, Any]:
         cur = self.current
@@ -430,12 +434,10 @@ class CommonOnlyFedAvg(FedAvg):
             + sum(e.get(COMPUTE_SECONDS, 0.0) for e in cur.evaluation.values()),
         }
         if cur.evaluation:
-            for kind in (PERSONALIZED, GLOBAL):
-                vals = [e[kind].get(self.metric, float("nan")) for e in cur.evaluation.values()]
-                ns = [e[NUM_EXAMPLES] for e in cur.evaluation.values()]
-                record[kind] = {"metric": self.metric, **aggregate_metric(vals, ns, self.metric)}
+            # personalized / global on test, validation / validation_global on the validation split
+            record.update(evaluation_blocks(cur.evaluation, self.metric))
             record["clients"] = {
-                str(c): {PERSONALIZED: e[PERSONALIZED], GLOBAL: e[GLOBAL], "rank": e["rank"].get("effective")}
+                str(c): {**{kind: e.get(kind, {}) for kind in EVAL_KINDS}, "rank": e["rank"].get("effective")}
                 for c, e in sorted(cur.evaluation.items())
             }
         return record

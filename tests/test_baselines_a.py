@@ -105,7 +105,8 @@ def test_fedsa_lora_private_b_persists_per_client(tiny_bert: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- local
 def test_local_lora_sends_nothing(tiny_bert: Path) -> None:
-    rt = ClientRuntime(experiment(tiny_bert, "local"))
+    """With ``model.head_level=private`` local-only LoRA is the strict no-federation reference."""
+    rt = ClientRuntime(experiment(tiny_bert, "local", "model.head_level=private"))
     assert rt.model.export(COMMON) == {} and rt.model.levels == (PRIVATE,)
     trainable = {n for n, p in rt.model.model.named_parameters() if p.requires_grad}
     assert trainable == set(rt.initial_private)
@@ -149,5 +150,6 @@ def test_one_round_through_flower(algorithm: str, tiny_bert: Path, tmp_path: Pat
     if algorithm == "fedsa_lora":
         assert len(sent) == 2 and not any(".lora_B." in k for s in sent for k in s)
         assert all(any(".lora_A." in k for k in s) for s in sent)
-    if algorithm == "local":
-        assert sent == [] and record["bytes_up"] == 0 and summary["communication"]["params_common"] == 0
+    if algorithm == "local":  # the head follows model.head_level (common): it alone travels, never the LoRA
+        assert len(sent) == 2 and not any(".lora_" in k for s in sent for k in s)
+        assert summary["communication"]["params_common"] > 0

@@ -66,10 +66,11 @@ def _changed(before: dict[str, Tensor], after: dict[str, Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- FedDPA
-def _feddpa(steps_per_phase: str = "full") -> FedDPA:
+def _feddpa(steps_per_phase: str = "full", one_batch_per_step: bool = True) -> FedDPA:
     return FedDPA(FedDPAParams(name="feddpa", rank=4, lora_alpha=8, lr=0.05, weight_decay=0.0, private_rank=2,
                                private_alpha=4, private_lr=0.05, steps_per_phase=steps_per_phase,
-                               instance_mixing=False, mixing_samples=5, mixing_scale=0.5, mixing_pool=16))  # fmt: skip
+                               one_batch_per_step=one_batch_per_step, instance_mixing=False, mixing_samples=5,
+                               mixing_scale=0.5, mixing_pool=16))  # fmt: skip
 
 
 def _dpa_model(seed: int = 1) -> TwoLevelModel:
@@ -124,12 +125,15 @@ def test_feddpa_uplink_holds_no_private_tensor() -> None:
 
 
 @pytest.mark.parametrize(("split", "k", "per_phase"), [("full", 3, 3), ("half", 4, 2), ("half", 1, 1)])
-def test_feddpa_step_budget(split: str, k: int, per_phase: int) -> None:
+@pytest.mark.parametrize("one_batch_per_step", [True, False])
+def test_feddpa_step_budget(split: str, k: int, per_phase: int, one_batch_per_step: bool) -> None:
     data = _batches()
     ctx = _context(_dpa_model(), data, steps=k)
-    metrics = _feddpa(split).train(ctx)
+    metrics = _feddpa(split, one_batch_per_step).train(ctx)
     assert metrics["gradient_passes"] == 2 * per_phase
-    assert next(ctx.batches) is data[(2 * per_phase) % len(data)]  # one batch per step, both phases
+    # shared: both phases step through the same per_phase batches; else one fresh batch per step of each phase
+    drawn = per_phase if one_batch_per_step else 2 * per_phase
+    assert next(ctx.batches) is data[drawn % len(data)]
 
 
 def test_row_weights_scale_each_adapter_per_row() -> None:
@@ -220,7 +224,7 @@ def test_feddpa_config_refuses(override: str, message: str) -> None:
 # ---------------------------------------------------------------------------------------- Per-FedAvg
 def _perfedavg(variant: str, **kw) -> PerFedAvg:
     opts = {"name": "perfedavg", "rank": 4, "lora_alpha": 8, "lr": OUTER, "weight_decay": 0.0, "inner_lr": INNER,
-            "variant": variant, "fd_eps": 1e-4, "optimizer": "sgd"} | kw  # fmt: skip
+            "variant": variant, "fd_eps": 1e-4, "optimizer": "sgd", "one_batch_per_step": False} | kw  # fmt: skip
     return PerFedAvg(PerFedAvgParams(**opts))
 
 
@@ -273,6 +277,21 @@ def test_perfedavg_step_matches_oracle(variant: str, rtol: float) -> None:
     other = _oracle(flat, data, FIRST_ORDER if variant == HESSIAN_FREE else HESSIAN_FREE) - flat.w
     assert torch.linalg.vector_norm(other - want) > 1e3 * rtol * torch.linalg.vector_norm(want)  # the test can tell
     assert metrics["gradient_passes"] == (2.0 if variant == FIRST_ORDER else 4.0)
+
+
+@pytest.mark.parametrize("variant", [FIRST_ORDER, HESSIAN_FREE])
+def test_perfedavg_one_batch_step_uses_its_slices(variant: str) -> None:
+    """The equal-budget step: D, D' (, D'') are disjoint slices of ONE minibatch (the oracle on the slices)."""
+    model, data = _one_level_model(), _batches()
+    flat = Flat(model)
+    parts = 2 if variant == FIRST_ORDER else 3
+    slices = [tuple(t[i] for t in data[0]) for i in torch.tensor_split(torch.arange(8), parts)]
+    expected = _oracle(flat, slices, variant)
+    ctx = _context(model, data, steps=1)
+    _perfedavg(variant, one_batch_per_step=True).train(ctx)
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters(COMMON).values()])
+    assert torch.linalg.vector_norm(got - expected) <= 1e-6 * torch.linalg.vector_norm(expected - flat.w)
+    assert next(ctx.batches) is data[1]  # one minibatch consumed
 
 
 def test_hvp_central_matches_explicit_hessian() -> None:

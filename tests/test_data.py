@@ -28,7 +28,7 @@ from pf2lora_core.data import (
     sources,
 )
 from pf2lora_core.data import client as client_module
-from pf2lora_core.data.columns import LABEL, LABELS, MOVIE, TEST, TRAIN
+from pf2lora_core.data.columns import LABEL, LABELS, MOVIE, TEST, TRAIN, VALIDATION
 
 
 def make_task(**overrides: Any) -> TaskConfig:
@@ -44,6 +44,7 @@ def make_task(**overrides: Any) -> TaskConfig:
         max_length=64,
         max_examples=0,
         test_fraction=0.2,
+        val_fraction=0.1,
         batch_size=16,
         eval_batch_size=64,
     )
@@ -256,14 +257,20 @@ def test_client_split_sizes_columns_and_histograms(
     for client in range(num_clients):
         split = client_split(task, S_SPLIT, num_clients, client, seed=0, tokenizer=tokenizer)
         partition = partitioner.load_partition(client)
-        assert len(split.train) + len(split.test) == len(partition)
+        assert len(split.train) + len(split.validation) + len(split.test) == len(partition)
         assert abs(len(split.test) - 0.2 * len(partition)) <= 1
+        assert abs(len(split.validation) - 0.1 * len(partition)) <= 1
         assert set(split.train.column_names) == {"input_ids", "attention_mask", "token_type_ids", LABELS}
         assert max(len(ids) for ids in split.train["input_ids"]) <= task.max_length
         assert split.label_names == ["rotten", "fresh"]
         assert split.train_label_hist == np.bincount(split.train[LABELS], minlength=2).tolist()
         assert split.test_label_hist == np.bincount(split.test[LABELS], minlength=2).tolist()
-        assert hists[client] == {TRAIN: split.train_label_hist, TEST: split.test_label_hist}
+        assert split.validation_label_hist == np.bincount(split.validation[LABELS], minlength=2).tolist()
+        assert hists[client] == {
+            TRAIN: split.train_label_hist,
+            VALIDATION: split.validation_label_hist,
+            TEST: split.test_label_hist,
+        }
         # The test split is stratified: its label mix is the partition's.
         partition_mix = np.mean(np.asarray(partition[LABEL]) == 1)
         assert abs(split.test_label_hist[1] / len(split.test) - partition_mix) < 0.01
@@ -303,7 +310,7 @@ def test_pair_columns_are_tokenized_as_pairs(tmp_path: Path, tokenizer: PreTrain
     files = {"train": write(tmp_path / "pairs.jsonl", ROWS)}
     iid = dataclasses.replace(S_SPLIT, kind="iid")
     split = client_split(files_task(files, test_fraction=0.5), iid, 2, 0, 0, tokenizer)
-    assert len(split.train) + len(split.test) == 15
+    assert len(split.train) + len(split.validation) + len(split.test) == 15
     assert all(1 in types for types in split.train["token_type_ids"])  # second segment present
 
 

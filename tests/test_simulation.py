@@ -53,12 +53,17 @@ def test_run_directory_contract(simulation: dict) -> None:
     ]
     summary = json.loads((run / SUMMARY_FILE).read_text())
     for key in ("algorithm", "task", "model", "seed", "num_clients", "rounds", "partition", "clients",
-                "personalized", "global", "communication", "cost"):  # fmt: skip
+                "personalized", "global", "validation", "validation_global", "baselines", "communication",
+                "cost"):  # fmt: skip
         assert key in summary
+    assert set(summary["validation"]) == set(summary["personalized"])  # the same shape, on the validation split
+    assert 0 <= summary["validation"]["mean"] <= 1
+    assert 0 < summary["baselines"]["client_majority"]["mean"] <= 1
+    assert summary["cost"]["batches_per_client_round"] == json.loads(lines[0])["train"]["0"]["batches_seen"]
     assert [c["client"] for c in summary["clients"]] == list(range(CLIENTS))
     for c in summary["clients"]:
-        assert c["num_train"] > 0 and c["num_test"] > 0
-        assert set(c["label_histogram"]) == {"train", "test"}
+        assert c["num_train"] > 0 and c["num_test"] > 0 and c["num_validation"] > 0
+        assert set(c["label_histogram"]) == {"train", "validation", "test"}
         assert c["rank"]["effective"] > 0
     assert summary["personalized"]["worst"] <= summary["personalized"]["mean"]
     assert summary["communication"]["bytes_up_per_round"] > 0

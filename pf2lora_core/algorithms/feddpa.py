@@ -33,6 +33,13 @@ What the paper says and what we chose:
   trains each adapter for the same number of local epochs): 2K gradient passes per round, fewer
   than PF2LoRA's 3K. ``half`` gives each phase max(1, K // 2) steps: about K passes, HOMLoRA's
   budget. ``gradient_passes`` in the train metrics reports the count.
+- *Data per round.* One local step is one minibatch of ``task.batch_size`` for every algorithm
+  here, so with ``one_batch_per_step: true`` (default) the round draws its minibatches once and
+  both phases step through the SAME ones: a round of K steps (``full``) reads exactly K
+  minibatches (``half``: max(1, K // 2)), each used by the global adapter in phase 1 and by the
+  local adapter in phase 2, as the official code's epochs over the same local data do.
+  ``false`` draws fresh minibatches for each phase (2K per round with ``full``), the schedule
+  before the equal-budget rule.
 - *Optimizer.* AdamW for both adapters (the official code uses AdamW with one learning rate),
   fresh every round like the other algorithms.
 - *Instance-wise dynamic weighting* at inference (``instance_mixing``, off by default), as in the
@@ -80,6 +87,7 @@ class FedDPAParams(LoRAParams):
     private_alpha: float  # its scaling is private_alpha / private_rank
     private_lr: float  # AdamW learning rate of the local adapter
     steps_per_phase: str  # full: K steps each | half: max(1, K // 2) steps each
+    one_batch_per_step: bool  # true: both phases step through the round's same minibatches | false: fresh ones
     instance_mixing: bool  # the paper's instance-wise dynamic weighting at inference
     mixing_samples: int  # training instances compared with each test instance (paper: 5)
     mixing_scale: float  # a = mixing_scale x mean cosine similarity (paper: 0.5)
@@ -114,10 +122,11 @@ class FedDPA(Algorithm):
     def train(self, ctx: LocalContext) -> dict[str, float]:
         n = self.phase_steps(ctx.steps)
         model = ctx.model
+        shared = [next(ctx.batches) for _ in range(n)] if self.params.one_batch_per_step else None
         with model.only(COMMON):  # phase 1: the global adapter alone, the local one inactive
-            glob = self.adamw_steps(self._phase(ctx, n, _GLOBAL_PHASE), model.parameters(COMMON))
+            glob = self.adamw_steps(self._phase(ctx, n, _GLOBAL_PHASE, shared), model.parameters(COMMON))
         # phase 2: both adapters active; only the local level is optimised, so the global one is frozen
-        local = self._local_steps(self._phase(ctx, n, _LOCAL_PHASE), model.parameters(PRIVATE))
+        local = self._local_steps(self._phase(ctx, n, _LOCAL_PHASE, shared), model.parameters(PRIVATE))
         return {
             TRAIN_LOSS: (glob[TRAIN_LOSS] + local[TRAIN_LOSS]) / 2,
             GLOBAL_PHASE_LOSS: glob[TRAIN_LOSS],
@@ -126,9 +135,11 @@ class FedDPA(Algorithm):
         }
 
     @staticmethod
-    def _phase(ctx: LocalContext, steps: int, phase: int) -> LocalContext:
-        """The round's context for one phase: its own step count and random stream, the same batches."""
-        return dataclasses.replace(ctx, steps=steps, seed=derived_seed(ctx.seed, phase))
+    def _phase(ctx: LocalContext, steps: int, phase: int, shared: list[Any] | None) -> LocalContext:
+        """The round's context for one phase: its own step count and random stream; the round's
+        ``shared`` minibatches when given, else the client's stream continues."""
+        batches = iter(shared) if shared is not None else ctx.batches
+        return dataclasses.replace(ctx, steps=steps, seed=derived_seed(ctx.seed, phase), batches=batches)
 
     def evaluation_mixer(self, ctx: LocalContext) -> Callable[[Any], Mapping[str, Tensor]] | None:
         """The instance-wise weights of both adapters per test batch (see the module docstring)."""

@@ -16,10 +16,10 @@ Choices where the paper leaves the harness open:
   head; the server averages them weighted by examples (FedAvg), as for HOMLoRA.
 - Scale: the paper notes that with only ``B`` trained, the scaling ``alpha / r`` and the
   learning rate play the same role (under Adam the step of ``s B A`` grows linearly with ``s``)
-  and that FFA-LoRA stays stable over a wide range of ``alpha``, so a frozen ``A`` is compensated
-  by a larger effective step. We raise ``lora_alpha`` (not ``lr``): this enlarges only the
-  adapter's step and keeps the head's learning rate like-for-like with the other baselines
-  (values and reasons in ``conf/algorithm/ffa_lora.yaml``).
+  and that FFA-LoRA stays stable over a wide range of ``alpha``. The default keeps ``lora_alpha``
+  equal to every other algorithm's (``conf/algorithm/ffa_lora.yaml``): a comparison tunes the
+  learning rate of every method by one protocol rather than granting one method a larger step
+  by hand.
 """
 
 from __future__ import annotations

@@ -18,12 +18,15 @@ Choices where the paper leaves the harness open, ours:
   into one (a product of concatenations is the sum of the products): a client that missed rounds
   catches up exactly. A client that crashes after saving its merged weights but before its reply
   arrives would merge that stack twice; the server cannot observe that case.
-- The fresh LoRA of every round is the seeded initialisation (the same ``A`` on every client, as
-  every client builds from the run seed); the head is averaged by examples and sent with the stack.
+- The fresh LoRA of every round is freshly drawn: ``B = 0`` and a new ``A`` (peft's
+  Kaiming-uniform init) from the round's seed of that client (``LocalContext.seed``, derived from
+  run seed, client and round), so no round re-adds a component along the same random directions
+  and a re-run round draws the same ``A``; the head is averaged by examples and sent with the stack.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,7 +36,7 @@ from pf2lora_core.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.constants import COMMON, LORA_A, PRIVATE
 from pf2lora_core.validation import Spec, check_structure
 
 BASE_WEIGHT = ".base_layer.weight"  # peft keeps the frozen weight of an adapted Linear here
@@ -127,7 +130,22 @@ class FLoRA(Algorithm):
         model.load(COMMON, {**self._fresh, **{k: v for k, v in downlink.items() if not is_stack(k)}})
 
     def train(self, ctx: LocalContext) -> dict[str, float]:
+        redraw_lora_a(ctx.model.parameters(COMMON), ctx.seed)
         return self.adamw_steps(ctx, ctx.model.parameters(COMMON))
+
+
+def redraw_lora_a(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
+    """Draw every ``lora_A`` in ``params`` afresh, as peft initialises it (Kaiming uniform, a = sqrt(5)).
+
+    Drawn on the CPU from a generator seeded by ``seed`` (the same values on any device), in name order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in sorted(params):
+            if LORA_A in name:
+                fresh = torch.empty(params[name].shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                params[name].copy_(fresh)
 
 
 def is_stack(name: str) -> bool:

@@ -1,29 +1,31 @@
-"""Local-only LoRA: every client trains its own LoRA adapter and head; nothing is communicated.
+"""Local-only LoRA: every client trains its own LoRA adapter; the head sits on ``model.head_level``.
 
 The usual "Local" reference of personalized federated learning (no paper to follow: it is the
-absence of federation): client k minimises its own loss alone, ``W0 + s B_k A_k`` with its own
-head, every client starting from the same seeded initialisation.
+absence of federation): client k minimises its own loss with its own ``W0 + s B_k A_k``, every
+client starting from the same seeded initialisation.
 
 Choices:
 
-- Every trainable tensor (both LoRA factors and the head, whatever ``model.head_level`` says) is
-  assigned to the PRIVATE level by ``assign_level``; the COMMON level is empty, so each client
-  sends an empty ArrayRecord (0 bytes up and down: honest communication accounting) and the
-  server's average of empty states is the empty state. The one peft adapter keeps its peft name
-  ``common``; its level is private.
-- The head is made private through ``assign_level`` rather than ``head_level``:
-  ``TwoLevelModel`` refuses ``head_level=private`` without a second (private) adapter, and
-  ``assign_level`` sees the head's tensors with their default level, so the effect is the same.
-- Local update: ``K`` AdamW steps (lr beta) per round, the same budget as the federated
-  baselines; the adapter and head persist across rounds in the client's private state.
-- ``has_global_model = False``: there is no shared model; global metrics are reported missing.
+- Both LoRA factors are assigned to the PRIVATE level by ``assign_level``; they never leave the
+  client. The head follows ``model.head_level`` like in every other algorithm (the same head
+  level for all methods in a comparison): with ``common`` (default) the head is averaged by the
+  server (FedAvg weighted by examples) and is the only thing that travels; with ``private`` the
+  COMMON level is empty, each client sends an empty ArrayRecord (0 bytes up and down) and the run
+  is the strict no-federation reference. The one peft adapter keeps its peft name ``common``;
+  its level is private.
+- Local update: ``K`` AdamW steps (lr beta) per round on every trainable tensor (private LoRA and
+  the head wherever it lives), the same budget as the federated baselines; the private adapter
+  persists across rounds in the client's private state.
+- ``has_global_model = False``: there is no shared adapter (a shared head on the frozen encoder is
+  not the model the others call global); global metrics are reported missing.
 """
 
 from __future__ import annotations
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
-from pf2lora_core.constants import PRIVATE
+from pf2lora_core.algorithms.lowrank import is_lora
+from pf2lora_core.constants import COMMON, PRIVATE
 
 
 class LocalLoRA(Algorithm):
@@ -35,8 +37,9 @@ class LocalLoRA(Algorithm):
         return AdapterSpec(self.params.rank, self.params.lora_alpha), None
 
     def assign_level(self, name: str, default: str | None) -> str | None:
-        """Every trainable tensor private; frozen weights stay frozen."""
-        return None if default is None else PRIVATE
+        """LoRA factors private; the head keeps ``model.head_level``; frozen weights stay frozen."""
+        return PRIVATE if is_lora(name) and default is not None else default
 
     def train(self, ctx: LocalContext) -> dict[str, float]:
-        return self.adamw_steps(ctx, ctx.model.parameters(PRIVATE))
+        params = {**ctx.model.parameters(COMMON), **ctx.model.parameters(PRIVATE)}
+        return self.adamw_steps(ctx, params)

@@ -15,8 +15,12 @@ with the paper's Hessian-free product, a central difference of gradients (``hvp_
 
     H(w; D'') g ~= (grad f(w + d g; D'') - grad f(w - d g; D'')) / (2 d),   d = fd_eps / ||g||
 
-A step consumes two batches (FO: ``D, D'``) or three (HF: ``D, D', D''``) and costs two gradient
-passes (FO) or four (HF); the train metrics report ``gradient_passes`` per round. After K local
+A step costs two gradient passes (FO) or four (HF); the train metrics report ``gradient_passes``
+per round. With ``one_batch_per_step: true`` (default, the harness's equal budget) a step consumes
+ONE minibatch of ``task.batch_size`` like every other algorithm: ``D, D'`` (and ``D''``) are its
+two (three) disjoint slices of near-equal size (``torch.tensor_split`` of the rows; a minibatch
+with fewer rows than slices is used whole for each). ``false`` is the paper's schedule: two (FO)
+or three (HF) independent minibatches per step, so a round reads 2K or 3K minibatches. After K local
 steps the client sends ``w``; the server averages. The personalized model of a client is the
 shared ``w`` after ONE plain SGD step of size a on one batch of its own training data
 (``personalize``, run by the client right before its personalized evaluation; the harness
@@ -31,18 +35,21 @@ Choices the paper leaves open (or that this harness fixes), and ours:
   mostly compare optimizers. The inner step and ``personalize`` stay plain SGD, as in the paper.
 - *Aggregation.* The paper averages the selected clients uniformly; we keep the harness's FedAvg
   weighted by examples, like every baseline, so that only the local update differs.
-- *Batches.* The paper samples ``D, D', D''`` independently; we take them as consecutive batches
-  of the client's shuffled stream (so a round of K steps reads 2K or 3K batches, wrapping around
-  the client's data when needed). The two passes of the finite difference share one batch and
-  one dropout mask.
+- *Batches.* The paper samples ``D, D', D''`` independently. By default we cut one minibatch into
+  disjoint slices (same examples per step as every baseline; the slices are still independent
+  draws from the client's data, each a third or half the size); ``one_batch_per_step: false``
+  takes them as consecutive batches of the client's shuffled stream (a round of K steps reads 2K
+  or 3K batches, wrapping around the client's data when needed). The two passes of the finite
+  difference share one batch and one dropout mask.
 - *delta.* The paper takes a small constant delta; we scale it by ``1 / ||g||`` (as PF2LoRA's
   finite difference), so the probe moves ``w`` by exactly ``fd_eps`` whatever the size of ``g``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,7 +64,7 @@ HESSIAN_FREE = "hessian_free"
 VARIANTS = (FIRST_ORDER, HESSIAN_FREE)
 OPTIMIZERS = ("adamw", "sgd")
 ADAPTED_LOSS = "adapted_loss"  # f(w~; D'), the meta-objective the step descends
-# (batches, gradient passes) of one local step per variant: see the module docstring
+# (batches D, D', D'', gradient passes) of one local step per variant: see the module docstring
 STEP_COST = {FIRST_ORDER: (2, 2), HESSIAN_FREE: (3, 4)}
 
 
@@ -67,6 +74,7 @@ class PerFedAvgParams(LoRAParams):
     variant: str  # first_order | hessian_free
     fd_eps: float  # hessian_free: finite-difference step d = fd_eps / ||g||
     optimizer: str  # adamw | sgd: the outer update with step b = lr
+    one_batch_per_step: bool  # true: D, D', D'' are slices of one minibatch | false: one minibatch each
 
     def validate(self) -> None:
         super().validate()
@@ -75,6 +83,23 @@ class PerFedAvgParams(LoRAParams):
             raise ValueError(f"algorithm.variant={self.variant!r}: choose one of {VARIANTS}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"algorithm.optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}")
+
+
+def slice_batch(batch: Any, parts: int) -> list[Any]:
+    """``parts`` disjoint row slices of a collated minibatch (near-equal sizes, order kept).
+
+    ``batch`` is a mapping of tensors (a tokenized batch) or a tuple of tensors, rows first. A
+    minibatch with fewer rows than ``parts`` cannot be cut without an empty slice: it is then
+    returned whole ``parts`` times.
+    """
+    tensors = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    rows = tensors[0].shape[0]
+    if rows < parts:
+        return [batch] * parts
+    index = torch.tensor_split(torch.arange(rows), parts)
+    if isinstance(batch, Mapping):
+        return [{k: v[i.to(v.device)] for k, v in batch.items()} for i in index]
+    return [tuple(v[i.to(v.device)] for v in tensors) for i in index]
 
 
 def gradient(loss: LossFn, names: Sequence[str], point: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -151,7 +176,7 @@ class PerFedAvg(Algorithm):
         n_batches, passes = STEP_COST[p.variant]
         losses, adapted = [], []
         for step in range(ctx.steps):
-            fns = [ctx.loss_for(next(ctx.batches), n_batches * step + j) for j in range(n_batches)]
+            fns = [ctx.loss_for(b, n_batches * step + j) for j, b in enumerate(self._step_batches(ctx, n_batches))]
             meta = meta_gradient(fns, names, tensors, p.inner_lr, p.variant, p.fd_eps)
             for t, g in zip(tensors, meta.grad, strict=True):
                 t.grad = g
@@ -164,6 +189,12 @@ class PerFedAvg(Algorithm):
             ADAPTED_LOSS: sum(adapted) / len(adapted),
             GRADIENT_PASSES: float(passes * ctx.steps),
         }
+
+    def _step_batches(self, ctx: LocalContext, parts: int) -> list:
+        """``D, D'`` (, ``D''``) of one step: slices of one minibatch, or ``parts`` minibatches (paper)."""
+        if self.params.one_batch_per_step:
+            return slice_batch(next(ctx.batches), parts)
+        return [next(ctx.batches) for _ in range(parts)]
 
     def personalize(self, ctx: LocalContext) -> None:
         """One plain SGD step of size a on one training batch: ``w <- w - a grad f(w; D)``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pf2lora_core.data.client import (
     Batches,
     ClientSplit,
+    CountedBatches,
     batches,
     clear_caches,
     client_split,
@@ -27,6 +28,7 @@ __all__ = [
     "SOURCES",
     "Batches",
     "ClientSplit",
+    "CountedBatches",
     "SSplitPartitioner",
     "batches",
     "clear_caches",

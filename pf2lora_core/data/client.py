@@ -1,4 +1,4 @@
-"""One client's tokenized train/test split, cached per process, and its mini-batches."""
+"""One client's tokenized train/validation/test split, cached per process, and its mini-batches."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from pf2lora_core.data.columns import (
     TARGET,
     TEST,
     TRAIN,
+    VALIDATION,
 )
 from pf2lora_core.data.partition import make_partitioner
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION, label_names, load_examples, resolve_text_columns
@@ -38,33 +39,36 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class ClientSplit:
-    """A client's data: its partition split into train and test, tokenized.
+    """A client's data: its partition split into train, validation and test, tokenized.
 
     Attributes
     ----------
-    train, test : datasets.Dataset
+    train, validation, test : datasets.Dataset
         Columns ``input_ids``, ``attention_mask`` (``token_type_ids`` where the tokenizer
         makes them) and ``labels``; unpadded (``collate`` pads per batch). Causal LM: ``labels``
         are the token ids with the prompt masked (``IGNORE_INDEX``), plus ``prompt_length`` and
         the ``prompt`` / ``target`` texts (generation and its references).
     label_names : list[str]
         Name of each label id.
-    train_label_hist, test_label_hist : list[int]
+    train_label_hist, test_label_hist, validation_label_hist : list[int]
         Number of examples per label id.
     """
 
     train: datasets.Dataset
+    validation: datasets.Dataset
     test: datasets.Dataset
     label_names: list[str]
     train_label_hist: list[int]
+    validation_label_hist: list[int]
     test_label_hist: list[int]
 
 
 @dataclass(frozen=True)
 class ClientRows:
-    """Rows of the pooled dataset that form one client's train and test split."""
+    """Rows of the pooled dataset that form one client's train, validation and test split (disjoint)."""
 
     train: np.ndarray
+    validation: np.ndarray
     test: np.ndarray
 
 
@@ -92,12 +96,13 @@ def client_split(
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
 ) -> ClientSplit:
-    """The tokenized train/test split of ``client`` (cached: a second call returns the same object).
+    """The tokenized train/validation/test split of ``client`` (cached: a second call returns the same object).
 
     Parameters
     ----------
     task : TaskConfig
-        What data to load, ``max_length`` for truncation and ``test_fraction`` of each partition.
+        What data to load, ``max_length`` for truncation, ``test_fraction`` and ``val_fraction``
+        of each partition.
     partition : PartitionConfig
         How the pooled data is divided among clients.
     num_clients : int
@@ -105,14 +110,14 @@ def client_split(
     client : int
         This client's partition id, in ``[0, num_clients)``.
     seed : int
-        Seeds the pool's order, the partition and the train/test split.
+        Seeds the pool's order, the partition and the train/validation/test split.
     tokenizer : PreTrainedTokenizerBase
         Tokenizes one text or a text pair; cached by its class and ``name_or_path``.
 
     Returns
     -------
     ClientSplit
-        The client's tokenized train and test data with their label histograms.
+        The client's tokenized train, validation and test data with their label histograms.
     """
     if not 0 <= client < num_clients:
         raise ValueError(f"client {client} out of range: {num_clients} clients have ids 0..{num_clients - 1}")
@@ -127,7 +132,7 @@ def pooled_train(
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
 ) -> datasets.Dataset:
-    """All clients' training splits in one dataset (centralized training; test splits untouched)."""
+    """All clients' training splits in one dataset (centralized training; validation and test untouched)."""
     key = ("pooled-train", _freeze(task), _freeze(partition), num_clients, seed, _tokenizer_key(tokenizer))
     return _cached(
         POOLED_TRAIN_CACHE,
@@ -146,17 +151,21 @@ def task_label_names(task: TaskConfig, seed: int) -> list[str]:
 def partition_label_histograms(
     task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int
 ) -> list[dict[str, list[int]]]:
-    """Every client's train and test label histogram, without tokenizing (for summary.json).
+    """Every client's train, validation and test label histogram, without tokenizing (for summary.json).
 
     Returns
     -------
     list[dict[str, list[int]]]
-        One ``{"train": [...], "test": [...]}`` per client: counts per label id.
+        One ``{"train": [...], "validation": [...], "test": [...]}`` per client: counts per label id.
     """
     pooled = _pooled(task, seed)
     labels, num_labels = np.asarray(pooled[LABEL]), len(label_names(pooled))
     return [
-        {TRAIN: _histogram(labels[rows.train], num_labels), TEST: _histogram(labels[rows.test], num_labels)}
+        {
+            TRAIN: _histogram(labels[rows.train], num_labels),
+            VALIDATION: _histogram(labels[rows.validation], num_labels),
+            TEST: _histogram(labels[rows.test], num_labels),
+        }
         for rows in _client_rows(task, partition, num_clients, seed)
     ]
 
@@ -234,6 +243,29 @@ class Batches:
             )
 
 
+class CountedBatches:
+    """An iterator of batches that counts what it hands out (the per-round budget accounting).
+
+    ``batches`` is the number of minibatches drawn so far and ``examples`` their rows (the
+    leading dimension of ``labels``, or of ``input_ids`` where a batch has no labels).
+    """
+
+    def __init__(self, source: Iterator[Batch]) -> None:
+        self._source = source
+        self.batches = 0
+        self.examples = 0
+
+    def __iter__(self) -> CountedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._source)
+        self.batches += 1
+        rows = batch.get(LABELS, batch.get(INPUT_IDS))
+        self.examples += int(rows.shape[0]) if rows is not None else 0
+        return batch
+
+
 def batches(
     ds: datasets.Dataset,
     batch_size: int,
@@ -268,6 +300,8 @@ def _build_split(
         label_names=names,
         train_label_hist=_histogram(labels[rows.train], len(names)),
         test_label_hist=_histogram(labels[rows.test], len(names)),
+        validation=tokenized.select(rows.validation),
+        validation_label_hist=_histogram(labels[rows.validation], len(names)),
     )
 
 
@@ -340,7 +374,7 @@ def _client_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int,
 
 
 def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
-    """Partition the pooled rows with the configured partitioner, then split each into train/test."""
+    """Partition the pooled rows with the configured partitioner, then split each into train/validation/test."""
     pooled = _pooled(task, seed)
     labels = np.asarray(pooled[LABEL])
     partitioner = make_partitioner(partition, num_clients, seed)
@@ -350,22 +384,48 @@ def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int,
     partitioner.dataset = pooled.select_columns(columns).add_column(ROW, list(range(len(pooled))))
     parts = [np.asarray(partitioner.load_partition(k)[ROW], dtype=np.int64) for k in range(num_clients)]
     rngs = [np.random.default_rng([seed, k]) for k in range(num_clients)]
-    return [_train_test(rows, labels[rows], task.test_fraction, rng) for rows, rng in zip(parts, rngs, strict=True)]
+    return [
+        train_val_test(rows, labels[rows], task.test_fraction, task.val_fraction, rng)
+        for rows, rng in zip(parts, rngs, strict=True)
+    ]
 
 
-def _train_test(rows: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> ClientRows:
-    """Stratified split: each label gives its share to test, so test mirrors the partition's mix."""
+def train_val_test(
+    rows: np.ndarray, labels: np.ndarray, test_fraction: float, val_fraction: float, rng: np.random.Generator
+) -> ClientRows:
+    """Stratified three-way split of one partition: test, validation and train, disjoint.
+
+    Each label gives its share to test and to validation (largest-remainder apportionment), so both
+    mirror the partition's label mix. Sizes: ``round(test_fraction * n)`` test rows and
+    ``round(val_fraction * n)`` validation rows, each at least one when its fraction is positive,
+    and at least one row is left to train. Test is drawn first, exactly as the two-way split did,
+    so adding validation leaves every test split unchanged; validation comes out of the rest.
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"task.test_fraction must lie in [0, 1), got {test_fraction}")
+    if not 0.0 <= val_fraction < 1.0 or test_fraction + val_fraction >= 1.0:
+        raise ValueError(
+            f"task.val_fraction must lie in [0, 1) with test_fraction + val_fraction < 1, "
+            f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+    test_rows = _stratified_pick(rows, labels, _test_size(len(rows), test_fraction), rng)
+    rest = ~np.isin(rows, test_rows)
+    val_size = min(_test_size(len(rows), val_fraction), max(int(rest.sum()) - 1, 0))
+    val_rows = _stratified_pick(rows[rest], labels[rest], val_size, rng)
+    train = np.setdiff1d(rows, np.concatenate([test_rows, val_rows]))
+    return ClientRows(train=train, test=test_rows, validation=val_rows)
+
+
+def _stratified_pick(rows: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` rows drawn per label in proportion to the label counts (sorted row numbers)."""
     classes, counts = np.unique(labels, return_counts=True)
-    per_class = _apportion(counts, _test_size(len(rows), test_fraction))
-    test = [rng.permutation(rows[labels == c])[:q] for c, q in zip(classes, per_class, strict=True)]
-    test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
-    return ClientRows(train=np.setdiff1d(rows, test_rows), test=test_rows)
+    per_class = _apportion(counts, size)
+    picks = [rng.permutation(rows[labels == c])[:q] for c, q in zip(classes, per_class, strict=True)]
+    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.empty(0, dtype=np.int64)
 
 
 def _test_size(n: int, test_fraction: float) -> int:
-    """Rounded share of ``n``; at least one test and one train example when there are two."""
+    """Rounded share of ``n``; at least one held-out and one train example when there are two."""
     size = round(test_fraction * n)
     return min(max(size, 1), n - 1) if test_fraction > 0 and n >= 2 else size
 

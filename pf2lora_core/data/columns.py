@@ -25,6 +25,7 @@ TOKEN_TYPE_IDS = "token_type_ids"
 MODEL_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, LABELS)
 # Position of a row in the pooled dataset, carried through a partitioner to recover indices.
 ROW = "pooled_row"
-# Keys of a client's label histograms (summary.json) and names of its two splits.
+# Keys of a client's label histograms (summary.json) and names of its three splits.
 TRAIN = "train"
+VALIDATION = "validation"
 TEST = "test"

@@ -1,10 +1,10 @@
-"""Deployment data: a site's own file split into train/test, and the label set fixed by config.
+"""Deployment data: a site's own file split into train/validation/test, and the label set fixed by config.
 
 In deployment nothing is pooled or partitioned: a SuperNode reads only the file its node config
-names (``policy.localize`` puts it in ``task.data_files``) and splits it, stratified, into train and
-test as a simulated client splits its partition. The label set (the head's size) cannot come from
-data, since the server has none and each site has only its own: it comes from ``task.label_names``
-or ``task.num_labels``. Kept apart from the simulation path (``client.py``) on purpose.
+names (``policy.localize`` puts it in ``task.data_files``) and splits it, stratified, into train,
+validation and test as a simulated client splits its partition. The label set (the head's size)
+cannot come from data, since the server has none and each site has only its own: it comes from
+``task.label_names`` or ``task.num_labels``. Kept apart from the simulation path (``client.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pf2lora_core.config import ConfigError, TaskConfig
-from pf2lora_core.data.client import ClientSplit, _cached, _freeze, _histogram, _tokenize, _tokenizer_key, _train_test
+from pf2lora_core.data.client import (
+    ClientSplit,
+    _cached,
+    _freeze,
+    _histogram,
+    _tokenize,
+    _tokenizer_key,
+    train_val_test,
+)
 from pf2lora_core.data.columns import LABEL
 from pf2lora_core.data.sources import CAUSAL_LM, NO_LABEL, load_examples
 
@@ -57,12 +65,15 @@ def _build(
 ) -> ClientSplit:
     examples = load_examples(task, seed)
     labels = np.asarray(examples[LABEL])
-    rows = _train_test(np.arange(len(examples)), labels, task.test_fraction, np.random.default_rng([seed, 0]))
+    rng = np.random.default_rng([seed, 0])
+    rows = train_val_test(np.arange(len(examples)), labels, task.test_fraction, task.val_fraction, rng)
     tokenized = _tokenize(examples, task, tokenizer, key)
     return ClientSplit(
         train=tokenized.select(rows.train),
+        validation=tokenized.select(rows.validation),
         test=tokenized.select(rows.test),
         label_names=names,
         train_label_hist=_histogram(labels[rows.train], len(names)),
+        validation_label_hist=_histogram(labels[rows.validation], len(names)),
         test_label_hist=_histogram(labels[rows.test], len(names)),
     )

