@@ -248,5 +248,9 @@ def _diagnostics(runtime: ClientRuntime, client: int, policy: NodePolicy, site: 
     out: dict[str, Any] = {"rank": rank}
     if policy.share_data_stats:
         split = runtime.split(client)
-        out[LABEL_HISTOGRAM] = {"train": split.train_label_hist, "test": split.test_label_hist}
+        out[LABEL_HISTOGRAM] = {
+            "train": split.train_label_hist,
+            "validation": split.validation_label_hist,
+            "test": split.test_label_hist,
+        }
     return out

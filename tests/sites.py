@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 
 LABELS = ["neg", "neu", "pos"]
-# per site: neg, neu, pos examples (multiples of 4, so test_fraction 0.25 splits each label exactly)
+# per site: neg, neu, pos examples (multiples of 4, so test_fraction = val_fraction = 0.25 split each
+# label exactly: a quarter to test, a quarter to validation, half to train)
 MIXES = [(24, 4, 4), (4, 4, 24), (4, 20, 8)]
 WORDS = ["good", "bad", "fine", "film", "plot", "actor", "scene", "music", "long", "short", "dull", "great"]
 
@@ -26,7 +27,7 @@ def write_site(path: Path, mix: tuple[int, ...], seed: int, extra_column: str = 
     return path
 
 
-def split_sizes(mix: tuple[int, ...], test_fraction: float = 0.25) -> tuple[list[int], list[int]]:
-    """(train, test) label histograms of a site's stratified split (exact for ``MIXES`` at 0.25)."""
-    test = [round(test_fraction * c) for c in mix]
-    return [c - t for c, t in zip(mix, test, strict=True)], test
+def split_sizes(mix: tuple[int, ...]) -> dict[str, list[int]]:
+    """Label histograms of a site's stratified split at test_fraction = val_fraction = 0.25 (exact for ``MIXES``)."""
+    quarter = [c // 4 for c in mix]
+    return {"train": [c - 2 * q for c, q in zip(mix, quarter, strict=True)], "validation": quarter, "test": quarter}

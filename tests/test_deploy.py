@@ -202,7 +202,7 @@ def first_run(deployment: Deployment) -> dict:
     overrides = (
         f"federation=deployment federation.connection={CONNECTION} federation.num_clients={CLIENTS} "
         f"federation.min_train_clients=2 federation.wait_for_nodes_s=60 federation.round_timeout_s=120 "
-        f"task=files task.label_names=[{','.join(LABELS)}] task.test_fraction=0.25 "  # no data on the server
+        f"task=files task.label_names=[{','.join(LABELS)}] task.test_fraction=0.25 task.val_fraction=0.25 "  # no data on the server
         f"model.source=path model.name={dep.model} rounds={ROUNDS} "
         f"local_steps={STEPS} flops_rounds=0 task.batch_size=4 task.max_length=16 run_dir={run_dir} "
         "federation.fraction_evaluate=0.34"  # one client evaluates per round: every process costs seconds
@@ -255,13 +255,13 @@ def test_each_client_trained_on_its_own_file_and_the_server_on_none(first_run: d
     evaluated = {c["client"]: c for c in summary["clients"]}
     assert evaluated, summary
     for k, client in evaluated.items():
-        train, test = split_sizes(MIXES[k])
-        assert client["label_histogram"] == {"train": train, "test": test}, (k, client)
-        assert client["num_test"] == sum(test)
+        hists = split_sizes(MIXES[k])
+        assert client["label_histogram"] == hists, (k, client)
+        assert client["num_test"] == sum(hists["test"])
     records = [json.loads(line) for line in (first_run["run_dir"] / METRICS_FILE).read_text().splitlines()]
     for k in range(CLIENTS):
         trained = records[-1]["train"][str(k)]
-        assert trained["num-examples"] == sum(split_sizes(MIXES[k])[0]), (k, trained)
+        assert trained["num-examples"] == sum(split_sizes(MIXES[k])["train"]), (k, trained)
     for k in range(CLIENTS):
         assert "site data: training on this node's data-path only" in deployment.procs.text(f"supernode_{k}")
 

@@ -83,7 +83,7 @@ def server_exp(setup: Setup, extra: str = "") -> Experiment:
         f"federation=deployment federation.connection=x federation.num_clients=3 federation.min_train_clients=1 "
         f"task=files task.label_names=[{','.join(LABELS)}] model.source=path model.name={setup.model} "
         f"rounds=1 local_steps=2 task.batch_size=4 task.eval_batch_size=16 task.max_length=16 flops_rounds=0 "
-        f"task.test_fraction=0.25 {extra}"
+        f"task.test_fraction=0.25 task.val_fraction=0.25 {extra}"
     )
 
 
@@ -252,7 +252,8 @@ def test_servers_data_path_is_ignored_and_the_site_trains_on_its_own(
     assert not any(str(secrets["data"]) in o for o in opened)
     assert any(str(setup.sites[1]) in o for o in opened)  # its own file
     assert SECRET not in received(reply)
-    n_train = sum(MIXES[1]) - round(0.25 * sum(MIXES[1]))
+    n = sum(MIXES[1])
+    n_train = n - round(0.25 * n) - round(exp.task.val_fraction * n)  # test, then validation, carved out
     assert reply.content["metrics"][NUM_EXAMPLES] == P.NodePolicy(site=True).reported_count(n_train)
     assert all(P.LORA_MARK in k or ".classifier." in f".{k}" for k in reply.content[ARRAYS_KEY])
 
@@ -321,9 +322,9 @@ def test_in_process_deployment_each_site_on_its_own_file(setup: Setup, tmp_path:
     grid = SiteGrid({100 + k: context(setup.node_config(k, **share), 100 + k) for k in range(3)}, [])
     summary = run_experiment(grid, exp, RunDir(new_run_dir("", "", str(tmp_path / "run"))))
     for k, client in enumerate(summary["clients"]):
-        train, test = split_sizes(MIXES[k])  # stratified: each label gives its share
-        assert client["label_histogram"] == {"train": train, "test": test}, (k, client)
-        assert client["num_train"] == sum(train) and client["num_test"] == sum(test)
+        hists = split_sizes(MIXES[k])  # stratified: each label gives its share
+        assert client["label_histogram"] == hists, (k, client)
+        assert client["num_train"] == sum(hists["train"]) and client["num_test"] == sum(hists["test"])
     assert SECRET not in "".join(grid.received)
 
 
