@@ -202,7 +202,8 @@ def first_run(deployment: Deployment) -> dict:
     overrides = (
         f"federation=deployment federation.connection={CONNECTION} federation.num_clients={CLIENTS} "
         f"federation.min_train_clients=2 federation.wait_for_nodes_s=60 federation.round_timeout_s=120 "
-        f"task=files task.label_names=[{','.join(LABELS)}] task.test_fraction=0.25 task.val_fraction=0.25 "  # no data on the server
+        # no data on the server: task=files without data_files, the label set from config
+        f"task=files task.label_names=[{','.join(LABELS)}] task.test_fraction=0.25 task.val_fraction=0.25 "
         f"model.source=path model.name={dep.model} rounds={ROUNDS} "
         f"local_steps={STEPS} flops_rounds=0 task.batch_size=4 task.max_length=16 run_dir={run_dir} "
         "federation.fraction_evaluate=0.34"  # one client evaluates per round: every process costs seconds
