@@ -177,7 +177,8 @@ class ClientRuntime:
         test = split.test
         global_ = self._evaluate_global(test)
         personalized = self._evaluate_personalized(client, test)
-        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
+        levels = (self.model.full_updates([COMMON]), self.model.full_updates([PRIVATE])) if self.has_private else None
+        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold), levels=levels)
         return EvalOutcome(personalized, global_, rank, len(split.test), time.perf_counter() - start)
 
 
