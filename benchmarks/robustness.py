@@ -312,6 +312,8 @@ def candidate_line(setting: str, candidates: Sequence[str], sizes: Sizes, log: L
     for cand in candidates:
         rule, _, alpha = cand.partition(":")
         o = [f"algorithm={pf2}", f"algorithm.inner_step={rule}", f"algorithm.inner_lr={alpha}"]
+        if rule == "homlora":  # the reference: HOMLoRA at learning rate alpha
+            o = ["algorithm=homlora", f"algorithm.lr={alpha}"]
         r = run_config(setting, o, sizes, log, cache)
         rows[cand] = {"validation": r["validation"], "test": r["test"], "rank": r.get("rank"), "seconds": r["seconds"]}
     return {"setting": setting, "sizes": dataclasses.asdict(sizes), "candidates": rows}
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--candidates",
         default="",
-        help="rule:alpha,... (e.g. sgd:5,rms:0.002): print each setting's PF2LoRA validation and test per candidate",
+        help="rule:alpha,... (e.g. sgd:5,rms:0.002,homlora:0.002): each setting's validation and test per candidate",
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
@@ -373,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         diagnose(sizes, args.cache, [("sgd", 5.0), ("sgd", 0.5), ("rms", 1e-3), ("trust", 0.05)])
         return 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     log = Log(args.log)
     if args.candidates:
         for setting in [s for s in args.settings.split(",") if s]:
