@@ -18,11 +18,12 @@ differs). Every finished run is appended to ``--log`` (JSONL) and reused by a re
 interrupted benchmark loses nothing.
 
 Settings: ``rt2_s{s}`` (Rotten Tomatoes fresh/rotten), ``rt3_s{s}`` (fresh/rotten/plot, built
-from the same packaged corpus), ``synthetic`` / ``synthetic_large`` (the rank task; metric:
-expected loss on fresh rows, lower is better), ``reviews`` (SmolLM2 writing Rotten Tomatoes
-reviews, metric: ROUGE-L; slow: decoding). ``--diagnose`` prints, instead, the lower level's
-relative step ``||y' - y|| / ||y||`` per step for each ``inner_step`` rule (why plain SGD has no
-step size that fits every setting).
+from the same packaged corpus), ``synthetic`` / ``synthetic_large`` (the rank task at its own
+sizes and at ``--rank 10 --true-ranks 8,9,11,12 --dim 64``, PF2LoRA's lower level at the Flower
+defaults of conf/algorithm/pf2lora.yaml; metric: minus the expected loss on fresh rows),
+``reviews`` (SmolLM2 writing Rotten Tomatoes reviews, metric: minus perplexity; slow: decoding).
+``--diagnose`` prints, instead, the lower level's relative step ``||y' - y|| / ||y||`` per step
+for each ``inner_step`` rule (why plain SGD has no step size that fits every setting).
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # imported lazily at run time: --help stays fast
+    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.experiment import Experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 S_VALUES = (0.3, 0.5, 0.9)
@@ -123,29 +129,54 @@ def setting_overrides(name: str, cache: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------- one federated run, in process
-def federated_run(overrides: list[str], sizes: Sizes) -> dict:
-    """Train on each client's train rows; personalized and global metrics on validation and test."""
-    from pf2lora_core import data, experiment
+def held_out_runtime(exp: Experiment, val_fraction: float) -> ClientRuntime:
+    """A ``ClientRuntime`` whose clients lose ``val_fraction`` of their training rows to validation."""
+    from pf2lora_core import data
     from pf2lora_core.client import ClientRuntime
-    from pf2lora_core.constants import COMMON
-
-    exp = experiment.load([*overrides, *sizes.overrides()])
 
     class HeldOut(ClientRuntime):
-        """A client whose training rows lose ``val_fraction`` to a validation split."""
-
         evaluate_on = "validation"
 
         def split(self, client: int) -> data.ClientSplit:
             full = super().split(client)
-            n_val = max(1, round(sizes.val_fraction * len(full.train)))
+            n_val = max(1, round(val_fraction * len(full.train)))
             rows = full.train.shuffle(seed=exp.seed + 104729 * client)  # fixed: same rows every config
             val, train = rows.select(range(n_val)), rows.select(range(n_val, len(rows)))
             test = val if self.evaluate_on == "validation" else full.test
             return dataclasses.replace(full, train=train, test=test)
 
+    return HeldOut(exp)
+
+
+def majority_prior(overrides: list[str], sizes: Sizes) -> dict:
+    """Mean over clients of the accuracy of predicting the client's majority training label."""
+    from collections import Counter
+
+    from pf2lora_core import experiment
+    from pf2lora_core.data.columns import LABELS
+
+    exp = experiment.load([*overrides, *sizes.overrides(), "algorithm=homlora"])
+    rt = held_out_runtime(exp, sizes.val_fraction)
+    out: dict = {}
+    for where in ("validation", "test"):
+        rt.evaluate_on = where
+        accs = []
+        for k in range(exp.federation.num_clients):
+            split = rt.split(k)
+            label = Counter(split.train[LABELS]).most_common(1)[0][0]
+            accs.append(sum(int(y == label) for y in split.test[LABELS]) / len(split.test))
+        out[where] = _mean(accs)
+    return out
+
+
+def federated_run(overrides: list[str], sizes: Sizes) -> dict:
+    """Train on each client's train rows; personalized and global metrics on validation and test."""
+    from pf2lora_core import experiment
+    from pf2lora_core.constants import COMMON, PERPLEXITY
+
+    exp = experiment.load([*overrides, *sizes.overrides()])
     t0 = time.perf_counter()
-    rt = HeldOut(exp)
+    rt = held_out_runtime(exp, sizes.val_fraction)
     alg = exp.algorithm
     state = alg.server_init(rt.model.export(COMMON))
     n = exp.federation.num_clients
@@ -159,13 +190,14 @@ def federated_run(overrides: list[str], sizes: Sizes) -> dict:
             weights.append(float(out.num_examples))
         state = alg.server_update(state, uplinks, weights, list(range(n)))
     metric = exp.task.metric
-    result: dict = {"seconds": time.perf_counter() - t0, "metric": metric}
+    sign = -1.0 if metric == PERPLEXITY else 1.0  # every score: higher is better
+    result: dict = {"seconds": time.perf_counter() - t0, "metric": metric if sign > 0 else f"neg_{metric}"}
     for where in ("validation", "test"):
         rt.evaluate_on = where
         outs = [rt.evaluate(k, alg.downlink(state, k), privates[k]) for k in range(n)]
         result[where] = {
-            "personalized": _mean([o.personalized[metric] for o in outs]),
-            "global": _mean([o.global_[metric] for o in outs]),
+            "personalized": sign * _mean([o.personalized[metric] for o in outs]),
+            "global": sign * _mean([o.global_[metric] for o in outs]),
         }
         if where == "test":
             result["rank"] = [o.rank.get("effective") for o in outs]
@@ -225,14 +257,14 @@ def grids(setting: str) -> dict[str, list[list[str]]]:
     pf2 = "pf2lora_lm" if lm else "pf2lora"
     d = algorithm_defaults(pf2)
     h = algorithm_defaults("homlora")
-    if setting.startswith("synthetic"):
+    if setting.startswith("synthetic"):  # PF2LoRA's Flower defaults; HOMLoRA's own synthetic lr
         from pf2lora_core.synthetic import SyntheticConfig
 
-        syn = SyntheticConfig()
-        d = {"inner_lr": syn.inner_lr, "inner_step": syn.inner_step}
-        h = {"lr": syn.lr}
-    alpha, lr = float(d["inner_lr"]), float(h["lr"])
-    pf2_grid = [[f"algorithm={pf2}", f"algorithm.inner_lr={alpha * m:g}"] for m in (1, 1 / 3, 3)]
+        h = {"lr": SyntheticConfig().lr}
+    alpha, lr, rule = float(d["inner_lr"]), float(h["lr"]), d["inner_step"]
+    pf2_grid = [
+        [f"algorithm={pf2}", f"algorithm.inner_step={rule}", f"algorithm.inner_lr={alpha * m:g}"] for m in (1, 1 / 3, 3)
+    ]
     hom_grid = [["algorithm=homlora", f"algorithm.lr={lr * m:g}"] for m in (1, 0.5, 2)]
     return {"pf2lora": pf2_grid, "homlora": hom_grid}
 
@@ -278,7 +310,7 @@ def setting_line(setting: str, sizes: Sizes, log: Log, cache: Path) -> dict:
     default = arms["pf2lora"][0]
     tuned = max(arms["pf2lora"], key=lambda r: r["validation"]["personalized"])
     hom = max(arms["homlora"], key=lambda r: r["validation"]["personalized"])
-    scale = 1.0 if setting.startswith("synthetic") else 100.0  # accuracy in points
+    scale = 100.0 if default["metric"] == "accuracy" else 1.0  # accuracy in points
     pts = {k: scale * r["test"]["personalized"] for k, r in (("default", default), ("tuned", tuned), ("hom", hom))}
     return {
         "setting": setting,
@@ -315,8 +347,17 @@ def candidate_line(setting: str, candidates: Sequence[str], sizes: Sizes, log: L
         if rule == "homlora":  # the reference: HOMLoRA at learning rate alpha
             o = ["algorithm=homlora", f"algorithm.lr={alpha}"]
         r = run_config(setting, o, sizes, log, cache)
-        rows[cand] = {"validation": r["validation"], "test": r["test"], "rank": r.get("rank"), "seconds": r["seconds"]}
-    return {"setting": setting, "sizes": dataclasses.asdict(sizes), "candidates": rows}
+        rows[cand] = {
+            "validation": r["validation"],
+            "test": r["test"],
+            "rank": r.get("rank"),
+            "private_energy": r.get("private_energy"),
+            "seconds": r["seconds"],
+        }
+    line = {"setting": setting, "sizes": dataclasses.asdict(sizes), "candidates": rows}
+    if not setting.startswith("synthetic") and setting != "reviews":
+        line["client_majority_prior"] = majority_prior(setting_overrides(setting, cache), sizes)
+    return line
 
 
 # ------------------------------------------------------------------------------- diagnostics
