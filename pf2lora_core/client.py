@@ -245,7 +245,8 @@ class ClientRuntime:
         splits = {TEST: split.test, VALIDATION: split.validation}
         global_ = self._evaluate_global(splits)
         personalized = self._evaluate_personalized(client, splits)
-        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold))
+        levels = (self.model.full_updates([COMMON]), self.model.full_updates([PRIVATE])) if self.has_private else None
+        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold), levels=levels)
         return EvalOutcome(
             personalized[TEST],
             global_[TEST],

@@ -5,6 +5,10 @@ unroll ``y' = y - alpha * grad_y f(x, y)`` has the exact derivative (DESIGN.md, 
 
     h = grad_x f(x, y') - alpha * H_xy f(x, y) @ grad_y f(x, y')        (1)
 
+With a scale-free lower level ``y' = y - alpha phi(grad_y f(x, y))`` (``solver.INNER_STEPS``) the
+same derivative reads ``h = grad_x f(x, y') - alpha * H_xy f(x, y) @ J_phi^T grad_y f(x, y')``:
+only the vector ``v`` of the product changes (the solver builds it), not the methods here.
+
 Every method here supplies the mixed product ``H_xy f(x, y) v`` (the term in (1)) behind one
 interface: ``gradient_pass`` evaluates ``f`` and its gradients at a point ``y`` (keeping whatever
 the method needs later), and ``hvp`` returns ``H_xy f(x, y) v`` for that same point, or ``None``

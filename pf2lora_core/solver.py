@@ -2,10 +2,41 @@
 
 One local step on client k, with ``x`` the common adapter and ``y`` the private one::
 
-    y' = y - alpha * grad_y f(x, y)                                    (lower level, plain SGD)
-    h  = grad_x f(x, y') - alpha * H_xy f(x, y) @ grad_y f(x, y')       (hypergradient, eq. 1)
-    x  = AdamW(x, h; lr=beta)                                          (upper level)
+    y' = y - alpha * phi(grad_y f(x, y))                                    (lower level)
+    h  = grad_x f(x, y') - alpha * H_xy f(x, y) @ J_phi^T grad_y f(x, y')   (hypergradient, eq. 1)
+    x  = AdamW(x, h; lr=beta)                                               (upper level)
     y  = y'
+
+``phi`` is the lower level's step direction, chosen by ``algorithm.inner_step`` (``INNER_STEPS``),
+and ``J_phi`` its Jacobian at ``g = grad_y f(x, y)``: since ``g`` depends on ``x`` through
+``H_yx``, ``dy'/dx = -alpha J_phi H_yx`` and ``h`` is the exact derivative of
+``x -> f(x, y - alpha phi(grad_y f(x, y)))``, the step actually taken, for every rule (the
+float64 oracle tests differentiate through the whole step, ``phi`` included). Every ``J_phi``
+below is symmetric, so the term is one HVP along the vector ``J_phi^T grad_y f(x, y')``:
+
+- ``sgd``: ``phi(g) = g``, ``J = I``: DESIGN.md's rule (plain SGD, step ``alpha``) and the paper's,
+  whose authors report a step of 1e-3 for the client-specific adapter. Plain SGD on LoRA
+  factors has no natural scale: the private gradient's size varies by orders of magnitude with
+  the model, the task, the ranks and the alphas (and within a run: ``grad_C = 0`` while
+  ``D = 0``), so one ``alpha`` is a large relative step on one setting and none on another.
+  Measured on MiniLM / Rotten Tomatoes (``benchmarks/robustness.py --diagnose``, round 1):
+  ``||y' - y|| / ||y||`` per step is 1.5-9% at ``alpha = 5`` (the private level learns each
+  client's label prior within a round and then outruns the common level) and 0.15-0.23% at
+  ``alpha = 0.5`` (it barely moves: personalized = global); on SmolLM2 5.0 diverges outright.
+- ``rms`` (the default; ``conf/algorithm/pf2lora.yaml`` gives the measurements): per private
+  tensor ``t``, ``phi_t(g_t) = g_t / sqrt(m_t)`` with ``m_t`` the mean over this round's steps so
+  far of ``mean(g_t^2)`` (``phi_t = 0`` while it is 0). Every tensor moves by ``alpha`` (root mean
+  square per entry) per step whatever its gradient's scale, in its gradient's direction; alpha
+  means what Adam's learning rate means (the paper's 1e-3 is of this scale; default 3e-3).
+  ``J_t = P_t (I - g_t g_t^T / (n N_t m_t))`` (``P_t = m_t^(-1/2)``, ``n`` steps, ``N_t`` entries).
+- ``trust``: ``phi(g) = (||y|| / ||g||) g`` over the whole private level, so that
+  ``||y' - y|| = alpha ||y||`` exactly (a trust region of relative radius ``alpha``);
+  ``J = (||y|| / ||g||) (I - g g^T / ||g||^2)``.
+
+Treating the scale as a constant (``J = P I``) would be the common shortcut; it is not used: on
+the float64 test problem, at ``alpha`` in [0.01, 0.05], it is 4-52% off the true hypergradient,
+further off than dropping the second-order term altogether (0.2-35%); tests/test_hypergrad.py
+checks the exact one and that the shortcut differs.
 
 The HVP in ``h`` comes from ``pf2lora_core.hypergrad``. All passes of one step see the same
 batch and the same dropout masks (the RNG is re-seeded per pass from one per-step seed), so
@@ -27,12 +58,12 @@ Choices the paper leaves open, and ours:
   and the HVP is taken at ``y'`` (the outer pass's own ``grad_x`` is then the forward-difference
   base): two gradient evaluations per step instead of three.
 - *joint* mode (the paper's ablation, no bilevel): one gradient of ``f(x, y)`` updates both
-  levels at once, ``y`` by SGD (alpha) and ``x`` by AdamW (beta).
+  levels at once, ``y`` by its ``inner_step`` rule (alpha) and ``x`` by AdamW (beta).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -47,6 +78,103 @@ JOINT = "joint"
 MODES = (BILEVEL, JOINT)
 
 
+# ------------------------------------------------------------------ lower-level preconditioners
+SGD = "sgd"
+RMS = "rms"
+TRUST = "trust"
+
+
+class InnerMap:
+    """One step's direction ``phi(g)`` (``y' = y - alpha phi(g)``) and its Jacobian's transpose.
+
+    ``sgd``: ``phi(g) = g``. Subclasses scale ``g``; their ``transpose`` is the exact
+    ``J_phi(g)^T v``, so that ``dy'/dx^T v = -alpha H_xy J_phi^T v`` (module docstring).
+    """
+
+    def direction(self, grad: list[Tensor]) -> list[Tensor]:
+        return grad
+
+    def transpose(self, v: list[Tensor]) -> list[Tensor]:
+        return v
+
+
+class _Scaled(InnerMap):
+    """``phi(g)_t = P_t g_t``, ``J^T v = P_t (v_t - k_t g_t <g, v>_t)`` (``<,>_t``: the tensor's group)."""
+
+    def __init__(self, grad: list[Tensor], p: list[Tensor], k: list[Tensor], per_tensor: bool) -> None:
+        self.grad, self.p, self.k, self.per_tensor = grad, p, k, per_tensor
+
+    def direction(self, grad: list[Tensor]) -> list[Tensor]:
+        return torch._foreach_mul(grad, self.p)
+
+    def transpose(self, v: list[Tensor]) -> list[Tensor]:
+        dots = [(g.double() * u.double()).sum() for g, u in zip(self.grad, v, strict=True)]
+        if not self.per_tensor:
+            dots = [torch.stack(dots).sum()] * len(dots)
+        coef = [(k * d).to(g.dtype) for k, d, g in zip(self.k, dots, self.grad, strict=True)]
+        projected = torch._foreach_sub(list(v), torch._foreach_mul(self.grad, coef))
+        return torch._foreach_mul(projected, self.p)
+
+
+def _identity(y: list[Tensor], grad: list[Tensor]) -> InnerMap:
+    """``sgd``: ``phi(g) = g`` (DESIGN.md's rule)."""
+    return InnerMap()
+
+
+class TensorRMS:
+    """``rms``: ``P_t = m_t^(-1/2)``, ``m_t = (1/n) sum_{s<=n} mean(g_{t,s}^2)`` over the round's steps.
+
+    ``phi_t(g_t) = g_t / sqrt((S_t + |g_t|^2 / N_t) / n)`` (``S_t``: the earlier steps' sum, a
+    constant of this step; ``N_t``: the tensor's size), whose Jacobian is
+    ``P_t (I - g_t g_t^T / (n N_t m_t))``. One object per round (the solver is built afresh
+    every round), so the average starts over with the round, like AdamW's moments.
+    """
+
+    def __init__(self) -> None:
+        self.sum_sq: list[Tensor] | None = None
+        self.steps = 0
+
+    def __call__(self, y: list[Tensor], grad: list[Tensor]) -> InnerMap:
+        ms = [g.detach().double().square().mean() for g in grad]
+        self.sum_sq = ms if self.sum_sq is None else torch._foreach_add(self.sum_sq, ms)
+        self.steps += 1
+        m = [s / self.steps for s in self.sum_sq]
+        p = [_safe_inverse(mi.sqrt()) for mi in m]
+        k = [_safe_inverse(self.steps * g.numel() * mi) for mi, g in zip(m, grad, strict=True)]
+        return _Scaled(grad, [pi.to(g.dtype) for pi, g in zip(p, grad, strict=True)], k, per_tensor=True)
+
+
+def _trust(y: list[Tensor], grad: list[Tensor]) -> InnerMap:
+    """``trust``: ``phi(g) = (||y|| / ||g||) g``, Jacobian ``(||y|| / ||g||) (I - g g^T / ||g||^2)``."""
+    gnorm = _norm(grad)
+    p = (_safe_inverse(gnorm) * _norm(y)).to(grad[0].dtype)
+    k = _safe_inverse(gnorm**2)
+    return _Scaled(grad, [p] * len(grad), [k] * len(grad), per_tensor=False)
+
+
+def _safe_inverse(t: Tensor) -> Tensor:
+    """``1 / t`` in float64, and 0 where ``t`` is 0 (a tensor without gradient takes no step)."""
+    t = t.double()
+    return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+# (y, grad_y) -> the step's map; a factory per round (``rms`` keeps the round's average)
+Preconditioner = Callable[[list[Tensor], list[Tensor]], InnerMap]
+
+INNER_STEPS: dict[str, Callable[[], Preconditioner]] = {
+    SGD: lambda: _identity,
+    RMS: TensorRMS,
+    TRUST: lambda: _trust,
+}
+
+
+def make_inner_step(name: str) -> Preconditioner:
+    """The preconditioner named by ``algorithm.inner_step`` (a fresh one: ``rms`` keeps state)."""
+    if name not in INNER_STEPS:
+        raise ValueError(f"algorithm.inner_step={name!r}: choose one of {sorted(INNER_STEPS)}")
+    return INNER_STEPS[name]()
+
+
 @dataclass
 class StepStats:
     """What a local step reports (averaged over the round by the caller)."""
@@ -54,6 +182,7 @@ class StepStats:
     loss: float
     hvp_norm: float = 0.0
     passes: int = 0
+    inner_step_ratio: float = 0.0  # ||y' - y|| / ||y||: how far the lower level moved, relatively
 
 
 class BilevelSolver:
@@ -66,9 +195,11 @@ class BilevelSolver:
     hvp:
         An ``HvpMethod``; ignored in ``joint`` mode.
     inner_lr:
-        ``alpha``, the lower level's SGD step size.
+        ``alpha``, the lower level's step size (its meaning depends on ``inner_step``).
     outer_optimizer:
         Optimizer over ``x`` (AdamW with lr ``beta`` in PF2LoRA).
+    inner_step:
+        The lower level's preconditioner ``P`` by name (``INNER_STEPS``; module docstring).
     """
 
     def __init__(
@@ -80,9 +211,11 @@ class BilevelSolver:
         outer_optimizer: torch.optim.Optimizer,
         mode: str = BILEVEL,
         reuse_inner_grad: bool = False,
+        inner_step: str = SGD,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.precond = make_inner_step(inner_step)
         if not y:
             raise ValueError("the bilevel solver needs a non-empty private (lower) level")
         self.x, self.y = x, y
@@ -103,29 +236,35 @@ class BilevelSolver:
     def _step_exact_rule(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         # grad_y f(x,y) (+ grad_x f(x,y) only where the method needs it: the forward-difference base)
         inner = self.hvp.gradient_pass(ev, y, want_x=False)
-        y_new = _sgd(y, inner.grad_y, self.alpha)
-        outer = ev.grads(y_new)  # grad_x f(x,y'), v = grad_y f(x,y')
-        hv = self.hvp.hvp(ev, y, outer.grad_y, inner)
+        phi = self.precond(y, inner.grad_y)
+        y_new = _step(y, phi.direction(inner.grad_y), self.alpha)
+        outer = ev.grads(y_new)  # grad_x f(x,y'), v = J_phi^T grad_y f(x,y')
+        hv = self.hvp.hvp(ev, y, phi.transpose(outer.grad_y), inner)
+        ratio = _ratio(y, y_new)  # before the update: ``y`` shares the parameters' storage
         self._update(outer.grad_x, hv, y_new)
-        return StepStats(loss=float(inner.loss), hvp_norm=_hvp_norm(hv), passes=3 if hv is not None else 2)
+        return StepStats(float(inner.loss), _hvp_norm(hv), 3 if hv is not None else 2, ratio)
 
     def _step_reuse(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         passes = 0
         if self._carried is None:
             self._carried = ev.grads(y, want_x=False).grad_y
             passes += 1
-        y_new = _sgd(y, self._carried, self.alpha)
+        phi = self.precond(y, self._carried)
+        y_new = _step(y, phi.direction(self._carried), self.alpha)
         outer: GradPass = self.hvp.gradient_pass(ev, y_new)
-        hv = self.hvp.hvp(ev, y_new, outer.grad_y, outer)  # HVP at y' (see module docstring)
+        hv = self.hvp.hvp(ev, y_new, phi.transpose(outer.grad_y), outer)  # HVP at y' (see module docstring)
         self._carried = outer.grad_y
+        ratio = _ratio(y, y_new)
         self._update(outer.grad_x, hv, y_new)
-        return StepStats(loss=float(outer.loss), hvp_norm=_hvp_norm(hv), passes=passes + (2 if hv is not None else 1))
+        passes += 2 if hv is not None else 1
+        return StepStats(float(outer.loss), _hvp_norm(hv), passes, ratio)
 
     def _joint(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         g = ev.grads(y)
-        y_new = _sgd(y, g.grad_y, self.alpha)
+        y_new = _step(y, self.precond(y, g.grad_y).direction(g.grad_y), self.alpha)
+        ratio = _ratio(y, y_new)
         self._update(g.grad_x, None, y_new)
-        return StepStats(loss=float(g.loss), passes=1)
+        return StepStats(float(g.loss), passes=1, inner_step_ratio=ratio)
 
     def _update(self, grad_x: list[Tensor], hv: list[Tensor] | None, y_new: list[Tensor]) -> None:
         """Outer AdamW step with h = grad_x - alpha * hv, then commit y <- y'."""
@@ -139,21 +278,33 @@ class BilevelSolver:
             torch._foreach_copy_(list(self.y.values()), y_new)
 
 
-def _sgd(y: list[Tensor], grad: list[Tensor], lr: float) -> list[Tensor]:
-    """``y - lr * grad`` for a list of tensors (one fused kernel)."""
-    return torch._foreach_add(y, grad, alpha=-lr)
+def _step(y: list[Tensor], direction: list[Tensor], lr: float) -> list[Tensor]:
+    """``y - lr * direction`` for a list of tensors (one fused kernel)."""
+    return torch._foreach_add(y, direction, alpha=-lr)
+
+
+def _ratio(y: list[Tensor], y_new: list[Tensor]) -> float:
+    """``||y' - y|| / ||y||`` (0 for a zero ``y``)."""
+    den = float(_norm(y))
+    return float(_norm(torch._foreach_sub(y_new, y))) / den if den > 0 else 0.0
 
 
 def hypergradient(
-    solver_hvp: HvpMethod, loss: LossFn, x: dict[str, Tensor], y: dict[str, Tensor], alpha: float
+    solver_hvp: HvpMethod,
+    loss: LossFn,
+    x: dict[str, Tensor],
+    y: dict[str, Tensor],
+    alpha: float,
+    inner_step: str = SGD,
 ) -> list[Tensor]:
     """The hypergradient ``h`` of eq. (1) at ``(x, y)`` without updating anything (for tests)."""
     ev = Evaluator(loss, x, list(y))
     y0 = [t.detach() for t in y.values()]
     inner = solver_hvp.gradient_pass(ev, y0, want_x=False)
-    y_new = _sgd(y0, inner.grad_y, alpha)
+    phi = make_inner_step(inner_step)(y0, inner.grad_y)
+    y_new = _step(y0, phi.direction(inner.grad_y), alpha)
     outer = ev.grads(y_new)
-    hv = solver_hvp.hvp(ev, y0, outer.grad_y, inner)
+    hv = solver_hvp.hvp(ev, y0, phi.transpose(outer.grad_y), inner)
     if hv is None:
         return outer.grad_x
     return torch._foreach_add(outer.grad_x, hv, alpha=-alpha)

@@ -10,8 +10,10 @@ The same algorithm objects as the Flower app (``pf2lora_core.algorithms``) train
 ``nn.Linear`` holding ``W0``, in plain torch: PF2LoRA (common r, private r~) and HOMLoRA (rank r),
 on the same budget (rounds, local steps, learning-rate schedule of the common level). The learned
 rank of a client is the threshold rank of its full update ``s B A + s~ D_k C_k`` (singular values
-above ``threshold * sigma_1``). A run directory (DESIGN contract) gets ``config.yaml``,
-``metrics.jsonl`` (per round and algorithm, each client's loss), ``summary.json``
+above ``threshold * sigma_1``, the same default threshold as Flower runs: ``rank.DEFAULT_THRESHOLD``),
+reported with its entropy rank and the private level's share of the update's energy. A run
+directory (DESIGN contract) gets ``config.yaml``, ``metrics.jsonl`` (per round and algorithm,
+each client's loss), ``summary.json``
 (``algorithms.<name>.clients[i] = {client, true_rank, learned_rank, loss, ...}``) and ``plots/``
 with each client's singular-value spectrum.
 
@@ -75,7 +77,8 @@ from pf2lora_core.algorithms.pf2lora import PF2LoRAParams
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import rank_spectra
-from pf2lora_core.rank import singular_values, threshold_rank
+from pf2lora_core.rank import DEFAULT_THRESHOLD, entropy_rank, private_energy, singular_values, threshold_rank
+from pf2lora_core.solver import INNER_STEPS
 
 Batch = tuple[Tensor, Tensor]
 Objective = Callable[[Batch, "dict[str, Tensor] | None"], Tensor]
@@ -102,18 +105,35 @@ class SyntheticConfig:
     lr: float = 0.03  # beta at round 0 (AdamW, common level; HOMLoRA too)
     lr_final: float = 0.001  # beta at the last round (geometric decay): AdamW's jitter floor
     inner_lr: float = 0.05  # alpha (SGD, private level): ~1/7 of the stability limit 2 / L ~ 0.33
+    inner_step: str = "sgd"  # the private level's rule (solver.INNER_STEPS)
     hvp: str = "exact"  # exact hypergradient (reverse-over-reverse): cheap at this size
     reuse_inner_grad: bool = False  # the two-pass approximation of the solver (off: the exact rule)
-    threshold: float = 0.1  # learned rank: singular values > 0.1 sigma_1 (planted ones >= 0.67 sigma_1)
+    threshold: float = DEFAULT_THRESHOLD  # learned rank: singular values > 0.05 sigma_1, as in Flower runs
     seed: int = 0
     output_dir: str = "outputs"
     algorithms: list[str] = field(default_factory=lambda: ["pf2lora", "homlora", "hetlora"])
     # HETLoRA: rank r_max = r + r~ on the server (its widest client can hold every planted direction),
-    # each client's assigned rank; client 3 (true rank 6) gets 4 < 6 and, ranks only shrinking, can
-    # never reach its truth. Self-pruning is on (gamma, reg) so ranks above the truth can shrink.
-    hetlora_ranks: list[int] = field(default_factory=lambda: [3, 4, 7, 4])
+    # each client's assigned rank; empty: [r - 1, r, r + r~, r] repeated over the clients (follows
+    # --rank: with the defaults, client 3 (true rank 6) gets 4 < 6 and, ranks only shrinking, can
+    # never reach its truth). Self-pruning is on (gamma, reg) so ranks above the truth can shrink,
+    # but never below r - r~, the lowest true rank the task plants: with r_min = 1 the tail-norm
+    # test fires nearly every round and every client pruned itself to rank 1 within ~20 rounds
+    # (losses 11-17 on --rank 10 --true-ranks 8,9,11,12 --dim 64), a collapse the paper's
+    # "cannot grow beyond its initial rank" does not describe.
+    hetlora_ranks: list[int] = field(default_factory=list)
     hetlora_gamma: float = 0.75
     hetlora_reg: float = 0.01
+
+    def hetlora_r_min(self) -> int:
+        """HETLoRA's rank floor: ``r - r~`` (see ``hetlora_ranks``)."""
+        return max(1, self.rank - self.private_rank)
+
+    def hetlora_assigned(self) -> list[int]:
+        """Each client's HETLoRA rank: ``hetlora_ranks``, or ``[r - 1, r, r + r~, r]`` repeated."""
+        if self.hetlora_ranks:
+            return list(self.hetlora_ranks)
+        pattern = [max(self.rank - 1, self.hetlora_r_min()), self.rank, self.rank + self.private_rank, self.rank]
+        return [pattern[k % len(pattern)] for k in range(len(self.true_ranks))]
 
     def beta(self, rnd: int) -> float:
         """The common level's AdamW learning rate in round ``rnd`` (geometric decay)."""
@@ -135,6 +155,14 @@ def check_ranks(cfg: SyntheticConfig) -> None:
     if bad:
         raise ValueError(
             f"true ranks {bad} lie outside [r - r~, r + r~] = [{low}, {high}] (r={cfg.rank}, r~={cfg.private_rank})"
+        )
+    r_max, assigned = cfg.rank + cfg.private_rank, cfg.hetlora_assigned()
+    if "hetlora" in cfg.algorithms and (
+        len(assigned) != len(cfg.true_ranks) or not all(cfg.hetlora_r_min() <= a <= r_max for a in assigned)
+    ):
+        raise ValueError(
+            f"HETLoRA ranks {assigned} need one per client ({len(cfg.true_ranks)}), each in "
+            f"[r - r~, r + r~] = [{cfg.hetlora_r_min()}, {r_max}]; omit --hetlora-ranks to derive them from --rank"
         )
     needed = cfg.rank + sum(max(t - cfg.rank, 0) for t in cfg.true_ranks)
     if needed > cfg.dim:
@@ -195,13 +223,13 @@ def _algorithm(name: str, cfg: SyntheticConfig, lr: float) -> Algorithm:
         params: LoRAParams = PF2LoRAParams(
             **common, private_rank=cfg.private_rank, private_alpha=cfg.private_scaling * cfg.private_rank,
             inner_lr=cfg.inner_lr, hvp=cfg.hvp, fd_eps=1e-3, fd_scheme="forward", exact_ad="reverse",
-            mode="bilevel", reuse_inner_grad=cfg.reuse_inner_grad,
+            mode="bilevel", reuse_inner_grad=cfg.reuse_inner_grad, inner_step=cfg.inner_step,
         )  # fmt: skip
     elif cls.Params is HETLoRAParams:
         r_max = cfg.rank + cfg.private_rank
         params = HETLoRAParams(
-            **{**common, "rank": r_max, "lora_alpha": cfg.scaling * r_max}, r_min=1, gamma=cfg.hetlora_gamma,
-            reg=cfg.hetlora_reg, rank_seed=cfg.seed, client_ranks=list(cfg.hetlora_ranks),
+            **{**common, "rank": r_max, "lora_alpha": cfg.scaling * r_max}, r_min=cfg.hetlora_r_min(),
+            gamma=cfg.hetlora_gamma, reg=cfg.hetlora_reg, rank_seed=cfg.seed, client_ranks=cfg.hetlora_assigned(),
         )  # fmt: skip
     else:
         params = cls.Params(**common)
@@ -287,13 +315,18 @@ def _evaluate(
         loss = _loss(model, algorithm, state, k, privates[k], client, objective)
         (update,) = model.full_updates().values()  # s B A + s~ D_k C_k
         sigma = singular_values(update)
+        energy = private_energy(model.full_updates([COMMON]), model.full_updates([PRIVATE]))
         results.append(
             {
                 "client": k,
                 "true_rank": client.true_rank,
                 "learned_rank": threshold_rank(sigma, cfg.threshold),
+                "entropy_rank": entropy_rank(sigma),
+                "private_energy": energy,  # ||s~ D C||^2 / (||s B A||^2 + ||s~ D C||^2); 0 without a private level
                 "loss": loss,
                 "update_error": float(torch.linalg.norm(update - client.delta) / torch.linalg.norm(client.delta)),
+                # ||M - dW_k||_F^2: with whitened rows, a fresh sample's loss is this + dim * noise^2
+                "update_error_sq": float(torch.linalg.norm(update - client.delta) ** 2),
                 "singular_values": [float(s) for s in sigma[: cfg.rank + cfg.private_rank + 2]],
             }
         )
@@ -362,10 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hvp", default=defaults.hvp, choices=["exact", "finite_difference", "first_order"])
     parser.add_argument("--reuse-inner-grad", action="store_true", help="two gradient passes per step")
     parser.add_argument("--algorithms", type=lambda s: s.split(","), default=defaults.algorithms)
+    parser.add_argument(
+        "--hetlora-ranks", type=lambda s: [int(x) for x in s.split(",")], default=[], help="default: follow --rank"
+    )
+    parser.add_argument("--inner-step", default=defaults.inner_step, choices=sorted(INNER_STEPS))
     parser.add_argument("--output-dir", default=defaults.output_dir)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation overhead
-    path, summary = run(SyntheticConfig(**vars(args)))
+    cfg = SyntheticConfig(**vars(args))
+    try:
+        check_ranks(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    path, summary = run(cfg)
     print(format_table(summary))
     print(f"{summary['cost']['seconds_total']:.1f} s; results in {path.resolve()}")
     return 0

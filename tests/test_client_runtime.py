@@ -61,3 +61,4 @@ def test_personalized_differs_from_global_after_training(exp_yaml: str) -> None:
     ev = rt.evaluate(1, out.common, out.private)
     assert ev.personalized["eval_loss"] != ev.global_["eval_loss"]
     assert ev.rank["effective"] > 0 and ev.num_examples > 0
+    assert 0 < ev.rank["private_energy"] < 1  # the private level learned, and holds part of the update

@@ -52,3 +52,22 @@ def test_rank_report_mean_over_modules() -> None:
     assert report["effective"] == 3.0
     assert report["modules"]["a"]["effective"] == 2
     assert len(report["modules"]["b"]["singular_values"]) == 12
+
+
+def test_flower_runs_and_the_synthetic_task_share_one_threshold() -> None:
+    from pf2lora_core.experiment import compose
+    from pf2lora_core.rank import DEFAULT_THRESHOLD
+    from pf2lora_core.synthetic import SyntheticConfig
+
+    assert float(compose([]).rank_threshold) == DEFAULT_THRESHOLD == SyntheticConfig().threshold
+
+
+def test_private_energy_share() -> None:
+    from pf2lora_core.rank import private_energy
+
+    common = {"a": _matrix([3.0]), "b": _matrix([4.0])}  # energy 9 + 16
+    private = {"a": _matrix([0.0]), "b": _matrix([5.0])}  # energy 25
+    assert private_energy(common, private) == pytest.approx(0.5, rel=1e-12)
+    assert private_energy(common, {"a": 0 * common["a"], "b": 0 * common["b"]}) == 0.0
+    report = rank_report({k: common[k] + private[k] for k in common}, tau=0.05, levels=(common, private))
+    assert report["private_energy"] == pytest.approx(0.5, rel=1e-12)

@@ -192,3 +192,54 @@ def _solver_mode(model, mode: str) -> BilevelSolver:
     x = model.parameters(COMMON)
     opt = torch.optim.AdamW(list(x.values()), lr=LR)
     return BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, mode=mode)
+
+
+@pytest.mark.parametrize("rule", ["rms", "trust"])
+def test_preconditioned_steps_match_autograd_through_the_step(rule: str) -> None:
+    """Two solver steps of a scale-free rule: y' and x' from autograd through the whole step.
+
+    ``rms`` averages the squared gradient over the round's steps: step 2's scale holds step 1's
+    mean square as a constant and its own as a function of x.
+    """
+    model, loss = regression_problem()
+    names_x, names_y = list(model.parameters(COMMON)), list(model.parameters(PRIVATE))
+    solver = _solver_rule(model, rule)
+    sum_sq = None
+    m, v2 = None, None
+    for t in (1, 2):
+        x0, y0 = _state(model)
+        xs = {n: x0[n].clone().requires_grad_(True) for n in names_x}
+        ys = {n: y0[n].clone().requires_grad_(True) for n in names_y}
+        gy = torch.autograd.grad(loss({**xs, **ys}), list(ys.values()), create_graph=True)
+        if rule == "rms":
+            ms = [g.square().mean() for g in gy]
+            prev = [torch.zeros((), dtype=torch.float64)] * len(ms) if sum_sq is None else sum_sq
+            step = [g / ((p + s) / t).sqrt() for g, p, s in zip(gy, prev, ms, strict=True)]
+            sum_sq = [(p + s).detach() for p, s in zip(prev, ms, strict=True)]
+        else:
+            ynorm = torch.sqrt(sum((v.detach() ** 2).sum() for v in ys.values()))
+            step = [ynorm / torch.sqrt(sum((g**2).sum() for g in gy)) * g for g in gy]
+        y_new = {n: ys[n] - ALPHA * d for n, d in zip(names_y, step, strict=True)}
+        h = torch.autograd.grad(loss({**xs, **y_new}), list(xs.values()))
+        hv = torch.cat([g.reshape(-1) for g in h])
+        if m is None:
+            m = v2 = torch.zeros_like(hv)
+        x_new, m, v2 = _adamw(torch.cat([x0[n].reshape(-1) for n in names_x]), hv, t, m, v2)
+        solver.step(loss)
+        expected_y = torch.cat([t_.detach().reshape(-1) for t_ in y_new.values()])
+        assert torch.allclose(_as_vec(model, PRIVATE), expected_y, rtol=0, atol=1e-12)
+        assert float((_as_vec(model, COMMON) - x_new).abs().max()) < 1e-10 * LR
+
+
+def _solver_rule(model, rule: str) -> BilevelSolver:
+    x = model.parameters(COMMON)
+    opt = torch.optim.AdamW(list(x.values()), lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    return BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, inner_step=rule)
+
+
+def test_inner_step_ratio_reports_the_relative_step() -> None:
+    model, loss = regression_problem()
+    y0 = _as_vec(model, PRIVATE).clone()
+    stats = _solver_rule(model, "trust").step(loss)
+    assert stats.inner_step_ratio == pytest.approx(ALPHA, rel=1e-9)  # ||y' - y|| = alpha ||y||
+    assert float(torch.linalg.norm(_as_vec(model, PRIVATE) - y0) / torch.linalg.norm(y0)) == pytest.approx(ALPHA)

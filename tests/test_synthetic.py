@@ -44,11 +44,13 @@ def test_hetlora_cannot_reach_a_true_rank_above_its_assigned_rank(
     cfg, _, summary = experiment
     het, pf2 = (summary["algorithms"][n]["clients"] for n in ("hetlora", "pf2lora"))
     short = [
-        k for k, (assigned, true) in enumerate(zip(cfg.hetlora_ranks, cfg.true_ranks, strict=True)) if assigned < true
+        k
+        for k, (assigned, true) in enumerate(zip(cfg.hetlora_assigned(), cfg.true_ranks, strict=True))
+        if assigned < true
     ]
     assert short  # the default assigns client 3 (true rank 6) rank 4
     for k in short:
-        assert het[k]["learned_rank"] <= cfg.hetlora_ranks[k] < het[k]["true_rank"]  # ranks only shrink
+        assert het[k]["learned_rank"] <= cfg.hetlora_assigned()[k] < het[k]["true_rank"]  # ranks only shrink
         assert pf2[k]["learned_rank"] == pf2[k]["true_rank"]
         assert pf2[k]["loss"] < 0.05 * het[k]["loss"]
 
@@ -85,3 +87,41 @@ def test_make_clients_rejects_ranks_outside_the_range(true_ranks: list[int]) -> 
     cfg = SyntheticConfig(true_ranks=true_ranks, rank=4, private_rank=2)
     with pytest.raises(ValueError, match=r"outside \[r - r~, r \+ r~\] = \[2, 6\]"):
         make_clients(cfg)
+
+
+@pytest.mark.parametrize(
+    ("rank", "private_rank", "true_ranks", "dim", "assigned"),
+    [
+        (4, 3, [2, 3, 5, 6], 16, [3, 4, 7, 4]),  # the defaults
+        (4, 2, [2, 3, 5, 6], 16, [3, 4, 6, 4]),  # raised a traceback with the fixed [3, 4, 7, 4]
+        (10, 3, [8, 9, 11, 12], 64, [9, 10, 13, 10]),
+    ],
+)
+def test_hetlora_ranks_follow_rank(rank: int, private_rank: int, true_ranks: list[int], dim: int, assigned) -> None:
+    from pf2lora_core.synthetic import check_ranks
+
+    cfg = SyntheticConfig(rank=rank, private_rank=private_rank, true_ranks=true_ranks, dim=dim, samples=max(64, dim))
+    check_ranks(cfg)
+    assert cfg.hetlora_assigned() == assigned
+    assert cfg.hetlora_r_min() == max(1, rank - private_rank)
+
+
+def test_bad_hetlora_ranks_are_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from pf2lora_core.synthetic import main
+
+    with pytest.raises(SystemExit):
+        main(["--hetlora-ranks", "1,2", "--rounds", "1"])
+    assert "HETLoRA ranks [1, 2] need one per client" in capsys.readouterr().err
+
+
+def test_hetlora_does_not_collapse_below_r_minus_private_rank(tmp_path: Path) -> None:
+    """Self-pruning stops at r - r~ (it reached rank 1 with a floor of 1: losses 11-17)."""
+    from pf2lora_core.synthetic import make_clients, train_federated
+
+    cfg = SyntheticConfig(
+        rank=10, private_rank=3, true_ranks=[8, 9, 11, 12], dim=64, rounds=30, algorithms=["hetlora"],
+        output_dir=str(tmp_path),
+    )  # fmt: skip
+    w0, clients = make_clients(cfg)
+    for r in train_federated("hetlora", cfg, w0, clients):
+        assert r["learned_rank"] >= cfg.rank - cfg.private_rank
