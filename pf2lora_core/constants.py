@@ -45,6 +45,14 @@ PERPLEXITY = "perplexity"
 LOWER_IS_BETTER = frozenset({EVAL_LOSS, PERPLEXITY})
 PERSONALIZED = "personalized"
 GLOBAL = "global"
+VALIDATION = "validation"  # the personalized model on the client's validation split (same shape)
+BALANCED_ACCURACY = "balanced_accuracy"
+# What an evaluate reply may carry: ``<block>.<metric>`` keys (protocol.flatten_eval) with a block
+# of EVAL_BLOCKS and a metric of EVAL_METRIC_NAMES; the server rejects any other name. Adding a
+# block or a metric is one line here.
+EVAL_BLOCKS = (PERSONALIZED, GLOBAL, VALIDATION)
+EVAL_REQUIRED_BLOCKS = (PERSONALIZED, GLOBAL)  # every evaluate reply has these; VALIDATION is optional
+EVAL_METRIC_NAMES = frozenset({EVAL_LOSS, ACCURACY, MCC, BALANCED_ACCURACY, BLEU, ROUGE_L, METEOR, PERPLEXITY})
 
 # Run-directory contract (DESIGN.md).
 CONFIG_FILE = "config.yaml"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pf2lora_core.config import ConfigError
-from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.experiment import Experiment, load, preflight
 
 
 def federation_config(exp: Experiment) -> str:
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {stop_local_superlink()} local SuperLink process(es)")
         return 0
     try:
-        print(federation_config(load(args[1:])))
+        exp = load(args[1:])
+        preflight(exp)  # what would fail only after the server waited for nodes fails here, now
+        print(federation_config(exp))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
