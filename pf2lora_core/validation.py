@@ -86,7 +86,10 @@ MAX_DETAILS_DEPTH = 8  # details -> rank -> modules -> name -> singular_values i
 def truncate(text: str, limit: int = MAX_REASON) -> str:
     """``text`` cut to ``limit`` characters (marked), one line."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 14] + f" ... [{len(text)} chars]"
+    if len(text) <= limit:
+        return text
+    suffix = f" ... [{len(text)} chars]"
+    return text[: max(limit - len(suffix), 0)] + suffix
 
 
 def check_scalars(metrics: Mapping[str, object], allow_nan: bool = False) -> str | None:
@@ -122,7 +125,7 @@ def check_num_examples(value: object, known: int | None, cap: int, policy: str) 
         return 0.0, f"'num-examples' {value:.4g} exceeds federation.max_num_examples={cap}"
     if known is not None and value > known:
         if policy == "reject":
-            return 0.0, f"'num-examples' {value:.6g} exceeds the {known} examples this client holds"
+            return 0.0, f"'num-examples' {value:.6g} exceeds the {known:g} examples this client holds"
         return float(known), None
     return float(value), None
 
