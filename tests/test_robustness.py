@@ -545,3 +545,38 @@ def test_failed_rounds_after_success_stop_after_max_failed_rounds(tmp_path: Path
     ):
         strategy.run_rounds(grid, shared(exp, strategy.run.path))
     assert [h["round"] for h in strategy.history] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------ audit, blocks
+def test_audit_runs_after_the_structure_checks_and_survives_undecodable_bytes(tmp_path: Path) -> None:
+    grid = FakeGrid(dict(NODES))
+
+    def garbage(content: RecordDict) -> None:
+        arrays = dict(content[ARRAYS_KEY].items())
+        key = sorted(arrays)[0]
+        a = arrays[key]
+        arrays[key] = Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=b"\x93NUMPY garbage")
+        content[ARRAYS_KEY] = ArrayRecord(arrays)
+
+    tamper(grid, 3, garbage)
+    strategy, record = one_round(tmp_path, grid, extra="federation.audit_replies=true")
+    assert "do not decode as a plain array" in record["rejected"][0]["reason"]
+    audit = sorted(p.name for p in (strategy.run.path / "audit" / "round_0001").iterdir())
+    bad_node = next(n for n, c in NODES.items() if c == 3)
+    assert f"train_node{bad_node}.safetensors" not in audit  # never decoded, never kept
+    assert sum(name.startswith("train_node") and name.endswith(".safetensors") for name in audit) == 3
+    assert sum(name.startswith("evaluate_node") for name in audit) == 4
+
+
+def test_validation_block_and_balanced_accuracy_are_accepted(tmp_path: Path) -> None:
+    """i12a's ``validation`` block (same shape as ``personalized``) passes the allow-list."""
+    grid = FakeGrid(dict(NODES))
+
+    def with_validation(content: RecordDict) -> None:
+        content[METRICS_KEY]["validation.accuracy"] = 0.7
+        content[METRICS_KEY]["validation.balanced_accuracy"] = 0.6
+
+    tamper(grid, 1, with_validation, phase=MessageType.EVALUATE)
+    strategy, record = one_round(tmp_path, grid)
+    assert not [r for r in record["rejected"] if r.get("phase") == "evaluation"]
+    assert strategy.latest_eval[1]["validation"] == {"accuracy": 0.7, "balanced_accuracy": 0.6}
