@@ -7,7 +7,7 @@ import random
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
@@ -114,7 +114,10 @@ def run_experiment(
     if checkpoint is not None:
         strategy.restore(checkpoint)  # common adapter, algorithm state, history, sampler and RNGs
         first_round = checkpoint.round + 1
-    strategy.run_rounds(grid, shared, first_round=first_round)
+    strategy.start(
+        grid, ArrayRecord(strategy.state), num_rounds=exp.rounds, timeout=fed.round_timeout_s,
+        train_config=shared, first_round=first_round,
+    )  # fmt: skip
     seconds = time.time() - t0 + strategy.elapsed_before
     hists = data.partition_label_histograms(exp.task, exp.partition, fed.num_clients, exp.seed)
     summary = build_summary(exp, strategy.history, strategy.latest_eval, hists, params, seconds)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from pf2lora_core.algorithms import Algorithm
@@ -76,6 +76,7 @@ SAMPLER_SALT = 7_501  # derives the node sampler's seed from the run's seed (any
 QUERY_TIMEOUT_S = 600.0  # a node answering its identity query: one ClientApp start (~5 s) + model load
 EVAL_SCALARS = frozenset({CLIENT_KEY, NUM_EXAMPLES, COMPUTE_SECONDS})  # an evaluate reply's plain keys
 TRAIN_REQUIRED = (CLIENT_KEY, NUM_EXAMPLES, TRAIN_LOSS)
+STATS = ("mean", "weighted_mean", "worst")  # of a metric over clients (outputs.aggregate_metric)
 
 
 class ReplyRejectedError(Exception):
@@ -191,29 +192,59 @@ class CommonOnlyFedAvg(FedAvg):
         return ArrayRecord(self.state)
 
     # ------------------------------------------------------------------------------ rounds
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Any = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's ``Strategy.start``: rounds ``first_round..num_rounds``; Flower's ``Result``.
+
+        ``initial_arrays`` is the seeded common level; when the state was set already
+        (``start_state``, then ``restore`` of a checkpoint for a resumed run: ``first_round`` is
+        the round after it) it is kept. ``evaluate_fn`` (server-side evaluation) is not used: every
+        evaluation here is the clients' own, on their own splits.
+        """
+        if not self.state:
+            self.start_state(initial_arrays.to_torch_state_dict(), self.clients)
+        self.num_rounds, self.round_timeout_s = num_rounds, timeout
+        return self.run_rounds(grid, train_config or ConfigRecord(), first_round, evaluate_config)
+
     def run_rounds(
         self, grid: Grid, shared: ConfigRecord, first_round: int = 1, evaluate_config: ConfigRecord | None = None
-    ) -> None:
-        """Rounds ``first_round..num_rounds`` (Flower's ``Strategy.start`` loop, able to start later).
+    ) -> Result:
+        """Rounds ``first_round..num_rounds`` (the loop of ``start``, able to start later).
 
         Raises ``RunFailedError`` (after recording the round in metrics.jsonl) when
         ``federation.max_failed_rounds`` rounds in a row had no valid reply, or the first round of
         a run that never aggregated had none.
         """
         self.query_config = ConfigRecord(dict(shared))
+        result = Result()
         for server_round in range(first_round, self.num_rounds + 1):
             replies = grid.send_and_receive(
                 self.configure_train(server_round, ArrayRecord(), ConfigRecord(dict(shared)), grid),
                 timeout=self.round_timeout_s,
             )
-            self.aggregate_train(server_round, replies)
+            _, train_metrics = self.aggregate_train(server_round, replies)
             self._stop_if_failed(server_round)
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
             eval_config = ConfigRecord(dict(evaluate_config if evaluate_config is not None else shared))
             replies = grid.send_and_receive(
                 self.configure_evaluate(server_round, ArrayRecord(), eval_config, grid),
                 timeout=self.round_timeout_s,
             )
-            self.aggregate_evaluate(server_round, replies)
+            eval_metrics = self.aggregate_evaluate(server_round, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[server_round] = eval_metrics
+        result.arrays = ArrayRecord(self.state)
+        return result
 
     def _stop_if_failed(self, server_round: int) -> None:
         """Count a round in which every client failed; stop the run when it cannot succeed."""
@@ -579,7 +610,11 @@ class CommonOnlyFedAvg(FedAvg):
             "round %d/%d done in %.1fs | train loss %.4f | %s | rejected %d", server_round, self.num_rounds,
             record["seconds"], _nan(record.get(TRAIN_LOSS)), self._eval_line(record), len(record["rejected"]),
         )  # fmt: skip
-        return None
+        if PERSONALIZED not in record:
+            return None
+        return MetricRecord(
+            {f"{kind}.{stat}": float(record[kind][stat]) for kind in (PERSONALIZED, GLOBAL) for stat in STATS}
+        )
 
     def _evaluate_candidate(self, server_round: int, msg: Message) -> tuple[int, dict[str, Any]]:
         """(client, evaluation entry) of an acceptable evaluate reply; ReplyRejectedError otherwise.

@@ -127,7 +127,7 @@ def test_checkpoint_with_a_torn_history_file_falls_back(tmp_path: Path) -> None:
 def test_fresh_run_into_a_used_run_dir_is_refused(tmp_path: Path) -> None:
     used = new_run_dir("", "", str(tmp_path / "run"))
     (used / CONFIG_FILE).write_text("name: first\n")
-    with pytest.raises(RunDirInUseError, match="already holds a run.*resume="):
+    with pytest.raises(RunDirInUseError, match=r"already holds a run.*resume="):
         new_run_dir("", "", str(used))
     other = tmp_path / "job"
     other.mkdir()

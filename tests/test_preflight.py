@@ -66,5 +66,5 @@ def test_deployment_preflight_checks_config_not_data() -> None:
 
     exp = load("federation=deployment task=files +task.data_files.train=/only/on/the/sites.csv")
     assert preflight(exp).sizes == {}
-    with pytest.raises(ConfigError, match="model.name"):
+    with pytest.raises(ConfigError, match=r"model\.name"):
         preflight(load("federation=deployment model.source=path model.name=/nonexistent"))

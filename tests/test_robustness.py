@@ -434,7 +434,7 @@ def test_robust_aggregators_ignore_a_poisoned_minority(tmp_path: Path) -> None:
 def test_robust_aggregator_with_an_own_rule_algorithm_is_a_config_error() -> None:
     from pf2lora_core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="federation.aggregator: median needs an algorithm that averages"):
+    with pytest.raises(ConfigError, match=r"federation\.aggregator: median needs an algorithm that averages"):
         experiment("hetlora", "federation.aggregator=median")
 
 
@@ -580,3 +580,22 @@ def test_validation_block_and_balanced_accuracy_are_accepted(tmp_path: Path) -> 
     strategy, record = one_round(tmp_path, grid)
     assert not [r for r in record["rejected"] if r.get("phase") == "evaluation"]
     assert strategy.latest_eval[1]["validation"] == {"accuracy": 0.7, "balanced_accuracy": 0.6}
+
+
+def test_start_returns_flowers_result(tmp_path: Path) -> None:
+    """The round loop is Flower's ``Strategy.start``: a ``Result`` with the final arrays and the
+    per-round train / evaluate MetricRecords (``aggregate_evaluate`` returns one)."""
+    from flwr.serverapp.strategy import Result
+
+    exp = experiment("homlora", "rounds=2 federation.fraction_train=1.0")
+    strategy = make_strategy(exp, new_run_dir(str(tmp_path), "start"))
+    strategy.clients = dict(NODES)
+    initial = ArrayRecord(initial_common(exp))
+    result = strategy.start(FakeGrid(dict(NODES)), initial, num_rounds=2, timeout=60,
+                            train_config=shared(exp, strategy.run.path))  # fmt: skip
+    assert isinstance(result, Result) and sorted(result.train_metrics_clientapp) == [1, 2]
+    assert result.evaluate_metrics_clientapp[2]["personalized.mean"] == pytest.approx(
+        strategy.history[1]["personalized"]["mean"]
+    )
+    for key, value in result.arrays.to_torch_state_dict().items():
+        assert torch.equal(value, strategy.state[key])
