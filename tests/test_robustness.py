@@ -599,3 +599,15 @@ def test_start_returns_flowers_result(tmp_path: Path) -> None:
     )
     for key, value in result.arrays.to_torch_state_dict().items():
         assert torch.equal(value, strategy.state[key])
+
+
+def test_stray_node_at_start_is_ignored_not_fatal(tmp_path: Path, caplog: Any) -> None:
+    """One stray node used to abort the run at start; now it is logged and ignored."""
+    exp = experiment("homlora", "rounds=1 federation.fraction_train=1.0")
+    strategy = make_strategy(exp, new_run_dir(str(tmp_path), "stray"))
+    strategy.start_state(initial_common(exp), {})  # as the ServerApp does: nodes identified in round 1
+    with caplog.at_level(logging.WARNING, logger="pf2lora.server"):
+        strategy.run_rounds(FakeGrid({**NODES, 5555: 99}), shared(exp, strategy.run.path))
+    assert sorted(strategy.clients.values()) == [0, 1, 2, 3] and 5555 not in strategy.clients
+    assert "node 5555 claims partition 99, outside [0, num_clients=4)" in caplog.text
+    assert strategy.history[0]["clients_trained"] == 4
