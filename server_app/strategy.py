@@ -12,6 +12,12 @@ completes with the replies that arrived within ``round_timeout_s`` when at least
 ``min_train_clients`` of them are valid, and every missing reply is logged; after every round the
 whole server state is checkpointed (``pf2lora_core.checkpoint``) so that ``resume=<run dir>``
 continues the run.
+
+No reply can stop the server: each train and evaluate reply is checked in its own guard
+(``pf2lora_core.validation``: the node's own client, required keys, finite numbers, allow-listed
+evaluation names, trusted ``num-examples``, an update norm that is never skipped), and anything
+unexpected becomes a ``rejected`` entry with the client and a truncated reason. Rounds in which
+every client failed stop the run (``federation.max_failed_rounds``) with the first client's error.
 """
 
 from __future__ import annotations
