@@ -38,6 +38,7 @@ from pf2lora_core.constants import (
 )
 from pf2lora_core.logs import quiet_libraries, stream_handler
 from pf2lora_core.policy import (
+    ALLOW_FRESH_PRIVATE,
     CLIENT_FAILED,
     LABEL_HISTOGRAM,
     POLICY_REFUSED,
@@ -50,7 +51,15 @@ from pf2lora_core.policy import (
     localize,
     reject_interpolation,
 )
-from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY, encode_details, flatten_eval
+from pf2lora_core.protocol import (
+    CLIENT_KEY,
+    CONFIG_YAML_KEY,
+    DETAILS_KEY,
+    RUN_KEY,
+    TRAINED_BEFORE_KEY,
+    encode_details,
+    flatten_eval,
+)
 
 if TYPE_CHECKING:
     from pf2lora_core.client import ClientRuntime
@@ -59,6 +68,7 @@ if TYPE_CHECKING:
 app = ClientApp()
 log = logging.getLogger("pf2lora.client")
 STATE_DIR_NODE_KEY = STATE_DIR  # node config: where this SuperNode keeps private adapters
+ALLOW_FRESH_NODE_KEY = ALLOW_FRESH_PRIVATE  # node config: a lost private level may start afresh
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
 
 
@@ -141,11 +151,15 @@ def _client_id(context: Context, num_clients: int) -> int:
     return client
 
 
-def _private(context: Context, store: PrivateStore, before_round: int) -> PrivateState | None:
+def _private(
+    context: Context, store: PrivateStore, before_round: int, msg: Message, required: bool
+) -> PrivateState | None:
     """This client's private level of the newest round < ``before_round``.
 
     context.state first (same process lifetime), else disk (a restarted SuperNode, a resumed run),
-    else None (fresh init).
+    else None (fresh init). ``required`` (the algorithm has a private level): when the server says
+    this client's reply was aggregated in an earlier round, a missing level is an error unless
+    the node config allows a fresh start.
     """
     from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, tensor_digest
 
@@ -157,7 +171,9 @@ def _private(context: Context, store: PrivateStore, before_round: int) -> Privat
                 round=int(meta[ROUND_META]),
                 steps_total=int(meta[STEPS_META]),
             )
-    state = store.load(before_round=before_round)
+    trained_before = int(msg.content["config"].get(TRAINED_BEFORE_KEY, 0)) if required else 0
+    allow = str(context.node_config.get(ALLOW_FRESH_NODE_KEY, "false")).lower() in ("1", "true", "yes")
+    state = store.load_required(before_round, trained_before, allow)
     if state is not None:
         log.info(
             "client %s: private adapter of round %d restored from %s (digest %s)",
@@ -183,7 +199,7 @@ def train(msg: Message, context: Context) -> Message:
     runtime, client, store, policy, site = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    previous = _private(context, store, before_round=server_round)
+    previous = _private(context, store, server_round, msg, runtime.has_private)
     out = runtime.train(client, server_round, common, previous.tensors if previous else None)
     if site:
         check_uplink(policy, out.common, runtime.head_modules)
@@ -218,7 +234,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     runtime, client, store, policy, site = _setup(msg, context)
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     # evaluation of round r uses the private level round r's training produced
-    private = _private(context, store, before_round=int(msg.content["config"][SERVER_ROUND_KEY]) + 1)
+    private = _private(context, store, int(msg.content["config"][SERVER_ROUND_KEY]) + 1, msg, runtime.has_private)
     out = runtime.evaluate(client, common, private.tensors if private else None)
     # test and validation, both models
     metrics = flatten_eval(client, _count(policy, site, out.num_examples), out.results())

@@ -12,14 +12,20 @@
 Optimizer state: there is none on the server, and clients start a fresh AdamW every round by
 design (``Algorithm.adamw``), so nothing of it outlives a round.
 
-The two newest are kept (a file being replaced when the server dies is never the only one).
-Tensors are stored as safetensors (bit-exact); everything else as JSON in the file's metadata,
+The two newest are kept (a file being replaced when the server dies is never the only one), and
+``load_latest`` tries them newest first: a torn or corrupted newest checkpoint is skipped with its
+reason and the one before is used. Tensors are stored as safetensors (bit-exact); the small
+state as JSON in the file's metadata; the run's history (per-round records and the latest
+evaluation per client, which hold text from clients and grow with the rounds) in its own file
+``round_XXXX.history.json`` beside it, whose SHA-256 the checkpoint's metadata records (so the
+safetensors header stays far below its 100 MB limit, and a torn history is detected). JSON goes
 through a small tagged encoding (tuples, non-string dict keys, numpy dtypes and arrays). Nothing is
 pickled, so a checkpoint cannot run code when it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -33,14 +39,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pf2lora_core.outputs import atomic_save_tensors
+from pf2lora_core.outputs import SERVER_STATE_DIR as SERVER_STATE_DIR  # re-exported: its old home
+from pf2lora_core.outputs import atomic_save_tensors, atomic_write_bytes
 
-SERVER_STATE_DIR = "server_state"  # beside checkpoints/ (which holds the common adapter per round)
 CHECKPOINT_GLOB = "round_*.safetensors"
 _ROUND = re.compile(r"^round_(\d+)\.safetensors$")
 KEEP = 2  # newest checkpoints kept
 META_KEY = "pf2lora.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: history in its own file
+HISTORY_SUFFIX = ".history.json"
 STATE_PREFIX = "state/"
 OBJECT_PREFIX = "obj/"
 # attributes of an Algorithm that are configuration, not state (rebuilt from the config on resume)
@@ -49,6 +56,11 @@ CONFIG_ATTRIBUTES = frozenset({"params"})
 
 def checkpoint_path(state_dir: Path, round_: int) -> Path:
     return state_dir / f"round_{round_:04d}.safetensors"
+
+
+def history_path(path: Path) -> Path:
+    """The history file beside checkpoint ``path`` (``round_XXXX.history.json``)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + HISTORY_SUFFIX)
 
 
 @dataclass
@@ -65,41 +77,59 @@ class ServerCheckpoint:
     config_yaml: str = ""  # the run's resolved config
 
     def save(self, state_dir: Path) -> Path:
-        """Write ``<state_dir>/round_XXXX.safetensors`` atomically; drop all but the ``KEEP`` newest."""
+        """Write ``round_XXXX.history.json`` then ``round_XXXX.safetensors`` atomically; keep the ``KEEP`` newest.
+
+        The safetensors file is written last: a checkpoint exists only once its history does.
+        """
         tensors: dict[str, Tensor] = {STATE_PREFIX + k: v.detach().cpu().clone() for k, v in self.state.items()}
+        history = json.dumps(
+            {"history": encode(self.history, tensors), "latest_eval": encode(self.latest_eval, tensors)}
+        )
+        path = checkpoint_path(state_dir, self.round)
+        atomic_write_bytes(history_path(path), history.encode())
         body = {
             "version": FORMAT_VERSION,
             "round": self.round,
             "state_keys": list(self.state),  # the algorithm's key order
             "algorithm": encode(self.algorithm, tensors),
-            "history": encode(self.history, tensors),
-            "latest_eval": encode(self.latest_eval, tensors),
+            "history_sha256": hashlib.sha256(history.encode()).hexdigest(),
             "sampler": encode(self.sampler, tensors),
             "rng": encode(self.rng, tensors),
             "config_yaml": self.config_yaml,
         }
-        path = checkpoint_path(state_dir, self.round)
         atomic_save_tensors(path, tensors, {META_KEY: json.dumps(body)})
         for _, old in sorted(_rounds(state_dir))[:-KEEP]:
             old.unlink(missing_ok=True)
+            history_path(old).unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: Path) -> ServerCheckpoint:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        """The checkpoint in ``path``; ValueError naming the file for anything unreadable or inconsistent."""
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors' own errors on a torn header or body
+            raise ValueError(f"{path} is unreadable ({type(err).__name__}: {str(err)[:200]})") from None
         if META_KEY not in meta:
             raise ValueError(f"{path} is not a server checkpoint (no '{META_KEY}' metadata)")
         body = json.loads(meta[META_KEY])
         if body.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format {body.get('version')}, this code reads {FORMAT_VERSION}")
-        tensors = load_file(str(path))
+        hist_file = history_path(path)
+        if not hist_file.is_file():
+            raise ValueError(f"{path}: its history file {hist_file.name} is missing")
+        text = hist_file.read_bytes()
+        if hashlib.sha256(text).hexdigest() != body["history_sha256"]:
+            raise ValueError(f"{hist_file} does not match its checkpoint (torn or edited)")
+        hist = json.loads(text)
         return cls(
             round=int(body["round"]),
             state={k: tensors[STATE_PREFIX + k] for k in body["state_keys"]},
             algorithm=decode(body["algorithm"], tensors),
-            history=decode(body["history"], tensors),
-            latest_eval=decode(body["latest_eval"], tensors),
+            history=decode(hist["history"], tensors),
+            latest_eval=decode(hist["latest_eval"], tensors),
             sampler=decode(body["sampler"], tensors),
             rng=decode(body["rng"], tensors),
             config_yaml=str(body["config_yaml"]),
@@ -114,6 +144,20 @@ def latest_checkpoint(state_dir: Path) -> Path | None:
     """The checkpoint of the highest round in ``state_dir`` (None if there is none)."""
     found = _rounds(state_dir)
     return max(found)[1] if found else None
+
+
+def load_latest(state_dir: Path) -> tuple[ServerCheckpoint | None, list[str]]:
+    """The newest checkpoint in ``state_dir`` that loads, and why each newer one did not.
+
+    Returns ``(None, reasons)`` when none loads (or there is none: ``reasons`` is then empty).
+    """
+    skipped: list[str] = []
+    for _, path in sorted(_rounds(state_dir), reverse=True):
+        try:
+            return ServerCheckpoint.load(path), skipped
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            skipped.append(str(err))
+    return None, skipped
 
 
 # --------------------------------------------------------------------------- algorithm state

@@ -83,6 +83,15 @@ class FederationConfig:
     wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
     audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
     round_timeout_s: float = MISSING  # a round's train (and evaluate) replies are awaited this long
+    # weights the server can trust: num-examples above this (or above what the client holds) is a mismatch
+    max_num_examples: int = MISSING
+    num_examples_mismatch: str = MISSING  # clip | reject
+    update_norm_action: str = MISSING  # reject | clip: an update beyond max_update_norm
+    aggregator: str = MISSING  # mean | median | trimmed_mean (robust rules: algorithms that average)
+    trim_fraction: float = MISSING  # trimmed_mean: fraction cut at each end per coordinate
+    max_failed_rounds: int = MISSING  # consecutive rounds in which every client failed before the run stops
+    node_keys: dict[str, int] = field(default_factory=dict)  # SuperNode public key (or its SHA-256) -> partition id
+    rebind_clients: bool = MISSING  # a new node may take over an offline node's client id (no node auth)
 
 
 @dataclass
@@ -120,7 +129,7 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    name: str = MISSING
+    name: str = MISSING  # part of the run directory's name: no path separators or ".."
     seed: int = MISSING
     rounds: int = MISSING
     local_steps: int = MISSING

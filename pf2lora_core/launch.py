@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from pf2lora_core.config import ConfigError
-from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.experiment import Experiment, load, preflight
 from pf2lora_core.runtime import simulation_gpu_problem
 
 
@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo(args[1:], conf_dir().parent, _flwr_home())
     try:
-        print(federation_config(load(args[1:])))
+        exp = load(args[1:])
+        preflight(exp)  # what would fail only after the server waited for nodes fails here, now
+        print(federation_config(exp))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

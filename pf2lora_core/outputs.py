@@ -23,11 +23,28 @@ from pf2lora_core.constants import (
     SUMMARY_FILE,
 )
 
+SERVER_STATE_DIR = "server_state"  # beside checkpoints/: the server's checkpoints (pf2lora_core.checkpoint)
+
+
+class RunDirInUseError(ValueError):
+    """A fresh run was pointed at a run directory that already holds files."""
+
 
 def new_run_dir(output_dir: str, name: str, fixed: str = "") -> Path:
-    """``fixed`` if given, else ``<output_dir>/<timestamp>-<name>`` (made unique)."""
+    """``fixed`` if given, else ``<output_dir>/<timestamp>-<name>`` (made unique).
+
+    A fresh run never writes into a directory holding another run: its metrics.jsonl would be appended to
+    another run's and the checkpoint rotation would delete one run's checkpoints for the other's.
+    Raises ``RunDirInUseError`` for a ``fixed`` directory that holds a run's files (continue it with
+    ``resume=<dir>`` instead); files that are not a run's (a sweep's ``job.json``) are left alone.
+    """
     if fixed:
         path = Path(fixed)
+        if path.exists() and (not path.is_dir() or holds_run(path)):
+            raise RunDirInUseError(
+                f"run_dir={fixed!r} already holds a run: give a new run_dir, remove it, "
+                f"or continue that run with resume={fixed}"
+            )
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(output_dir) / f"{stamp}-{name}"
@@ -38,6 +55,33 @@ def new_run_dir(output_dir: str, name: str, fixed: str = "") -> Path:
     (path / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     (path / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds any of a run directory's own files (DESIGN.md's contract)."""
+    if any((path / name).exists() for name in RUN_FILES):
+        return True
+    return any(any((path / sub).iterdir()) for sub in RUN_SUBDIRS if (path / sub).is_dir())
+
+
+def set_aside_run(path: Path) -> Path | None:
+    """Move a run's files out of ``path`` into ``path/attempt-<timestamp>/`` (a retry starts clean).
+
+    Returns the new folder, or None when ``path`` held no run. Nothing is deleted.
+    """
+    if not path.is_dir() or not holds_run(path):
+        return None
+    aside = path / f"attempt-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path / f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for name in (*RUN_FILES, *RUN_SUBDIRS):
+        if (path / name).exists():
+            os.replace(path / name, aside / name)
+    fsync_dir(path)
+    return aside
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,6 +97,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the directory's inode)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform whose directories cannot be opened (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (tmpfs variants, network mounts) refuse fsync on directories
+    finally:
+        os.close(fd)
 
 
 def atomic_save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -61,6 +120,13 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: dic
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
+
+
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
+RUN_SUBDIRS = (CHECKPOINTS_DIR, SERVER_STATE_DIR, AUDIT_DIR, PLOTS_DIR)
+# A reply kept by federation.audit_replies may be at most this big: a structurally valid reply is
+# the downlink's size (a 7B model's rank-16 LoRA is ~80 MB in float32), so 1 GiB only stops abuse.
+AUDIT_MAX_BYTES = 1 << 30
 
 
 class RunDir:
@@ -86,11 +152,18 @@ class RunDir:
         return path
 
     def audit(self, round_: int, name: str, arrays: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
-        """Keep one received reply as it arrived: ``audit/round_XXXX/<name>.safetensors`` + ``.json``."""
+        """Keep one received reply as it arrived: ``audit/round_XXXX/<name>.safetensors`` + ``.json``.
+
+        Raises ValueError (the caller rejects the reply) when the reply is over ``AUDIT_MAX_BYTES``.
+        """
+        size = sum(t.numel() * t.element_size() for t in arrays.values())
+        text = json.dumps(_jsonable(info), sort_keys=True).encode()
+        if size + len(text) > AUDIT_MAX_BYTES:
+            raise ValueError(f"reply of {size + len(text)} bytes is over the audit cap of {AUDIT_MAX_BYTES} bytes")
         folder = self.path / AUDIT_DIR / f"round_{round_:04d}"
         if arrays:
             atomic_save_tensors(folder / f"{name}.safetensors", arrays)
-        atomic_write_bytes(folder / f"{name}.json", json.dumps(_jsonable(info), sort_keys=True).encode())
+        atomic_write_bytes(folder / f"{name}.json", text)
 
     @property
     def plots(self) -> Path:
@@ -126,4 +199,14 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["RunDir", "aggregate_metric", "atomic_save_tensors", "atomic_write_bytes", "new_run_dir"]
+__all__ = [
+    "RunDir",
+    "RunDirInUseError",
+    "aggregate_metric",
+    "atomic_save_tensors",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "holds_run",
+    "new_run_dir",
+    "set_aside_run",
+]

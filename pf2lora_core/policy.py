@@ -33,9 +33,12 @@ MAX_NEW_TOKENS = "max-new-tokens"  # generation.max_new_tokens
 MAX_EXAMPLES_PER_ROUND = "max-examples-per-round"  # local_steps x task.batch_size
 SHARE_DATA_STATS = "share-data-stats"  # opt in: exact split sizes and label histograms go to the server
 SHARE_SPECTRA = "share-spectra"  # opt in: per-module singular values (they include the private level)
+# start the private level afresh when it is lost although the server says this client trained
+# before (default false: that is an error naming the state directory; client_app._private)
+ALLOW_FRESH_PRIVATE = "allow-fresh-private"
 NODE_KEYS = (
     DATA_PATH, STATE_DIR, CACHE_DIR, ALLOW_MODELS, TRAINABLE_MODULES, MAX_LOCAL_STEPS, MAX_LENGTH,
-    MAX_NEW_TOKENS, MAX_EXAMPLES_PER_ROUND, SHARE_DATA_STATS, SHARE_SPECTRA,
+    MAX_NEW_TOKENS, MAX_EXAMPLES_PER_ROUND, SHARE_DATA_STATS, SHARE_SPECTRA, ALLOW_FRESH_PRIVATE,
 )  # fmt: skip
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 

@@ -16,6 +16,7 @@ CLIENT_KEY = "client"  # partition id of the replying client, in every MetricRec
 DETAILS_KEY = "details"  # ConfigRecord with one JSON string (rank spectra, histograms)
 CONFIG_YAML_KEY = "pf2lora.config"  # resolved experiment config the server sends
 RUN_KEY = "pf2lora.run-key"  # identifies the run; keys the clients' private state on disk
+TRAINED_BEFORE_KEY = "pf2lora.trained-before"  # last round the server aggregated this client (0 = never)
 SEP = "."
 
 

@@ -9,25 +9,35 @@ checkpoint covers (a round that finished after the last checkpoint is run again)
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from pf2lora_core.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, latest_checkpoint
+from pf2lora_core.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, load_latest
 from pf2lora_core.constants import METRICS_FILE
 from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.outputs import RunDir, atomic_write_bytes
 
+log = logging.getLogger("pf2lora.server")
+
 
 def recorded_experiment(run_dir: Path) -> tuple[Experiment, ServerCheckpoint]:
-    """The experiment and latest checkpoint of ``run_dir``; FileNotFoundError / ValueError if unusable."""
+    """The experiment and newest loadable checkpoint of ``run_dir``; FileNotFoundError / ValueError if unusable.
+
+    Checkpoints are tried newest first: a torn newest one is skipped (with a warning naming it and
+    why) and the run continues from the one before.
+    """
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory at {run_dir}")
-    path = latest_checkpoint(run_dir / SERVER_STATE_DIR)
-    if path is None:
+    ckpt, skipped = load_latest(run_dir / SERVER_STATE_DIR)
+    for reason in skipped:
+        log.warning("resume: skipping checkpoint: %s", reason)
+    if ckpt is None and skipped:
+        raise ValueError(f"no server checkpoint in {run_dir / SERVER_STATE_DIR} loads: {'; '.join(skipped)}")
+    if ckpt is None:
         raise FileNotFoundError(
             f"{run_dir / SERVER_STATE_DIR} holds no server checkpoint (round_XXXX.safetensors): "
             "the run stopped before its first round finished; start it afresh"
         )
-    ckpt = ServerCheckpoint.load(path)
     return from_yaml(ckpt.config_yaml), ckpt
 
 

@@ -43,7 +43,7 @@ from pf2lora_core.constants import FAILED_FILE, JOB_FILE, PERSONALIZED, SUMMARY_
 from pf2lora_core.experiment import Experiment, conf_dir, load
 from pf2lora_core.launch import federation_config, flwr_run
 from pf2lora_core.models import resolve_model
-from pf2lora_core.outputs import atomic_write_bytes
+from pf2lora_core.outputs import atomic_write_bytes, set_aside_run
 
 # Overrides that steer the sweep itself, not the experiment: never part of a job's identity.
 SWEEP_ONLY_PREFIXES = ("hydra.", "sweep.")
@@ -125,6 +125,7 @@ def run_job(overrides: Sequence[str], job_dir: Path, flwr_home: Path, timeout: f
         _write_json(job_dir / JOB_FILE, {"overrides": ident, "status": "done"})
         return JobResult("skipped", summary=_read_json(summary_path))
     (job_dir / FAILED_FILE).unlink(missing_ok=True)  # a retry: forget the previous failure
+    set_aside_run(job_dir)  # the failed attempt's run files move to attempt-<time>/ (a run_dir must be fresh)
     _write_json(job_dir / JOB_FILE, {"overrides": ident, "status": "running"})
     start = time.perf_counter()
     try:

@@ -7,9 +7,12 @@ metadata before any bytes are decoded; decoding uses numpy without pickle.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from pf2lora_core.policy import LABEL_HISTOGRAM
 
 Spec = tuple[tuple[int, ...], np.dtype]
 
@@ -72,3 +75,199 @@ def decode_checked(
             )
         out[name] = arr
     return out, None
+
+
+# ------------------------------------------------------------------------------- metrics
+MAX_REASON = 300  # characters of a rejection reason kept (client error text can be anything)
+MAX_METRICS = 64  # scalars in one reply's MetricRecord; an honest reply has about a dozen
+MAX_KEY_LENGTH = 100
+MAX_DETAILS_BYTES = 1 << 20  # the details JSON: a 24-layer model's rank spectra are about 30 KB
+MAX_DETAILS_DEPTH = 8  # details -> rank -> modules -> name -> singular_values is 5 deep
+MAX_HISTOGRAM_LABELS = 100_000  # a label histogram's length (the head's size); far above any task here
+
+
+def truncate(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` cut to ``limit`` characters (marked), one line."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    suffix = f" ... [{len(text)} chars]"
+    return text[: max(limit - len(suffix), 0)] + suffix
+
+
+def check_scalars(metrics: Mapping[str, object], allow_nan: bool = False) -> str | None:
+    """Every value a finite int or float (NaN too when ``allow_nan``), few keys with short names."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics, at most {MAX_METRICS} allowed"
+    for key, value in metrics.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH:
+            return f"metric name {truncate(repr(key), 60)} is not a short string"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key!r} must be a number, got {type(value).__name__}"
+        if not np.isfinite(value) and not (allow_nan and np.isnan(value)):
+            return f"metric {key!r} must be finite, got {value!r}"
+    return None
+
+
+def check_required(metrics: Mapping[str, object], required: tuple[str, ...]) -> str | None:
+    missing = [k for k in required if k not in metrics]
+    return f"missing metric(s) {missing}" if missing else None
+
+
+def check_num_examples(value: object, known: int | None, cap: int, policy: str) -> tuple[float, str | None]:
+    """(the weight to use, reason to reject or None) for a declared ``num-examples``.
+
+    Must be a finite number >= 1 and at most ``cap``; ``known`` (what the server knows this
+    client holds: its partition size, or what it declared in its first round) bounds it from
+    above: more is a mismatch, which ``policy`` ``"clip"`` clips to ``known`` and ``"reject"``
+    rejects. Fewer is accepted (it only lowers the client's own weight).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 1:
+        return 0.0, f"'num-examples' must be a finite number >= 1, got {truncate(repr(value), 60)}"
+    if value > cap:
+        return 0.0, f"'num-examples' {value:.4g} exceeds federation.max_num_examples={cap}"
+    if known is not None and value > known:
+        if policy == "reject":
+            return 0.0, f"'num-examples' {value:.6g} exceeds the {known:g} examples this client holds"
+        return float(known), None
+    return float(value), None
+
+
+def check_eval_metrics(
+    flat: Mapping[str, object], metric: str, blocks: tuple[str, ...], required: tuple[str, ...],
+    names: frozenset[str], scalars: frozenset[str],
+) -> str | None:  # fmt: skip
+    """An evaluate reply's flat metrics: ``scalars`` or ``<block>.<name>`` from the allow-lists.
+
+    Each of the ``required`` blocks must hold ``metric`` (the task's); values finite or NaN (a
+    metric the algorithm cannot measure, such as a local-only method's global accuracy).
+    """
+    reason = check_scalars(flat, allow_nan=True)
+    if reason:
+        return reason
+    for key in flat:
+        block, sep, name = key.partition(".")
+        if key in scalars:
+            continue
+        if not sep or block not in blocks or name not in names:
+            allowed = f"blocks {list(blocks)}, metrics {sorted(names)}"
+            return f"metric name {truncate(repr(key), 60)} is not allowed ({allowed})"
+    missing = [f"{b}.{metric}" for b in required if f"{b}.{metric}" not in flat]
+    return f"missing metric(s) {missing}" if missing else None
+
+
+def parse_details(
+    text: object, max_bytes: int = MAX_DETAILS_BYTES, max_depth: int = MAX_DETAILS_DEPTH
+) -> tuple[dict, str | None]:
+    """The details JSON of an evaluate reply: (its dict, reason or None).
+
+    Size and nesting depth are checked on the raw text before parsing (Python's JSON parser
+    recurses, so 100k nested brackets would exhaust the stack); NaN / Infinity are refused; a
+    ``rank`` entry must be an object whose ``effective`` and ``entropy`` are finite numbers.
+    """
+    if text is None or text == "":
+        return {}, None
+    if not isinstance(text, str):
+        return {}, f"details must be a JSON string, got {type(text).__name__}"
+    if len(text) > max_bytes:
+        return {}, f"details of {len(text)} characters exceed the cap of {max_bytes}"
+    depth, deepest = 0, 0
+    for ch in text:  # strings cannot hide brackets from this count in a way that lowers the depth
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                return {}, f"details nested deeper than {max_depth} levels"
+        elif ch in "]}":
+            depth -= 1
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-finite number {constant}")
+
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except ValueError as err:
+        return {}, f"details are not valid JSON ({truncate(str(err), 80)})"
+    if not isinstance(value, dict):
+        return {}, f"details must be a JSON object, got {type(value).__name__}"
+    unknown = sorted(set(value) - {"rank", LABEL_HISTOGRAM})
+    if unknown:
+        return {}, f"unknown details {truncate(str(unknown), 80)}"
+    rank = value.get("rank", {})
+    if not isinstance(rank, dict):
+        return {}, f"details 'rank' must be an object, got {type(rank).__name__}"
+    for key in ("effective", "entropy"):
+        v = rank.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return {}, f"details rank.{key} must be a number, got {type(v).__name__}"
+    if not isinstance(rank.get("modules", {}), dict):
+        return {}, "details rank.modules must be an object"
+    reason = _check_histograms(value.get(LABEL_HISTOGRAM, {}))
+    return (value, None) if reason is None else ({}, reason)
+
+
+def _check_histograms(hists: object) -> str | None:
+    """A site's opted-in label histograms: ``{train|validation|test: [count, ...]}``, counts whole and >= 0."""
+    if not isinstance(hists, dict) or set(hists) - {"train", "validation", "test"}:
+        return f"details '{LABEL_HISTOGRAM}' must map train / validation / test to label counts"
+    for counts in hists.values():
+        if not isinstance(counts, list) or len(counts) > MAX_HISTOGRAM_LABELS:
+            return f"details '{LABEL_HISTOGRAM}' entries must be lists of at most {MAX_HISTOGRAM_LABELS} counts"
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            return f"details '{LABEL_HISTOGRAM}' counts must be whole numbers >= 0"
+    return None
+
+
+# ------------------------------------------------------------------------- update norms
+def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` zero-padded (never cropped) to ``shape`` (same number of dimensions), as float64."""
+    out = np.zeros(shape, np.float64)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+def update_reference(
+    arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """What each uplink tensor is an update *of*: the downlink's tensor of that name, else the
+    fresh (seeded initial) adapter's, else zeros.
+
+    A reference of another shape (HETLoRA: the client pruned its rank below the rank it was sent;
+    FLoRA: the downlink holds stacks, the uplink a fresh LoRA) is compared on the zero-padded
+    common shape, so a pruned component counts as moved to zero. Never skipped.
+    """
+    out = {}
+    for name, a in arrays.items():
+        ref = sent.get(name)
+        if ref is None or ref.ndim != a.ndim:
+            ref = fresh.get(name)
+        if ref is None or ref.ndim != a.ndim:
+            ref = np.zeros(a.shape, a.dtype)
+        out[name] = ref
+    return out
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """``||arrays - reference||_2`` over all tensors, each pair zero-padded to their common shape."""
+    sq = 0.0
+    for name, a in arrays.items():
+        ref = reference[name]
+        shape = tuple(max(x, y) for x, y in zip(a.shape, ref.shape, strict=True))
+        sq += float(np.sum((_padded(a, shape) - _padded(ref, shape)) ** 2))
+    return sq**0.5
+
+
+def clip_update(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], bound: float
+) -> dict[str, np.ndarray]:
+    """``reference + (arrays - reference) * min(1, bound / ||arrays - reference||)``, shapes and dtypes kept."""
+    norm = update_norm(arrays, reference)
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    out = {}
+    for name, a in arrays.items():
+        ref = reference[name]
+        shape = tuple(max(x, y) for x, y in zip(a.shape, ref.shape, strict=True))
+        ref_p = _padded(ref, shape)
+        moved = ref_p + scale * (_padded(a, shape) - ref_p)
+        out[name] = moved[tuple(slice(0, n) for n in a.shape)].astype(a.dtype)
+    return out

@@ -11,18 +11,18 @@ import random
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
 from pf2lora_core.checkpoint import ServerCheckpoint
 from pf2lora_core.client import DEPLOYMENT, build_model
-from pf2lora_core.config import ConfigError, check
+from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.data.site import config_label_names
-from pf2lora_core.experiment import Experiment, load, split_overrides
+from pf2lora_core.experiment import Experiment, load, preflight, split_overrides
 from pf2lora_core.logs import quiet_libraries, stream_handler
-from pf2lora_core.outputs import RunDir, new_run_dir
+from pf2lora_core.outputs import RunDir, RunDirInUseError, new_run_dir
 from pf2lora_core.plots import write_run_plots
 from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
@@ -30,7 +30,7 @@ from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
 from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
-from server_app.strategy import CommonOnlyFedAvg, query_partition_ids
+from server_app.strategy import CommonOnlyFedAvg, federation_options
 
 log = logging.getLogger("pf2lora.server")
 app = ServerApp()
@@ -52,14 +52,18 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = None
     if str(exp.cfg.resume):
         exp, run, checkpoint = prepare_resume(str(exp.cfg.resume), overrides)
-    else:
-        run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
+    found = preflight(exp)  # before any node is awaited or any directory is made: one clear error
+    if checkpoint is None:
+        try:
+            run = RunDir(new_run_dir(str(exp.cfg.output_dir), str(exp.cfg.name), str(exp.cfg.run_dir)))
+        except RunDirInUseError as err:
+            raise ConfigError(f"invalid configuration: {err}") from None
         run.write_config(exp.to_yaml())
     log.info("run directory: %s", run.path.resolve())
     run = ServerRunDir(run.path, exp)  # tracking and PEFT-format adapters beside the run directory's files
     run.tracker.log_config(exp.to_yaml())
     try:
-        summary = run_experiment(grid, exp, run, checkpoint)
+        summary = run_experiment(grid, exp, run, checkpoint, known_examples=found.sizes)
     finally:
         run.tracker.close()
     print(format_client_table(summary), flush=True)
@@ -85,10 +89,19 @@ def prepare_resume(run_dir: str, overrides: str) -> tuple[Experiment, RunDir, Se
     return exp, run, ckpt
 
 
-def run_experiment(grid: Grid, exp: Experiment, run: RunDir, checkpoint: ServerCheckpoint | None = None) -> dict:
-    """Run all rounds (after ``checkpoint``'s, when given) on ``grid``; write summary and plots."""
+def run_experiment(
+    grid: Grid,
+    exp: Experiment,
+    run: RunDir,
+    checkpoint: ServerCheckpoint | None = None,
+    known_examples: dict[int, tuple[int, int]] | None = None,
+) -> dict:
+    """Run all rounds (after ``checkpoint``'s, when given) on ``grid``; write summary and plots.
+
+    ``known_examples``: every client's (train, test) sizes where the server knows them
+    (simulation; ``preflight`` computes them), which bound the clients' declared numbers.
+    """
     fed = exp.federation
-    check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
     deployment = fed.kind == DEPLOYMENT
     if deployment:  # the server holds no client data: the head's size comes from config (ConfigError now)
         config_label_names(exp.task)
@@ -102,29 +115,25 @@ def run_experiment(grid: Grid, exp: Experiment, run: RunDir, checkpoint: ServerC
     strategy = CommonOnlyFedAvg(
         algorithm=exp.algorithm,
         run=run,
-        num_clients=fed.num_clients,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_clients=fed.min_train_clients,
-        max_update_norm=fed.max_update_norm,
-        audit_replies=fed.audit_replies,
         eval_every=int(exp.cfg.eval_every),
         num_rounds=exp.rounds,
         metric=exp.task.metric,
         seed=exp.seed,
-        round_timeout_s=fed.round_timeout_s,
-        wait_for_nodes_s=fed.wait_for_nodes_s,
         config_yaml=exp.to_yaml(),
+        known_examples=known_examples,
+        **federation_options(fed),
     )
     shared = ConfigRecord({CONFIG_YAML_KEY: exp.to_yaml(), RUN_KEY: run.path.name})
-    clients = identify_clients(grid, shared, fed.num_clients)
     t0 = time.time()
-    strategy.start_state(initial, clients)
+    strategy.start_state(initial, {})  # nodes are identified when round 1 samples them
     first_round = 1
     if checkpoint is not None:
         strategy.restore(checkpoint)  # common adapter, algorithm state, history, sampler and RNGs
         first_round = checkpoint.round + 1
-    strategy.run_rounds(grid, shared, first_round=first_round)
+    strategy.start(
+        grid, ArrayRecord(strategy.state), num_rounds=exp.rounds, timeout=fed.round_timeout_s,
+        train_config=shared, first_round=first_round,
+    )  # fmt: skip
     seconds = time.time() - t0 + strategy.elapsed_before
     hists = site_histograms(strategy.latest_eval, fed.num_clients) if deployment else pooled_histograms(exp)
     summary = build_summary(exp, strategy.history, strategy.latest_eval, hists, params, seconds)
@@ -141,25 +150,6 @@ def pooled_histograms(exp: Experiment) -> list[dict[str, list[int]]]:
 def site_histograms(latest_eval: dict[int, dict], num_clients: int) -> list[dict[str, list[int]] | None]:
     """Deployment: the label histograms that sites chose to report (``share-data-stats``), else None."""
     return [latest_eval.get(c, {}).get(LABEL_HISTOGRAM) for c in range(num_clients)]
-
-
-def identify_clients(grid: Grid, shared: ConfigRecord, num_clients: int, timeout: float = 600) -> dict[int, int]:
-    """Ask every connected node for its partition id (a QUERY message); node id -> client.
-
-    The server needs the map to send each client its own downlink (per-client ranks, FlexLoRA's
-    truncation) and to check that a reply comes from the client it claims to be.
-    """
-    nodes = sorted(grid.get_node_ids())
-    clients = query_partition_ids(grid, nodes, shared, timeout)
-    taken: dict[int, int] = {}
-    for node, client in clients.items():
-        if client in taken:
-            raise RuntimeError(f"nodes {taken[client]} and {node} both have partition-id {client}")
-        taken[client] = node
-    missing = sorted(set(range(num_clients)) - set(taken))
-    if missing or len(clients) != len(nodes):
-        raise RuntimeError(f"clients {missing} did not identify themselves ({len(clients)}/{len(nodes)} nodes replied)")
-    return clients
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:

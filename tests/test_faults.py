@@ -116,9 +116,10 @@ def test_node_unavailable_error_names_the_client(tmp_path: Path, caplog: Any) ->
 
 
 def test_node_reconnecting_under_a_new_id_is_identified_and_trains(tmp_path: Path, caplog: Any) -> None:
-    """A SuperNode without a registered key gets a new node id when it restarts: the server asks it
-    who it is and maps the new id to its client; the old id is forgotten."""
-    exp = experiment("homlora", "rounds=2 federation.fraction_train=1.0")
+    """A SuperNode without a registered key gets a new node id when it restarts: with
+    federation.rebind_clients the server asks it who it is and maps the new id to its client; the
+    old id is forgotten (test_claimed_id_collision_* covers the default, which refuses it)."""
+    exp = experiment("homlora", "rounds=2 federation.fraction_train=1.0 federation.rebind_clients=true")
     run_dir = new_run_dir(str(tmp_path), "reconnect")
     strategy = make_strategy(exp, run_dir)
     strategy.start_state(initial_common(exp), dict(NODES))
@@ -134,12 +135,12 @@ def test_node_reconnecting_under_a_new_id_is_identified_and_trains(tmp_path: Pat
 
 
 def test_impostor_node_claiming_a_connected_client_is_ignored(tmp_path: Path, caplog: Any) -> None:
-    grid = FakeGrid({**NODES, 777: 1})  # a fifth node says it is client 1, whose node is connected
+    grid = FakeGrid({**NODES, 777: 1})  # a fifth node would say it is client 1, whose node is connected
     with caplog.at_level(logging.WARNING, logger="pf2lora.server"):
         strategy, record = one_round(tmp_path, grid)
     assert 777 not in strategy.clients and all(c != 777 for p, r, c in grid.sent if p == MessageType.TRAIN)
     assert record["clients_trained"] == 4
-    assert "node 777 claims client 1" in caplog.text
+    assert "node 777 ignored: every partition is mapped" in caplog.text  # never even asked
 
 
 def _replace_arrays(grid: FakeGrid, client: int, change: Any) -> None:

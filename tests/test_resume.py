@@ -41,7 +41,7 @@ from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_
 from pf2lora_core.resume import load_resume, truncate_metrics
 from pf2lora_core.runtime import derived_seed
 from pf2lora_core.state import PrivateState, PrivateStore
-from server_app.strategy import CommonOnlyFedAvg
+from server_app.strategy import CommonOnlyFedAvg, federation_options
 
 SUPERLINK_NODE = 1  # Flower's node id of the SuperLink itself (sender of the errors it generates)
 
@@ -159,13 +159,9 @@ def initial_common(exp: Experiment) -> dict[str, torch.Tensor]:
 
 
 def make_strategy(exp: Experiment, run_dir: Path) -> CommonOnlyFedAvg:
-    fed = exp.federation
     return CommonOnlyFedAvg(
-        algorithm=exp.algorithm, run=RunDir(run_dir), num_clients=fed.num_clients,
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        min_train_clients=fed.min_train_clients, max_update_norm=fed.max_update_norm,
-        audit_replies=False, eval_every=1, num_rounds=exp.rounds, metric="accuracy", seed=exp.seed,
-        round_timeout_s=fed.round_timeout_s, wait_for_nodes_s=fed.wait_for_nodes_s, config_yaml=exp.to_yaml(),
+        algorithm=exp.algorithm, run=RunDir(run_dir), eval_every=1, num_rounds=exp.rounds, metric="accuracy",
+        seed=exp.seed, config_yaml=exp.to_yaml(), **federation_options(exp.federation),
     )  # fmt: skip
 
 
@@ -323,7 +319,9 @@ def test_private_store_starts_a_round_from_the_round_before(tmp_path: Path) -> N
 def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
     for r in range(1, 5):
         ServerCheckpoint(r, {"x": torch.full((2,), float(r))}, {}, [], {}, None).save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0003.safetensors", "round_0004.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round_0003.history.json", "round_0003.safetensors", "round_0004.history.json", "round_0004.safetensors"
+    ]  # fmt: skip
     assert ServerCheckpoint.load(latest_checkpoint(tmp_path)).state["x"][0] == 4.0
 
 

@@ -20,6 +20,7 @@ every client, so a zero-padded product means the same update at every rank.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,9 +47,14 @@ from pf2lora_core.validation import Spec
 class HETLoRAParams(RankedParams):
     gamma: float  # pruning factor g in (0, 1): the tail is components [floor(g r_k), r_k)
     reg: float  # lambda, weight of the tail-norm regulariser
+    # cap of a client's sparsity weight: at most this multiple of the median weight of the round
+    # (0 = no cap); one large (or poisoned) uplink cannot become the aggregate
+    max_weight_ratio: float = 4.0
 
     def validate(self) -> None:
         super().validate()
+        if self.max_weight_ratio < 0:
+            raise ValueError(f"algorithm.max_weight_ratio must be >= 0 (0 = no cap), got {self.max_weight_ratio}")
         if not 0 < self.gamma < 1:
             raise ValueError(f"algorithm.gamma must be in (0, 1), got {self.gamma}")
         if self.reg < 0:
@@ -76,17 +82,25 @@ def pruned_rank(rank: int, r_min: int, gamma: float, before: float, after: float
 
 
 def sparsity_weighted_mean(
-    uplinks: Sequence[Mapping[str, Tensor]], r_max: int, example_weights: Sequence[float]
+    uplinks: Sequence[Mapping[str, Tensor]],
+    r_max: int,
+    example_weights: Sequence[float],
+    max_weight_ratio: float = 0.0,
 ) -> StateDict:
     """Zero-pad to ``r_max`` and average each module with weights ``||B_k A_k||_F`` (normalised).
 
     Non-LoRA tensors (the head) are averaged by ``example_weights``. A module every client left at
-    zero (all norms 0) is averaged uniformly.
+    zero (all norms 0) is averaged uniformly. ``max_weight_ratio > 0`` caps each weight at that
+    multiple of the module's median weight, ``w_k = min(||B_k A_k||_F, c * median_j ||B_j A_j||_F)``
+    (our bound; the paper has none): a 1e6-valued uplink weighs as much as c median clients.
     """
     padded = [pad(u, r_max) for u in uplinks]
     out = weighted_mean([{k: v for k, v in p.items() if not is_lora(k)} for p in padded], example_weights)
     for a_name, b_name in lora_pairs(list(padded[0])).values():
         norms = [float(torch.linalg.matrix_norm(p[b_name].double() @ p[a_name].double())) for p in padded]
+        if max_weight_ratio > 0:
+            cap = max_weight_ratio * statistics.median(norms)
+            norms = [min(n, cap) for n in norms] if cap > 0 else norms
         weights = norms if sum(norms) > 0 else [1.0] * len(norms)
         pair = weighted_mean([{a_name: p[a_name], b_name: p[b_name]} for p in padded], weights)
         out.update(pair)
@@ -119,7 +133,7 @@ class HETLoRA(RankedLoRA):
     ) -> StateDict:
         for client, uplink in zip(clients, uplinks, strict=True):
             self.ranks[client] = rank_of(uplink)
-        return sparsity_weighted_mean(uplinks, self.params.rank, weights)
+        return sparsity_weighted_mean(uplinks, self.params.rank, weights, self.params.max_weight_ratio)
 
     # ----------------------------------------------------------------------------- client
     def train(self, ctx: LocalContext) -> dict[str, float]:
