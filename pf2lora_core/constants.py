@@ -45,6 +45,10 @@ PERPLEXITY = "perplexity"
 LOWER_IS_BETTER = frozenset({EVAL_LOSS, PERPLEXITY})
 PERSONALIZED = "personalized"
 GLOBAL = "global"
+# The two models on each client's validation split (anything chosen reads these, never test).
+VALIDATION = "validation"
+# Label-prior accuracies beside every result: {client_majority, global_majority}.
+BASELINES = "baselines"
 
 # Run-directory contract (DESIGN.md).
 CONFIG_FILE = "config.yaml"
@@ -58,5 +62,6 @@ AUDIT_DIR = "audit"  # federation.audit_replies: every reply the server received
 # status) and either the run-directory files above or ``failed.json``; the report sits beside them.
 JOB_FILE = "job.json"
 FAILED_FILE = "failed.json"
+JOB_LOG_FILE = "job.log"  # a sweep job's whole `flwr run` output, kept in its run directory
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
