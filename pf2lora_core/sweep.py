@@ -45,7 +45,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import FAILED_FILE, JOB_FILE, JOB_LOG_FILE, PERSONALIZED, SUMMARY_FILE, VALIDATION
+from pf2lora_core.constants import (
+    FAILED_FILE,
+    JOB_FILE,
+    JOB_LOG_FILE,
+    LOWER_IS_BETTER,
+    PERSONALIZED,
+    SUMMARY_FILE,
+    VALIDATION,
+)
 from pf2lora_core.experiment import Experiment, conf_dir, load
 from pf2lora_core.launch import federation_config, flwr_run
 from pf2lora_core.models import resolve_model
@@ -71,7 +79,13 @@ def slug(override_dirname: str) -> str:
     return f"{text[: SLUG_MAX - 11]}-{digest}"
 
 
+def direction(metric: str) -> str:
+    """Optuna's direction for a task metric: loss and perplexity are minimized, the rest maximized."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
 OmegaConf.register_new_resolver("pf2lora_slug", slug, replace=True)
+OmegaConf.register_new_resolver("pf2lora_direction", direction, replace=True)
 
 
 # ------------------------------------------------------------------------------ sweep planning
