@@ -31,7 +31,7 @@ class FakeTrials:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def __call__(self, overrides: str, federation, home, app_dir, timeout, extra_env=None, connection=None):  # noqa: ANN001
+    def __call__(self, overrides: str, federation, home, app_dir, timeout, extra_env=None, connection=None):
         args = [a for a in shlex.split(overrides)]
         self.calls.append(args)
         run_dir = Path(_arg(args, "run_dir").strip('"'))
@@ -95,7 +95,9 @@ def test_two_trials_per_algorithm_through_optuna_choose_on_validation(
     assert len(fake.calls) == calls
 
 
-def test_tuning_refuses_what_it_sets_itself_and_reused_seeds(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_tuning_refuses_what_it_sets_itself_and_reused_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = ["--out", str(tmp_path)]
     assert main([*out, "--algorithms", "homlora", "seed=3"]) == 2
     assert "seed=... is set by pf2lora-tune" in capsys.readouterr().err
@@ -106,8 +108,10 @@ def test_tuning_refuses_what_it_sets_itself_and_reused_seeds(tmp_path: Path, cap
     assert not any(tmp_path.iterdir())
 
 
-def test_runs_without_validation_stop_tuning_with_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
-    def no_validation(overrides: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+def test_runs_without_validation_stop_tuning_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_validation(overrides: str, *args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
         run_dir = Path(_arg(shlex.split(overrides), "run_dir").strip('"'))
         summary = {"algorithm": "homlora", "personalized": {"metric": "accuracy", "mean": 0.8}}
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
