@@ -90,6 +90,8 @@ QUALITY = (
     Quantity("personalized", "personalized mean", ".3f"),
     Quantity("personalized_weighted", "personalized weighted mean", ".3f"),
     Quantity("personalized_worst", "personalized worst", ".3f"),
+    # mean per-class recall (classification): learning only the label prior shows here as 1 / classes
+    Quantity("personalized_balanced", "personalized balanced acc.", ".3f"),
     Quantity("global", "global mean", ".3f"),
 )
 COST_AND_RANK = (
@@ -283,9 +285,14 @@ def run_from_summary(job: str, overrides: dict[str, str], summary: Mapping[str, 
 
 
 def _with_round_flops(summary: dict[str, Any], config_path: Path) -> dict[str, Any]:
-    """``cost.flops_per_round`` filled in from the run's config where the summary lacks it."""
+    """``cost.flops_per_round`` filled in where the summary lacks it: FLOPs of one client's round
+    (``flops_per_client_round``, else ``flops_per_local_step`` x ``local_steps``) x clients trained
+    per round (``ceil(num_clients x fraction_train)``), read from the run's config."""
     cost = summary.get("cost") or {}
-    if cost.get("flops_per_round") is not None or cost.get(FLOPS_PER_STEP) is None or not config_path.is_file():
+    per_client = cost.get("flops_per_client_round")
+    if cost.get("flops_per_round") is not None or not config_path.is_file():
+        return summary
+    if per_client is None and cost.get(FLOPS_PER_STEP) is None:
         return summary
     from omegaconf import OmegaConf
 
@@ -293,7 +300,10 @@ def _with_round_flops(summary: dict[str, Any], config_path: Path) -> dict[str, A
     fed = cfg.get("federation") or {}
     try:
         clients = math.ceil(int(fed["num_clients"]) * float(fed.get("fraction_train", 1.0)))
-        per_round = float(cost[FLOPS_PER_STEP]) * int(cfg["local_steps"]) * clients
+        client_round = (
+            float(per_client) if per_client is not None else float(cost[FLOPS_PER_STEP]) * int(cfg["local_steps"])
+        )
+        per_round = client_round * clients
     except (KeyError, TypeError, ValueError):
         return summary
     return {**summary, "cost": {**cost, "flops_per_round": per_round}}
@@ -335,6 +345,7 @@ def _run_values(summary: Mapping[str, Any], ranks: list[float]) -> dict[str, flo
         "personalized": _num(pers.get("mean")),
         "personalized_weighted": _num(pers.get("weighted_mean")),
         "personalized_worst": _num(pers.get("worst")),
+        "personalized_balanced": _num((pers.get("balanced_accuracy") or {}).get("mean")),
         "global": _num(glob.get("mean")),
         **{k: _num(comm.get(k)) for k in ("params_common", "params_private")},
         **{k: _num(comm.get(k)) for k in ("bytes_up_per_round", "bytes_down_per_round")},

@@ -58,7 +58,13 @@ def _summary(algorithm: str, s: float, seed: int) -> dict[str, Any]:
         "seed": seed,
         "rounds": 2,
         "clients": [_client(0, mean - 0.05, ranks[0]), _client(1, mean + 0.05, ranks[1])],
-        "personalized": {"metric": "accuracy", "mean": mean, "weighted_mean": mean, "worst": mean - 0.05},
+        "personalized": {
+            "metric": "accuracy",
+            "mean": mean,
+            "weighted_mean": mean,
+            "worst": mean - 0.05,
+            "balanced_accuracy": {"mean": 0.5},
+        },
         "validation": {"metric": "accuracy", "mean": mean - 0.02, "weighted_mean": mean, "worst": mean - 0.1},
         "baselines": {"client_majority": CLIENT_MAJORITY[seed], "global_majority": 0.55},
         "global": {
@@ -231,7 +237,7 @@ def test_no_x_axis_and_no_rank_info_skip_their_plots(tmp_path: Path) -> None:
     _job(tmp_path, "queued", ["algorithm=flora", "partition.s=0.3"], "skipped")
     report = build_report(tmp_path).read_text()
     assert sorted(p.name for p in (tmp_path / PLOTS_DIR).iterdir()) == ["clients.png"]
-    assert "| local | 0.580 | 0.600 | 0.600 | 0.550 | - | 1 |" in report
+    assert "| local | 0.580 | 0.600 | 0.600 | 0.550 | 0.500 | - | 1 |" in report
     assert "`queued`" in report.split("## Incomplete jobs")[1]
     assert _rows(tmp_path)[0]["personalized_std"] == ""
     with pytest.raises(ReportError, match="--at needs an x axis"):
@@ -289,9 +295,15 @@ def test_seed_subdirectories_of_a_job_are_runs(tmp_path: Path) -> None:
     for seed in (0, 1):
         path = _job(tmp_path / "algorithm.lr=0.01", f"seed={seed}", ["algorithm=pf2lora", "algorithm.lr=0.01",
                     f"seed={seed}"], "done")  # fmt: skip
-        (path / SUMMARY_FILE).write_text(json.dumps(_summary("pf2lora", 0.3, seed)))
+        summary = _summary("pf2lora", 0.3, seed)
+        summary["cost"] |= {"flops_per_local_step": 2e9, "examples_per_round": 128.0}
+        (path / SUMMARY_FILE).write_text(json.dumps(summary))
+        # FLOPs / round = 2e9 per step x 3 steps x ceil(5 clients x 0.5) = 3 clients trained per round
+        (path / "config.yaml").write_text("local_steps: 3\nfederation: {num_clients: 5, fraction_train: 0.5}\n")
     build_report(tmp_path)
     (row,) = _rows(tmp_path)
     assert row["n_seeds"] == "2" and float(row["validation_mean"]) == pytest.approx(0.83)
     assert float(row["validation_se"]) == pytest.approx(0.05)
     assert float(row["client_majority_mean"]) == pytest.approx(0.66)
+    assert float(row["flops_per_round_mean"]) == pytest.approx(1.8e10)
+    assert float(row["examples_per_round_mean"]) == 128.0
