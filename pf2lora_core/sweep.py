@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = _STATE.counts
     elapsed = _duration(time.perf_counter() - _STATE.started)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no job ran"
-    print(f"pf2lora-sweep: {summary} in {elapsed}", flush=True)
+    print(f"pf2lora-sweep: {summary}; {elapsed} in all", flush=True)
     if _STATE.sweep_dir is not None:
         _report(_STATE.sweep_dir, the_plan.cfg.sweep)
     return 1 if counts.get("failed") or hydra_failed else 0
