@@ -109,6 +109,7 @@ class SweepConfig:
     job_timeout_s: float = MISSING  # a job (one `flwr run`) running longer is recorded as failed
     report_x: str = MISSING  # swept key on the report's x axis ("" = partition.s when swept)
     report_at: str = MISSING  # x value of the per-client / per-round / spectra plots ("" = largest)
+    seeds: list[int] = MISSING  # each job runs every seed here (tuning trials); [] = the job's own seed
 
 
 @dataclass

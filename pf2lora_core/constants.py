@@ -68,6 +68,8 @@ BATCHES_SEEN = "batches_seen"  # minibatches the algorithm drew
 EVAL_BLOCKS = tuple(EVAL_KINDS)
 EVAL_REQUIRED_BLOCKS = (PERSONALIZED, GLOBAL)  # every evaluate reply has these; the validation blocks are optional
 EVAL_METRIC_NAMES = frozenset({EVAL_LOSS, ACCURACY, MCC, BALANCED_ACCURACY, BLEU, ROUGE_L, METEOR, PERPLEXITY})
+# Label-prior accuracies beside every result: {client_majority, global_majority}.
+BASELINES = "baselines"
 
 # Run-directory contract (DESIGN.md).
 CONFIG_FILE = "config.yaml"
@@ -81,5 +83,6 @@ AUDIT_DIR = "audit"  # federation.audit_replies: every reply the server received
 # status) and either the run-directory files above or ``failed.json``; the report sits beside them.
 JOB_FILE = "job.json"
 FAILED_FILE = "failed.json"
+JOB_LOG_FILE = "job.log"  # a sweep job's whole `flwr run` output, kept in its run directory
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"

@@ -6,14 +6,22 @@ A sweep directory holds one directory per job: ``job.json`` (``{"overrides": ["k
 (``{"overrides", "error", "log_tail"}``) instead. Directories without ``job.json`` (``plots/``
 among them) and names starting with ``.`` are not jobs.
 
+A job that runs several seeds (``sweep.seeds``: a tuning trial) holds one such directory per
+seed, ``<job>/seed=<s>/``; each is read as a job of its own.
+
 Override keys whose value differs between jobs are *swept*; the others are the fixed setting.
 Finished runs are grouped by algorithm (read from ``summary.json``) and the values of the swept
 keys other than ``algorithm`` and ``seed``. Per group and quantity of ``QUANTITIES`` the report
 gives the mean over the group's seeds and the sample standard deviation (``ddof=1``; none for a
-single seed); seeds where a quantity is missing (``null``/NaN) are left out of it.
+single seed); seeds where a quantity is missing (``null``/NaN) are left out of it. For the
+result quantities (``QUALITY``) it also gives the standard error ``std / sqrt(n)`` and the 95%
+t-interval ``mean ± t_{0.975, n-1} se``, and marks every row whose difference to the best row of
+its setting is inside the 95% Welch interval of that difference (``≈``: not distinguishable
+with these seeds). The label prior (``baselines`` of ``summary.json``) is given as rows of its own.
 
 ``report.csv`` columns: ``algorithm``, the swept keys, ``n_seeds``, then ``<quantity>_mean`` and
-``<quantity>_std`` per quantity; missing values are empty cells.
+``<quantity>_std`` per quantity, then ``<quantity>_se``, ``<quantity>_ci95_low`` and
+``<quantity>_ci95_high`` per result quantity; missing values are empty cells.
 
 Usage: ``pf2lora-report DIR [--x KEY] [--at VALUE]``.
 """
@@ -38,16 +46,19 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 
 from pf2lora_core.constants import (
+    BASELINES,
     FAILED_FILE,
     FLOPS_PER_STEP,
     GLOBAL,
     JOB_FILE,
+    LOWER_IS_BETTER,
     METRICS_FILE,
     PERSONALIZED,
     PLOTS_DIR,
     REPORT_CSV,
     REPORT_MD,
     SUMMARY_FILE,
+    VALIDATION,
 )
 
 # Override keys that never form a group of their own: the algorithm is a group's name, and the
@@ -74,9 +85,13 @@ class Quantity:
 
 
 QUALITY = (
+    # chosen on: the mean personalized validation metric (global for methods without personalization)
+    Quantity("validation", "validation mean", ".3f"),
     Quantity("personalized", "personalized mean", ".3f"),
     Quantity("personalized_weighted", "personalized weighted mean", ".3f"),
     Quantity("personalized_worst", "personalized worst", ".3f"),
+    # mean per-class recall (classification): learning only the label prior shows here as 1 / classes
+    Quantity("personalized_balanced", "personalized balanced acc.", ".3f"),
     Quantity("global", "global mean", ".3f"),
 )
 COST_AND_RANK = (
@@ -86,13 +101,30 @@ COST_AND_RANK = (
     Quantity("bytes_down_per_round", "bytes down / round", ",.0f"),
     Quantity("seconds_per_round", "s / round", ".2f"),
     Quantity(FLOPS_PER_STEP, "FLOPs / local step", ".3g"),
+    # What a round consumed, over all clients (summary ``cost``); FLOPs / round is FLOPs per local
+    # step x local steps x clients trained per round (config.yaml) unless the summary gives it.
+    Quantity("examples_per_round", "examples / round", ",.0f"),
+    Quantity("gradient_passes_per_round", "gradient passes / round", ",.0f"),
+    Quantity("flops_per_round", "FLOPs / round", ".3g"),
     # Learned rank across a run's clients (``rank.effective``: mean threshold rank over modules).
     Quantity("rank", "eff. rank: client mean", ".2f"),
     Quantity("rank_client_std", "eff. rank: client std", ".2f"),
     Quantity("rank_min", "eff. rank: min", ".2f"),
     Quantity("rank_max", "eff. rank: max", ".2f"),
 )
-QUANTITIES = QUALITY + COST_AND_RANK
+# The label prior (summary ``baselines``): each client's majority label on its own test split,
+# and the global majority label, as accuracies. Read by the prior rows, not the algorithm rows.
+PRIORS = (
+    Quantity("client_majority", "client majority", ".3f"),
+    Quantity("global_majority", "global majority", ".3f"),
+)
+QUANTITIES = QUALITY + COST_AND_RANK + PRIORS
+# Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond: 1.96, the normal).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)  # fmt: skip
+SAME = "≈"  # a row whose difference to its setting's best row is inside the 95% interval
+BEST = "*"  # the best row of its setting in that column
 
 
 @dataclass(frozen=True)
@@ -170,8 +202,7 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     """Every job directory of ``sweep_dir``, read; raises ``ReportError`` when there is none."""
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir} is not a directory; pass the sweep directory (one sub-directory per job)")
-    dirs = [d for d in sorted(sweep_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-    jobs = [_load_job(d) for d in dirs if (d / JOB_FILE).is_file()]
+    jobs = [_load_job(d, sweep_dir) for d in job_dirs(sweep_dir)]
     if not jobs:
         raise ReportError(f"{sweep_dir} holds no job directories (sub-directories with {JOB_FILE})")
     runs = [j for j in jobs if isinstance(j, Run)]
@@ -181,6 +212,19 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     return Sweep(sweep_dir, runs, problems, swept, setting)
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Directories with a ``job.json``: the sweep's children, or a multi-seed job's ``seed=<s>/``."""
+    out = []
+    for d in sorted(sweep_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if (d / JOB_FILE).is_file():
+            out.append(d)
+        else:
+            out.extend(c for c in sorted(d.iterdir()) if c.is_dir() and (c / JOB_FILE).is_file())
+    return out
+
+
 def split_overrides(jobs: Sequence[Mapping[str, str]]) -> tuple[list[str], dict[str, str]]:
     """Swept keys (value differs between jobs, or missing in some) and the fixed setting."""
     keys = list(dict.fromkeys(k for job in jobs for k in job))
@@ -188,18 +232,19 @@ def split_overrides(jobs: Sequence[Mapping[str, str]]) -> tuple[list[str], dict[
     return swept, {k: jobs[0][k] for k in keys if k not in swept}
 
 
-def _load_job(path: Path) -> Run | Problem:
+def _load_job(path: Path, root: Path) -> Run | Problem:
+    name = path.relative_to(root).as_posix()
     try:
         job = json.loads((path / JOB_FILE).read_text(encoding="utf-8"))
         overrides, status = parse_overrides(job["overrides"]), job.get("status")
     except _BAD_JSON as e:
-        return Problem(path.name, None, f"{JOB_FILE} unreadable ({type(e).__name__}: {e})", failed=False)
+        return Problem(name, None, f"{JOB_FILE} unreadable ({type(e).__name__}: {e})", failed=False)
     # A summary wins over a stale failed.json of an earlier attempt, unless the job says it failed.
     if (path / SUMMARY_FILE).is_file() and status != "failed":
-        return _load_run(path, overrides)
+        return _load_run(path, name, overrides)
     if status == "failed" or (path / FAILED_FILE).is_file():
-        return Problem(path.name, overrides, _failure_reason(path), failed=True)
-    return Problem(path.name, overrides, f"no {SUMMARY_FILE} or {FAILED_FILE} (status: {status})", failed=False)
+        return Problem(name, overrides, _failure_reason(path), failed=True)
+    return Problem(name, overrides, f"no {SUMMARY_FILE} or {FAILED_FILE} (status: {status})", failed=False)
 
 
 def _failure_reason(path: Path) -> str:
@@ -213,13 +258,14 @@ def _failure_reason(path: Path) -> str:
     return lines[0] if lines else "(no error message)"
 
 
-def _load_run(path: Path, overrides: dict[str, str]) -> Run | Problem:
+def _load_run(path: Path, name: str, overrides: dict[str, str]) -> Run | Problem:
     # One malformed summary must not take the whole report down: it is listed as incomplete.
     try:
         summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
-        return run_from_summary(path.name, overrides, summary, read_round_curve(path / METRICS_FILE))
+        summary = _with_round_flops(summary, path / "config.yaml")
+        return run_from_summary(name, overrides, summary, read_round_curve(path / METRICS_FILE))
     except _BAD_JSON as e:
-        return Problem(path.name, overrides, f"{SUMMARY_FILE} malformed ({type(e).__name__}: {e})", failed=False)
+        return Problem(name, overrides, f"{SUMMARY_FILE} malformed ({type(e).__name__}: {e})", failed=False)
 
 
 def run_from_summary(job: str, overrides: dict[str, str], summary: Mapping[str, Any], rounds: dict[int, float]) -> Run:
@@ -238,18 +284,75 @@ def run_from_summary(job: str, overrides: dict[str, str], summary: Mapping[str, 
     )
 
 
+def _with_round_flops(summary: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """``cost.flops_per_round`` filled in where the summary lacks it: FLOPs of one client's round
+    (``flops_per_client_round``, else ``flops_per_local_step`` x ``local_steps``) x clients trained
+    per round (``ceil(num_clients x fraction_train)``), read from the run's config."""
+    cost = summary.get("cost") or {}
+    per_client = cost.get("flops_per_client_round")
+    if cost.get("flops_per_round") is not None or not config_path.is_file():
+        return summary
+    if per_client is None and cost.get(FLOPS_PER_STEP) is None:
+        return summary
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config_path)
+    fed = cfg.get("federation") or {}
+    try:
+        clients = math.ceil(int(fed["num_clients"]) * float(fed.get("fraction_train", 1.0)))
+        client_round = (
+            float(per_client) if per_client is not None else float(cost[FLOPS_PER_STEP]) * int(cfg["local_steps"])
+        )
+        per_round = client_round * clients
+    except (KeyError, TypeError, ValueError):
+        return summary
+    return {**summary, "cost": {**cost, "flops_per_round": per_round}}
+
+
+def validation_mean(summary: Mapping[str, Any]) -> float:
+    """The number anything is chosen on: ``validation.mean`` of a ``summary.json``.
+
+    That is the mean over clients of the personalized validation metric (the global one for
+    methods without personalization). Raises ``ValueError`` saying what is missing.
+    """
+    block = summary.get(VALIDATION)
+    if not isinstance(block, Mapping) or block.get("mean") is None:
+        raise ValueError(
+            f"{SUMMARY_FILE} has no '{VALIDATION}.mean': the run has no per-client validation split "
+            "(task.val_fraction > 0, written since issue 12); tuning chooses on validation only"
+        )
+    return float(block["mean"])
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
+
+
+def _baseline(summary: Mapping[str, Any], key: str) -> float:
+    """A prior accuracy: a number, or a block with ``mean`` / ``accuracy`` (read defensively)."""
+    value = (summary.get(BASELINES) or {}).get(key)
+    if isinstance(value, Mapping):
+        value = value.get("mean", value.get("accuracy"))
+    return _num(value)
+
+
 def _run_values(summary: Mapping[str, Any], ranks: list[float]) -> dict[str, float]:
     pers, glob = summary[PERSONALIZED], summary.get(GLOBAL) or {}
     comm, cost = summary.get("communication") or {}, summary.get("cost") or {}
+    val = summary.get(VALIDATION) or {}
     return {
+        "validation": _num(val.get("mean")) if isinstance(val, Mapping) else math.nan,
         "personalized": _num(pers.get("mean")),
         "personalized_weighted": _num(pers.get("weighted_mean")),
         "personalized_worst": _num(pers.get("worst")),
+        "personalized_balanced": _num((pers.get("balanced_accuracy") or {}).get("mean")),
         "global": _num(glob.get("mean")),
         **{k: _num(comm.get(k)) for k in ("params_common", "params_private")},
         **{k: _num(comm.get(k)) for k in ("bytes_up_per_round", "bytes_down_per_round")},
         **{k: _num(cost.get(k)) for k in ("seconds_per_round", FLOPS_PER_STEP)},
+        **{k: _num(cost.get(k)) for k in ("examples_per_round", "gradient_passes_per_round", "flops_per_round")},
         **_rank_spread(ranks),
+        **{q.name: _baseline(summary, q.name) for q in PRIORS},
     }
 
 
@@ -305,6 +408,45 @@ def seed_stats(values: Iterable[float]) -> tuple[float, float]:
     if not finite:
         return math.nan, math.nan
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (table; 1.96 beyond 30)."""
+    if df < 1:
+        return math.nan
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def uncertainty(values: Iterable[float]) -> tuple[float, float, float, float]:
+    """Mean, standard error ``s / sqrt(n)`` and the 95% t-interval ``mean ± t_{0.975,n-1} se``.
+
+    Over the finite values; se and the interval are NaN for fewer than two.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    mean, std = seed_stats(finite)
+    if len(finite) < 2:
+        return mean, math.nan, math.nan, math.nan
+    se = std / math.sqrt(len(finite))
+    half = t975(len(finite) - 1) * se
+    return mean, se, mean - half, mean + half
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """95% Welch interval of ``mean(a) - mean(b)``; NaNs when either has fewer than two values.
+
+    ``d ± t_{0.975, nu} sqrt(s_a^2/n_a + s_b^2/n_b)`` with Welch-Satterthwaite
+    ``nu = (v_a + v_b)^2 / (v_a^2/(n_a-1) + v_b^2/(n_b-1))``, ``v = s^2/n``, rounded down (conservative).
+    """
+    a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    d = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return d, d
+    nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = t975(max(int(nu), 1)) * math.sqrt(va + vb)
+    return d - half, d + half
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
@@ -535,15 +677,22 @@ def _client_spectra(group: Group) -> dict[int, list[float]]:
 # ---------------------------------------------------------------------------------------- writing
 
 
+def values_of(group: Group, name: str) -> list[float]:
+    """One quantity of every run of the group (one per seed), NaN where missing."""
+    return [r.values[name] for r in group.runs]
+
+
 def write_csv(groups: Sequence[Group], keys: Sequence[str], path: Path) -> None:
     """One row per group; NaN and missing values as empty cells."""
     stat_cols = [f"{q.name}_{s}" for q in QUANTITIES for s in ("mean", "std")]
+    unc_cols = [f"{q.name}_{s}" for q in QUALITY for s in ("se", "ci95_low", "ci95_high")]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow([ALGORITHM_KEY, *keys, "n_seeds", *stat_cols])
+        writer.writerow([ALGORITHM_KEY, *keys, "n_seeds", *stat_cols, *unc_cols])
         for g in groups:
             stats = [_csv_num(v) for q in QUANTITIES for v in g.stats[q.name]]
-            writer.writerow([g.algorithm, *(g.values[k] or "" for k in keys), len(g.runs), *stats])
+            unc = [_csv_num(v) for q in QUALITY for v in uncertainty(values_of(g, q.name))[1:]]
+            writer.writerow([g.algorithm, *(g.values[k] or "" for k in keys), len(g.runs), *stats, *unc])
 
 
 def _csv_num(value: float) -> str:
@@ -557,8 +706,12 @@ def render_markdown(sweep: Sweep, groups: Sequence[Group], plots: Sequence[Path]
         f"# Sweep report: {sweep.path.name}",
         "",
         f"{len(sweep.runs) + len(sweep.problems)} jobs: {len(sweep.runs)} finished, {len(failed)} failed, "
-        f"{len(incomplete)} incomplete. Metric: {_metric(groups) or '-'}. Cells: mean ± sample standard "
-        "deviation over seeds (n seeds; no ± for a single seed).",
+        f"{len(incomplete)} incomplete. Metric: {_metric(groups) or '-'}. Results: mean ± standard error "
+        "over seeds [95% t-interval] (no ± for a single seed; the sample std is in report.csv); validation "
+        "is the mean personalized validation metric (global for methods without personalization), the "
+        "other columns are the test split. Cost: mean ± sample std over seeds.",
+        "",
+        MARK_TEXT,
         "",
         "## Setting",
         "",
@@ -567,7 +720,11 @@ def render_markdown(sweep: Sweep, groups: Sequence[Group], plots: Sequence[Path]
         "",
         "## Results",
         "",
-        *_md_table(groups, sweep.group_keys, QUALITY, with_n=True),
+        *_md_results(groups, sweep.group_keys),
+        "",
+        "## Label prior (test split)",
+        "",
+        *_md_priors(groups, sweep.group_keys),
         "",
         "## Cost and learned rank",
         "",
@@ -592,6 +749,84 @@ def _md_table(groups: Sequence[Group], keys: Sequence[str], quantities: Sequence
         cells = [_cell(*g.stats[q.name], q.fmt) for q in quantities]
         n = [str(len(g.runs))] if with_n else []
         rows.append(_md_row([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, *n]))
+    return rows
+
+
+MARK_TEXT = (
+    f"Marks, per column and setting (rows with the same swept values): {BEST} the best row (highest mean; "
+    f"lowest for loss / perplexity); {SAME} a row whose difference to that best row lies inside the 95% Welch "
+    "t-interval of the difference, so these seeds cannot tell the two apart. Rows with one seed are not marked."
+)
+
+
+def setting_of(group: Group) -> tuple[str | None, ...]:
+    return tuple(group.values.values())
+
+
+def marks(groups: Sequence[Group], name: str) -> dict[int, str]:
+    """Per group index: ``BEST``, ``SAME`` or ``""`` in column ``name`` (see ``MARK_TEXT``)."""
+    out: dict[int, str] = {}
+    settings: dict[tuple[str | None, ...], list[int]] = {}
+    for i, g in enumerate(groups):
+        settings.setdefault(setting_of(g), []).append(i)
+    for members in settings.values():
+        scored = [i for i in members if math.isfinite(groups[i].stats[name][0])]
+        if len(scored) < 2:
+            continue
+        sign = -1.0 if lower_is_better(_metric([groups[scored[0]]])) else 1.0
+        best = max(scored, key=lambda i: sign * groups[i].stats[name][0])
+        out[best] = BEST
+        for i in scored:
+            lo, hi = difference_interval(values_of(groups[best], name), values_of(groups[i], name))
+            if i != best and lo <= 0 <= hi:
+                out[i] = SAME
+    return out
+
+
+def uncertainty_cell(values: Sequence[float], fmt: str, mark: str = "") -> str:
+    """``mean ± se [lo, hi]`` (95% t-interval), ``mean`` for one value, ``-`` for none."""
+    mean, se, lo, hi = uncertainty(values)
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:{fmt}}" if math.isnan(se) else f"{mean:{fmt}} ± {se:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{text} {mark}" if mark else text
+
+
+def _md_results(groups: Sequence[Group], keys: Sequence[str]) -> list[str]:
+    if not groups:
+        return ["No finished job."]
+    head = [ALGORITHM_KEY, *keys, *(q.label for q in QUALITY), "n"]
+    rows = [_md_row(head), _md_row(["---"] * len(head))]
+    marked = {q.name: marks(groups, q.name) for q in QUALITY}
+    for i, g in enumerate(groups):
+        cells = [uncertainty_cell(values_of(g, q.name), q.fmt, marked[q.name].get(i, "")) for q in QUALITY]
+        rows.append(_md_row([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, str(len(g.runs))]))
+    return rows
+
+
+def prior_values(groups: Sequence[Group], name: str) -> list[float]:
+    """A prior per seed of these groups (one split per seed: the algorithms share it)."""
+    by_seed: dict[str, float] = {}
+    for g in groups:
+        for r in g.runs:
+            if math.isfinite(r.values[name]):
+                by_seed.setdefault(r.overrides.get(SEED_KEY, r.job), r.values[name])
+    return list(by_seed.values())
+
+
+def _md_priors(groups: Sequence[Group], keys: Sequence[str]) -> list[str]:
+    settings: dict[tuple[str | None, ...], list[Group]] = {}
+    for g in groups:
+        settings.setdefault(setting_of(g), []).append(g)
+    rows = [_md_row([*keys, *(q.label for q in PRIORS), "n"]), _md_row(["---"] * (len(keys) + len(PRIORS) + 1))]
+    for setting, gs in settings.items():
+        cells = [uncertainty_cell(prior_values(gs, q.name), q.fmt) for q in PRIORS]
+        if all(c == "-" for c in cells):
+            continue
+        n = max(len(prior_values(gs, q.name)) for q in PRIORS)
+        rows.append(_md_row([*(v or "-" for v in setting), *cells, str(n)]))
+    if len(rows) == 2:
+        return [f"No run reports its label prior (summary.json '{BASELINES}')."]
     return rows
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from pf2lora_core.constants import (
     ACCURACY,
     BALANCED_ACCURACY,
+    BASELINES,
     BATCHES_SEEN,
     COMMON,
     EVAL_KINDS,
@@ -31,7 +32,6 @@ from pf2lora_core.outputs import aggregate_metric
 
 CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split
 GLOBAL_MAJORITY = "global_majority"  # every client predicts the majority label of all train splits pooled
-BASELINES = "baselines"
 
 
 def aggregate_block(results: Sequence[Mapping[str, float]], weights: Sequence[float], metric: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ def test_every_group_option_composes(group: str, option: str) -> None:
     exp = load([f"{group}={option}"])
     if group == "experiment":  # presets are global packages: they set the run's name
         assert exp.cfg.name == option
+    elif group == "tune":  # search spaces are global too: they set the tuning seeds (and hydra.sweeper)
+        assert list(exp.cfg.sweep.seeds)
     else:
         assert exp.cfg[group] is not None
 

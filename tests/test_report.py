@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 from pf2lora_core.constants import FAILED_FILE, JOB_FILE, METRICS_FILE, PLOTS_DIR, REPORT_CSV, SUMMARY_FILE
-from pf2lora_core.report import ReportError, build_report, main, parse_overrides, seed_stats, split_overrides
+from pf2lora_core.report import (
+    ReportError,
+    build_report,
+    difference_interval,
+    main,
+    parse_overrides,
+    seed_stats,
+    split_overrides,
+    t975,
+    uncertainty,
+)
 
 # Personalized mean per (algorithm, partition.s) and seed; every other number follows from it below.
 PERSONALIZED_MEAN = {
@@ -24,6 +34,7 @@ SECONDS_PER_ROUND = (1.0, 3.0)  # per seed: mean 2.0, sample std sqrt(2) = 1.414
 # pf2lora's clients' effective ranks per seed: client mean 3 and 4, min 2 and 3, max 4 and 5,
 # population std across the two clients 1 in both seeds.
 PF2LORA_RANKS = ((2.0, 4.0), (3.0, 5.0))
+CLIENT_MAJORITY = (0.64, 0.68)  # per seed (the split, shared by the algorithms): mean 0.66, se 0.02
 
 
 def _client(c: int, acc: float, rank: float | None) -> dict[str, Any]:
@@ -47,7 +58,15 @@ def _summary(algorithm: str, s: float, seed: int) -> dict[str, Any]:
         "seed": seed,
         "rounds": 2,
         "clients": [_client(0, mean - 0.05, ranks[0]), _client(1, mean + 0.05, ranks[1])],
-        "personalized": {"metric": "accuracy", "mean": mean, "weighted_mean": mean, "worst": mean - 0.05},
+        "personalized": {
+            "metric": "accuracy",
+            "mean": mean,
+            "weighted_mean": mean,
+            "worst": mean - 0.05,
+            "balanced_accuracy": {"mean": 0.5},
+        },
+        "validation": {"metric": "accuracy", "mean": mean - 0.02, "weighted_mean": mean, "worst": mean - 0.1},
+        "baselines": {"client_majority": CLIENT_MAJORITY[seed], "global_majority": 0.55},
         "global": {
             "metric": "accuracy",
             "mean": mean - 0.1 if has_global else None,
@@ -150,7 +169,15 @@ def test_constant_key_is_setting_not_column(sweep: Path) -> None:
 
 def test_markdown_table_row_and_problem_jobs(sweep: Path) -> None:
     report = build_report(sweep).read_text()
-    assert "| pf2lora | 0.3 | 0.850 ± 0.071 | 0.850 ± 0.071 | 0.800 ± 0.071 | 0.750 ± 0.071 | 2 |" in report
+    # mean ± se [mean ± t_{0.975,1} se]: se = 0.0707 / sqrt(2) = 0.05, t = 12.706; the best row of s = 0.3
+    row = "| pf2lora | 0.3 | 0.830 ± 0.050 [0.195, 1.465] * | 0.850 ± 0.050 [0.215, 1.485] * |"
+    assert row in report
+    # local at s = 0.3: 0.62 vs 0.85, Welch nu = 1.3 -> t_1: interval (-0.45, 0.91) holds 0 -> ≈;
+    # local at s = 0.9: 0.53 vs 0.73, nu = 2, t = 4.303: (0.017, 0.383) -> told apart, unmarked
+    assert "| local | 0.3 | 0.600 ± 0.020 [0.346, 0.854] ≈ | 0.620 ± 0.020 [0.366, 0.874] ≈ |" in report
+    assert "| local | 0.9 | 0.510 ± 0.030 [0.129, 0.891] | 0.530 ± 0.030 [0.149, 0.911] |" in report
+    priors = report.split("## Label prior (test split)")[1].split("##")[0]
+    assert "| 0.3 | 0.660 ± 0.020 [0.406, 0.914] | 0.550 ± 0.000 [0.550, 0.550] | 2 |" in priors
     failed = report.split("## Failed jobs")[1].split("## Incomplete jobs")
     assert "pf2lora-s0.9-seed2" in failed[0] and "RuntimeError: CUDA out of memory" in failed[0]
     assert "partition.s=0.9 seed=2" in failed[0]
@@ -210,7 +237,7 @@ def test_no_x_axis_and_no_rank_info_skip_their_plots(tmp_path: Path) -> None:
     _job(tmp_path, "queued", ["algorithm=flora", "partition.s=0.3"], "skipped")
     report = build_report(tmp_path).read_text()
     assert sorted(p.name for p in (tmp_path / PLOTS_DIR).iterdir()) == ["clients.png"]
-    assert "| local | 0.600 | 0.600 | 0.550 | - | 1 |" in report
+    assert "| local | 0.580 | 0.600 | 0.600 | 0.550 | 0.500 | - | 1 |" in report
     assert "`queued`" in report.split("## Incomplete jobs")[1]
     assert _rows(tmp_path)[0]["personalized_std"] == ""
     with pytest.raises(ReportError, match="--at needs an x axis"):
@@ -230,3 +257,53 @@ def test_overrides_parsing_and_split() -> None:
         parse_overrides("a=1")
     swept, setting = split_overrides([{"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}])
     assert swept == ["b", "c"] and setting == {"a": "1"}
+
+
+def test_t_quantiles_and_intervals_match_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 12, 30):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    assert t975(200) == 1.96 and math.isnan(t975(0))
+    values = [0.61, 0.64, 0.70]
+    mean, se, lo, hi = uncertainty(values)
+    assert mean == pytest.approx(0.65)
+    ref = stats.t.interval(0.95, 2, loc=stats.tmean(values), scale=stats.sem(values))
+    assert se == pytest.approx(stats.sem(values)) and (lo, hi) == pytest.approx(ref, abs=1e-3)
+    assert all(math.isnan(v) for v in uncertainty([0.5])[1:])
+    a, b = [0.80, 0.86, 0.83], [0.70, 0.79, 0.71, 0.74]
+    va, vb = stats.tvar(a) / 3, stats.tvar(b) / 4
+    nu = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    d = sum(a) / 3 - sum(b) / 4
+    half = stats.t.ppf(0.975, math.floor(nu)) * math.sqrt(va + vb)
+    assert difference_interval(a, b) == pytest.approx((d - half, d + half), abs=1e-3)
+    assert all(math.isnan(v) for v in difference_interval([1.0], b))
+
+
+def test_lower_is_better_metric_marks_the_smallest(tmp_path: Path) -> None:
+    for algorithm, ppl in (("pf2lora", (10.0, 10.2)), ("homlora", (20.0, 20.4))):
+        for seed in (0, 1):
+            path = _job(tmp_path, f"{algorithm}{seed}", [f"algorithm={algorithm}", f"seed={seed}"], "done")
+            summary = {"algorithm": algorithm, "personalized": {"metric": "perplexity", "mean": ppl[seed]}}
+            (path / SUMMARY_FILE).write_text(json.dumps(summary))
+    report = build_report(tmp_path).read_text()
+    assert "| pf2lora | - | 10.100 ± 0.100 [8.829, 11.371] * |" in report
+    assert "| homlora | - | 20.200 ± 0.200 [17.659, 22.741] |" in report
+
+
+def test_seed_subdirectories_of_a_job_are_runs(tmp_path: Path) -> None:
+    """A multi-seed job (a tuning trial) holds seed=<s>/ run directories: each is a run."""
+    for seed in (0, 1):
+        path = _job(tmp_path / "algorithm.lr=0.01", f"seed={seed}", ["algorithm=pf2lora", "algorithm.lr=0.01",
+                    f"seed={seed}"], "done")  # fmt: skip
+        summary = _summary("pf2lora", 0.3, seed)
+        summary["cost"] |= {"flops_per_local_step": 2e9, "examples_per_round": 128.0}
+        (path / SUMMARY_FILE).write_text(json.dumps(summary))
+        # FLOPs / round = 2e9 per step x 3 steps x ceil(5 clients x 0.5) = 3 clients trained per round
+        (path / "config.yaml").write_text("local_steps: 3\nfederation: {num_clients: 5, fraction_train: 0.5}\n")
+    build_report(tmp_path)
+    (row,) = _rows(tmp_path)
+    assert row["n_seeds"] == "2" and float(row["validation_mean"]) == pytest.approx(0.83)
+    assert float(row["validation_se"]) == pytest.approx(0.05)
+    assert float(row["client_majority_mean"]) == pytest.approx(0.66)
+    assert float(row["flops_per_round_mean"]) == pytest.approx(1.8e10)
+    assert float(row["examples_per_round_mean"]) == 128.0

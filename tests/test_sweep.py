@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core.constants import FAILED_FILE, JOB_FILE, REPORT_CSV, REPORT_MD, SUMMARY_FILE
+from pf2lora_core.constants import FAILED_FILE, JOB_FILE, JOB_LOG_FILE, REPORT_CSV, REPORT_MD, SUMMARY_FILE
 from pf2lora_core.sweep import expand, experiment_overrides, main, slug
 from tests.tiny_bert import make_tiny_bert
 
@@ -164,3 +164,33 @@ def test_deployment_jobs_are_submitted_to_the_named_connection(tmp_path: Path, m
     assert main([f"output_dir={tmp_path}", "federation=deployment", "federation.connection=lab"]) == 0
     _, federation, home, connection, _ = fake.calls[0]
     assert connection == "lab" and federation is None and home is None
+
+
+def test_glob_expands_through_hydras_sweeper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``algorithm='glob(*)'`` (it crashed when the sweep expanded overrides itself): one job per option."""
+    fake = FakeFlower()
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    options = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "algorithm").glob("*.yaml"))
+    assert main(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "algorithm=glob(*)", "rounds=1"]) == 0
+    assert f"[{len(options)}/{len(options)}] done in" in capsys.readouterr().out
+    ran = sorted(a.split("=", 1)[1] for call in fake.calls for a in call[0].split() if a.startswith("algorithm="))
+    assert ran == options
+    assert [j[0] for j in expand(["algorithm=glob([hom*,fedsa*])"])] == ["algorithm=fedsa_lora", "algorithm=homlora"]
+
+
+def test_sweeper_params_are_swept_and_every_job_keeps_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower())
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep}", "algorithm=homlora", "++hydra.sweeper.params={partition.s:'0.5,0.9'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 job(s)" in out and "[1/2] start" in out and "[2/2] done in" in out and "left" in out
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / JOB_FILE).exists())
+    assert jobs == ["algorithm=homlora,partition.s=0.5", "algorithm=homlora,partition.s=0.9"]
+    for job in jobs:  # a successful job's whole log stays in its run directory
+        assert (sweep / job / JOB_LOG_FILE).read_text() == "ok"
+    rows = list(csv.DictReader((sweep / REPORT_CSV).open()))
+    assert sorted(r["partition.s"] for r in rows) == ["0.5", "0.9"]
+    assert expand(["seed=range(0,3)"]) == [["seed=0"], ["seed=1"], ["seed=2"]]
