@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -27,8 +28,14 @@ from safetensors.torch import load_file
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import Algorithm
 from pf2lora_core.constants import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
+from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.experiment import Experiment, from_yaml
+from pf2lora_core.pooling import MEAN
 
+# A head trained on the mean over real tokens (model.pooling=mean) needs the same pooling on the base
+# model the adapter is loaded into: PEFT's adapter_config has no field for it, so a note says so.
+POOLING_NOTE = "pf2lora_pooling.json"
+MEAN_POOLING_HINT = "pf2lora_core.pooling.use_mean_pooling(base_model) before PeftModel.from_pretrained"
 COMBINED = "pf2lora_combined"  # transient name of the cat-combined adapter inside the copy
 COMMON_FILE = re.compile(r"common_round_(\d{4,})\.safetensors$")
 
@@ -55,10 +62,17 @@ def peft_adapter(model: TwoLevelModel, adapters: Sequence[str]) -> PeftModel:
     return out
 
 
-def save_adapter(model: TwoLevelModel, adapters: Sequence[str], out: Path) -> Path:
-    """``save_pretrained`` of :func:`peft_adapter` into ``out``; returns ``out``."""
+def save_adapter(model: TwoLevelModel, adapters: Sequence[str], out: Path, exp: Experiment | None = None) -> Path:
+    """``save_pretrained`` of :func:`peft_adapter` into ``out``, with ``exp``'s pooling note; returns ``out``."""
     peft_adapter(model, adapters).save_pretrained(str(out))
+    if exp is not None and pooling_of(exp) == MEAN:
+        (out / POOLING_NOTE).write_text(json.dumps({"pooling": MEAN, "apply": MEAN_POOLING_HINT}, indent=1) + "\n")
     return out
+
+
+def pooling_of(exp: Experiment) -> str | None:
+    """What the classifier head reads in ``exp`` (``model.pooling``); None for generation tasks."""
+    return str(exp.model.pooling) if exp.task.kind == CLASSIFICATION else None
 
 
 def export_problem(algorithm: Algorithm, personalized: bool) -> str | None:
@@ -133,7 +147,7 @@ def export_run(
                 )
             model.load(PRIVATE, private.tensors)
         adapters = list(model.adapters)
-    return save_adapter(model, adapters, out)
+    return save_adapter(model, adapters, out, exp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, FileNotFoundError) as err:
         print(f"pf2lora-export: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (load with PeftModel.from_pretrained(base_model, {str(out)!r}))")
+    note = f"; the head reads mean-pooled tokens: call {MEAN_POOLING_HINT}" if (out / POOLING_NOTE).exists() else ""
+    print(f"wrote {out} (load with PeftModel.from_pretrained(base_model, {str(out)!r}){note})")
     return 0
 
 

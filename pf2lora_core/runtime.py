@@ -17,12 +17,21 @@ log = logging.getLogger(__name__)
 RAY_GPU_HINT = "in a Ray simulation a client sees a GPU only with federation.client_gpus > 0 (e.g. 0.125: 8 per GPU)"
 
 
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver knows, visible to this process or not
+
+
+def machine_has_nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver lists a GPU on this machine, whatever this process may see."""
+    return os.path.isdir(NVIDIA_GPUS) and bool(os.listdir(NVIDIA_GPUS))
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` picks CUDA when present; otherwise the device named (``cpu``, ``cuda``, ``cuda:1``)."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # GPUs hidden from this process on purpose
+        # GPUs hidden from this process (Ray does that) on a machine that has some: say how to use them
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and machine_has_nvidia_gpu():
             log.warning("device=auto: no GPU visible to this process (CUDA_VISIBLE_DEVICES is empty); %s", RAY_GPU_HINT)
         return torch.device("cpu")
     try:

@@ -47,7 +47,7 @@ class ServerRunDir(RunDir):
         path = super().save_common(round_, tensors)
         if self._model is not None:
             self._model.load(COMMON, tensors)
-            save_adapter(self._model, [COMMON], path.with_suffix(""))
+            save_adapter(self._model, [COMMON], path.with_suffix(""), self.exp)
         return path
 
 

@@ -59,7 +59,9 @@ def evaluation_blocks(evaluation: Mapping[int, Mapping[str, Any]], metric: str) 
     }
 
 
-def majority_baselines(label_hists: Sequence[Mapping[str, list[int]]]) -> list[dict[str, dict[str, float]]]:
+def majority_baselines(
+    label_hists: Sequence[Mapping[str, list[int]] | None],
+) -> list[dict[str, dict[str, float] | None] | None]:
     """Per client, the test accuracy and balanced accuracy of two constant predictors.
 
     ``client_majority``: the most frequent label of the client's own TRAIN split (ties: the lowest
@@ -67,14 +69,27 @@ def majority_baselines(label_hists: Sequence[Mapping[str, list[int]]]) -> list[d
     the most frequent label of every client's train split pooled, ``g``, scored the same way. A
     constant predictor's balanced accuracy is ``1 / |labels present in test|`` when its label is
     present, else 0. The test split's labels never choose the predicted label.
+
+    In deployment only sites that opted in (``share-data-stats``) report histograms: a client
+    without one has no baselines (None), and ``global_majority`` needs every client's train
+    histogram (the pooled majority is unknown otherwise), so it is None everywhere then.
     """
-    pooled = np.sum([np.asarray(h[TRAIN]) for h in label_hists], axis=0) if label_hists else np.zeros(0)
-    g = int(np.argmax(pooled)) if pooled.size else 0
-    out = []
+    known = [h for h in label_hists if h is not None]
+    complete = bool(label_hists) and len(known) == len(label_hists)
+    g = int(np.argmax(np.sum([np.asarray(h[TRAIN]) for h in known], axis=0))) if complete else None
+    out: list[dict[str, dict[str, float] | None] | None] = []
     for h in label_hists:
+        if h is None:
+            out.append(None)
+            continue
         train, test = np.asarray(h[TRAIN]), np.asarray(h[TEST])
         own = int(np.argmax(train)) if train.sum() else g
-        out.append({CLIENT_MAJORITY: _constant_scores(test, own), GLOBAL_MAJORITY: _constant_scores(test, g)})
+        out.append(
+            {
+                CLIENT_MAJORITY: None if own is None else _constant_scores(test, own),
+                GLOBAL_MAJORITY: None if g is None else _constant_scores(test, g),
+            }
+        )
     return out
 
 

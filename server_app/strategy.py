@@ -669,7 +669,7 @@ class CommonOnlyFedAvg(FedAvg):
                 raise ReplyRejectedError(reason.replace(f"'{NUM_EXAMPLES}'", f"'{NUM_VALIDATION}'"))
         self._audit(server_round, "evaluate", node, {}, msg)
         flat = {k: float(v) for k, v in metrics.items() if k != CLIENT_KEY}
-        entry = split_metrics({**flat, NUM_EXAMPLES: weight, NUM_VALIDATION: int(validation)})
+        entry = split_metrics({**flat, NUM_EXAMPLES: int(weight), NUM_VALIDATION: int(validation)})
         entry["rank"] = details.get("rank", {})
         if LABEL_HISTOGRAM in details:  # only from a site that opted in (share-data-stats)
             entry[LABEL_HISTOGRAM] = details[LABEL_HISTOGRAM]

@@ -44,6 +44,11 @@ def test_auto_on_a_process_whose_gpus_are_hidden_says_why(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what Ray sets for a client with client_gpus=0
+    monkeypatch.setattr("pf2lora_core.runtime.machine_has_nvidia_gpu", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pf2lora_core.runtime"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "client_gpus" not in caplog.text  # a CPU machine: nothing hidden, nothing to say
+    monkeypatch.setattr("pf2lora_core.runtime.machine_has_nvidia_gpu", lambda: True)
     with caplog.at_level(logging.WARNING, logger="pf2lora_core.runtime"):
         assert resolve_device("auto") == torch.device("cpu")
     assert "client_gpus > 0" in caplog.text

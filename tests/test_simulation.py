@@ -128,6 +128,7 @@ NOISE = (
     "is_gradient_checkpointing",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
     "FutureWarning",
+    "no GPU visible",  # a CPU machine has no GPU to hide
 )
 
 
@@ -136,10 +137,12 @@ def test_console_shows_progress_and_the_client_table_without_library_noise(simul
     rounds = re.findall(r"round (\d)/2 done in [\d.]+s \| elapsed (\d+:\d\d) \| ~(\d+:\d\d) left \| train loss", log)
     assert [r[0] for r in rounds] == ["1", "2"], log[-3000:]
     assert rounds[-1][2] == "0:00"  # nothing left after the last round
-    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
+    # client, train, val, test (whole numbers), then personalized, global, validation, bal.acc, client maj., eff.rank
+    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+\d+(?:\s+[\d.]+){6}$", log, flags=re.MULTILINE)
     assert rows == [str(k) for k in range(CLIENTS)], log[-3000:]
-    assert re.search(r"^\s+mean\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
-    assert re.search(r"^\s+worst\s+[\d.]+\s+[\d.]+$", log, flags=re.MULTILINE)
+    assert re.search(r"^\s+mean(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
+    assert re.search(r"^\s+worst(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
+    assert re.search(r"^client_majority accuracy: mean [\d.]+", log, flags=re.MULTILINE)  # the prior, beside
     assert "pf2lora INFO run directory:" in log  # our own log lines still show
     for noise in NOISE:
         assert noise not in log, noise
@@ -171,7 +174,9 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(simulation: 
     from pf2lora_core.client import ClientRuntime
     from pf2lora_core.constants import COMMON
     from pf2lora_core.experiment import from_yaml
+    from pf2lora_core.export import POOLING_NOTE
     from pf2lora_core.export import main as export_main
+    from pf2lora_core.pooling import use_mean_pooling
 
     run, tmp = simulation["run"], simulation["tmp"]
     out = tmp / f"export_{client}"
@@ -191,6 +196,9 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(simulation: 
         else:
             expected = rt.model.model(**_batch()).logits
         base = AutoModelForSequenceClassification.from_pretrained(exp.model.name, num_labels=2)
+        if exp.model.pooling == "mean":  # the head was trained on mean-pooled tokens: the note says so
+            assert "use_mean_pooling" in (out / POOLING_NOTE).read_text()
+            use_mean_pooling(base)
         loaded = PeftModel.from_pretrained(base, str(out)).eval()
         got = loaded(**_batch()).logits
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())

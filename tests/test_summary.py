@@ -47,6 +47,20 @@ def test_majority_baselines_by_hand() -> None:
     assert [g[GLOBAL_MAJORITY][BALANCED_ACCURACY] for g in got] == [0.5, 0.0, 0.5]
 
 
+def test_baselines_with_histograms_missing_from_sites_that_did_not_opt_in() -> None:
+    """Deployment: a site without share-data-stats sends no histogram; the pooled majority is then unknown."""
+    got = majority_baselines([HISTS[0], None, HISTS[2]])
+    assert got[1] is None
+    assert [got[k][CLIENT_MAJORITY][ACCURACY] for k in (0, 2)] == [3 / 4, 1 / 4]
+    assert got[0][GLOBAL_MAJORITY] is None and got[2][GLOBAL_MAJORITY] is None
+    exp = load(["federation.num_clients=3"])
+    latest = {c: {NUM_EXAMPLES: 4, PERSONALIZED: _results(0.5), GLOBAL: _results(0.5), "rank": {}} for c in range(3)}
+    summary = build_summary(exp, [], latest, [HISTS[0], None, HISTS[2]], {"common": 7}, seconds_total=1.0)
+    assert summary["clients"][1]["baselines"] is None
+    assert summary["baselines"]["client_majority"]["mean"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    format_client_table(summary)  # prints without the missing numbers
+
+
 def test_balanced_accuracy_by_hand() -> None:
     labels = torch.tensor([0, 0, 0, 1])
     assert balanced_accuracy(torch.tensor([0, 0, 0, 0]), labels) == 0.5  # the prior: 0.75 accuracy
