@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
@@ -21,7 +22,7 @@ from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import COMMON, PRIVATE
 from pf2lora_core.data.site import config_label_names
 from pf2lora_core.experiment import Experiment, load, preflight, split_overrides
-from pf2lora_core.logs import quiet_libraries, stream_handler
+from pf2lora_core.logs import quiet_libraries
 from pf2lora_core.outputs import RunDir, RunDirInUseError, new_run_dir
 from pf2lora_core.plots import write_run_plots
 from pf2lora_core.policy import LABEL_HISTOGRAM
@@ -37,11 +38,19 @@ app = ServerApp()
 quiet_libraries()  # at import: the simulation starts Ray (and its tip) beside this app's main
 
 
+class ToFlowerLogger(logging.Handler):
+    """Hands each record to Flower's logger: our lines take Flower's console format and go wherever
+    Flower sends its own (the console of ``flwr run --stream``, ``flwr log``, Flower's log files)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        FLOWER_LOGGER.handle(record)
+
+
 def _setup_logging() -> None:
-    if not log.handlers:  # to stdout as it is at each record (the ServerApp's may be swapped later)
-        log.addHandler(stream_handler("stdout", "%(asctime)s pf2lora %(levelname)s %(message)s"))
+    if not any(isinstance(h, ToFlowerLogger) for h in log.handlers):
+        log.addHandler(ToFlowerLogger())
         log.setLevel(logging.INFO)
-        log.propagate = False
+        log.propagate = False  # Flower's logger passes records on to the root itself
 
 
 @app.main()
