@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -296,11 +297,11 @@ def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
     try:
         exp = load(overrides)
         fed = exp.federation
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: the finally stops all
-        if fed.kind == "deployment":
-            proc = flwr_run(text, None, None, app_dir, timeout=None, connection=fed.connection, echo=sys.stdout)
-        else:
-            proc = flwr_run(text, federation_config(exp), flwr_home, app_dir, timeout=None, echo=sys.stdout)
+        with sigterm_as_interrupt():
+            if fed.kind == "deployment":
+                proc = flwr_run(text, None, None, app_dir, timeout=None, connection=fed.connection, echo=sys.stdout)
+            else:
+                proc = flwr_run(text, federation_config(exp), flwr_home, app_dir, timeout=None, echo=sys.stdout)
     except (ConfigError, LaunchError) as err:
         print(err, file=sys.stderr)
         return 2
@@ -316,6 +317,22 @@ def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM unwinds like Ctrl-C (``KeyboardInterrupt``), so the ``finally`` of
+    :func:`flwr_run` stops every process of the running job: ``kill``, a scheduler or a CI timeout
+    otherwise ends Python at once and leaves the SuperLink, the simulation and Ray running. The
+    previous handler is restored after (signals can only be set from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def join_overrides(overrides: list[str]) -> str:

@@ -55,7 +55,7 @@ from pf2lora_core.constants import (
     VALIDATION,
 )
 from pf2lora_core.experiment import Experiment, conf_dir, load
-from pf2lora_core.launch import federation_config, flwr_run
+from pf2lora_core.launch import federation_config, flwr_run, sigterm_as_interrupt
 from pf2lora_core.models import resolve_model
 from pf2lora_core.outputs import atomic_write_bytes, set_aside_run
 
@@ -392,6 +392,12 @@ def validate_plan(p: Plan) -> None:
     validate_jobs(jobs)
 
 
+INTERRUPTED = (
+    "{prog}: interrupted; the running job and every process it started are stopped, finished jobs "
+    "are kept: the same command again resumes (it skips them)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry: let Hydra compose and expand the sweep, validate every job, run them, report."""
     import hydra
@@ -414,9 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = sys.argv
     sys.argv = [saved[0] if saved else "pf2lora-sweep", *args]
     try:
-        entry()
+        with sigterm_as_interrupt():
+            entry()
     except SystemExit as err:  # Hydra reports its own errors (printed above) by exiting
         hydra_failed = bool(err.code)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running job's processes are stopped by now
+        print(INTERRUPTED.format(prog="pf2lora-sweep"), file=sys.stderr, flush=True)
+        return 130
     else:
         hydra_failed = False
     finally:

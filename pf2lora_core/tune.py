@@ -41,6 +41,7 @@ from pf2lora_core import sweep
 from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import SUMMARY_FILE
 from pf2lora_core.experiment import conf_dir
+from pf2lora_core.launch import sigterm_as_interrupt
 from pf2lora_core.outputs import atomic_write_bytes
 from pf2lora_core.report import (
     PRIORS,
@@ -183,7 +184,7 @@ def tune(
         trial_dir = out / "trials" / a
         tune_args = [*overrides, f"algorithm={a}", f"tune={search_space(a)}", *search, f"hydra.sweep.dir={trial_dir}"]
         print(f"pf2lora-tune: {a}: {len(spaces[a])} key(s) searched: {', '.join(spaces[a])}", flush=True)
-        if sweep.main(["-m", *tune_args]) == 2:
+        if _sweep(["-m", *tune_args]) == 2:
             raise TuneError(f"the tuning sweep of {a} did not start (its error is above)")
         trials = read_trials(trial_dir, spaces[a], seeds)
         metric = next((r.metric for t in trials for r in t.runs), "")
@@ -194,13 +195,21 @@ def tune(
         chosen = [f"{k}={v}" for k, v in best.values.items()]
         print(f"pf2lora-tune: {a}: chose {' '.join(chosen)} (validation {best.objective:.4f})", flush=True)
         final_args = [*_without_seeds(overrides), f"algorithm={a}", *chosen, f"seed={','.join(map(str, final_seeds))}"]
-        sweep.main(["-m", *final_args, f"hydra.sweep.dir={out / 'final' / a}"])
+        _sweep(["-m", *final_args, f"hydra.sweep.dir={out / 'final' / a}"])
         final = _final_runs(out / "final" / a)
         done = sum(math.isfinite(t.objective) for t in trials)
         n_trials = _n_trials([*overrides, *search], a)
         choices.append(Choice(a, search_space(a), best.values, best.objective, done, n_trials, final))
     write_outputs(choices, seeds, final_seeds, out)
     return choices
+
+
+def _sweep(args: list[str]) -> int:
+    """``pf2lora-sweep`` in process; an interrupted sweep (130) interrupts the tuning too."""
+    code = sweep.main(args)
+    if code == 130:
+        raise KeyboardInterrupt
+    return code
 
 
 def _without_seeds(overrides: Sequence[str]) -> list[str]:
@@ -402,10 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:
         out = args.out or _default_out(overrides)
-        choices = tune(overrides, algorithms, args.final_seeds, out, args.trials)
+        with sigterm_as_interrupt():
+            choices = tune(overrides, algorithms, args.final_seeds, out, args.trials)
     except (TuneError, ConfigError) as err:
         print(f"pf2lora-tune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(sweep.INTERRUPTED.format(prog="pf2lora-tune"), file=sys.stderr, flush=True)
+        return 130
     print(f"pf2lora-tune: report {out / TUNE_MD}", flush=True)
     return 0 if all(len(c.final) == len(args.final_seeds) for c in choices) else 1
 

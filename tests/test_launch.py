@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,10 @@ from pf2lora_core.launch import (
     main,
     private_superlink_ports,
     refuse_foreign_superlink,
+    sigterm_as_interrupt,
     stop_launched,
 )
+from tests.tiny_bert import make_tiny_bert
 
 
 def test_fresh_distinct_free_ports_unless_chosen() -> None:
@@ -83,3 +88,46 @@ def test_demo_refuses_bad_overrides_before_starting_anything(capsys: pytest.Capt
     with pytest.raises(ConfigError, match="double quotes"):
         join_overrides(["name='x'"])
     assert join_overrides(["a=1", "task.name=two words"]) == 'a=1 "task.name=two words"'
+
+
+def test_sigterm_unwinds_like_ctrl_c_inside_the_block_and_the_handler_is_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_stops_its_job_and_every_process_of_it(tmp_path: Path) -> None:
+    """``kill <pf2lora-sweep>`` (a scheduler, a CI timeout) stops the running job's SuperLink,
+    simulation and Ray too, says so, and exits 130; before, they outlived the sweep."""
+    model = make_tiny_bert(tmp_path / "tiny-bert")
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", LAUNCH_MARK: mark}
+    cmd = [sys.executable, "-m", "pf2lora_core.sweep", "-m", "model.source=path", f"model.name={model}",
+           "federation.num_clients=2", "task.max_examples=160", "rounds=200", f"output_dir={tmp_path / 'out'}",
+           "seed=0"]  # fmt: skip
+    sweep = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and sweep.poll() is None:
+            names = " ".join(" ".join(p.cmdline()) for p in launched_processes(mark))
+            if "flwr-simulation" in names:  # the job's SuperLink and simulation are up
+                break
+            time.sleep(1)
+        assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+        assert launched_processes(mark), "the job started no process"
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=120)
+        assert sweep.returncode == 130, err[-3000:]
+        assert "interrupted" in err and "resumes" in err
+        deadline = time.time() + 30
+        while launched_processes(mark) and time.time() < deadline:
+            time.sleep(1)
+        assert launched_processes(mark) == []
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        stop_launched(mark)
