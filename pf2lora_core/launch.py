@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+import pathspec
 import psutil
 import torch
 
@@ -85,6 +86,7 @@ def flwr_run(
         **(extra_env or {}),
     }
     mark = env.setdefault(LAUNCH_MARK, uuid.uuid4().hex)  # a caller's own mark (tests look its processes up)
+    refuse_comma_paths(app_dir)
     cmd = ["flwr", "run", str(app_dir)]
     if connection is not None:
         cmd.append(connection)
@@ -180,6 +182,48 @@ def stop_launched(mark: str, grace_s: float = 10.0, passes: int = 3) -> int:
 
 class LaunchError(RuntimeError):
     """The run cannot start as asked (e.g. another process holds its SuperLink port)."""
+
+
+# The files `flwr run` packs into the app's FAB (Flower's built-in include patterns, flwr 1.41:
+# flwr/common/constant.py FAB_INCLUDE_PATTERNS), unless the app's .gitignore excludes them.
+FAB_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+
+
+def fab_comma_paths(app_dir: Path) -> list[str]:
+    """Paths (relative to ``app_dir``) that Flower would pack into the FAB and that hold a comma.
+
+    Flower writes the FAB's manifest as ``path,sha256,bits`` lines and splits them on commas, so one
+    such file (a sweep's run directory ``a=1,b=2`` copied or committed into the app) makes every
+    ``flwr run`` fail with ``too many values to unpack``. Directories the app's ``.gitignore``
+    excludes (``outputs/``) are skipped without being walked, as Flower skips them.
+    """
+    gitignore = app_dir / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8", errors="replace").splitlines() if gitignore.is_file() else []
+    ignored = pathspec.GitIgnoreSpec.from_lines(lines)
+    found: list[str] = []
+    for root, dirs, files in os.walk(app_dir):
+        rel_root = Path(root).relative_to(app_dir).as_posix()
+        prefix = "" if rel_root == "." else f"{rel_root}/"
+        dirs[:] = sorted(d for d in dirs if d != ".flwr" and not ignored.match_file(f"{prefix}{d}/"))
+        for name in sorted(files):
+            rel = f"{prefix}{name}"
+            if (Path(root) / name).is_symlink():  # Flower packs no symlinks
+                continue
+            if "," in rel and name.endswith(FAB_SUFFIXES) and not ignored.match_file(rel):
+                found.append(rel)
+    return found
+
+
+def refuse_comma_paths(app_dir: Path) -> None:
+    """Raise LaunchError naming the files whose comma would break Flower's packaging of the app."""
+    found = fab_comma_paths(app_dir)
+    if found:
+        shown = "\n  ".join(found[:10]) + (f"\n  ... and {len(found) - 10} more" if len(found) > 10 else "")
+        raise LaunchError(
+            f"`flwr run` cannot package the app in {app_dir}: Flower's FAB manifest is comma-separated, and "
+            f"{len(found)} file(s) it would include have a comma in their path:\n  {shown}\n"
+            "move them out of the app directory, rename them, pack them (tar) or list them in .gitignore"
+        )
 
 
 def port_owner(port: int) -> psutil.Process | None:

@@ -18,6 +18,8 @@ from pf2lora_core.launch import (
     LAUNCH_MARK,
     LOCAL_PORT_VARS,
     LaunchError,
+    fab_comma_paths,
+    flwr_run,
     join_overrides,
     launched_processes,
     main,
@@ -131,3 +133,43 @@ def test_a_sweep_stopped_by_sigterm_stops_its_job_and_every_process_of_it(tmp_pa
         if sweep.poll() is None:
             sweep.kill()
         stop_launched(mark)
+
+
+def _app_with_comma_paths(root: Path) -> None:
+    """An app tree: a run directory named after overrides in a committed folder, one in an ignored one."""
+    (root / "pyproject.toml").write_text((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (root / ".gitignore").write_text("outputs/\n*.log\n")
+    for rel in (
+        "app/main.py",
+        "results/lr=0.1,seed=0/summary.json",  # packed: breaks the manifest
+        "results/lr=0.1,seed=0/metrics.jsonl",
+        "results/lr=0.1,seed=0/runs.tar.gz",  # not a FAB type
+        "results/lr=0.1,seed=0/job.log",  # ignored by pattern
+        "outputs/lr=0.1,seed=0/summary.json",  # ignored directory
+        "docs/a,b.md",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("{}")
+
+
+def test_comma_paths_flower_would_pack_are_found_as_flower_selects_them(tmp_path: Path) -> None:
+    import tomllib
+    from flwr.cli.build import get_filtered_fab_paths
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+
+    _app_with_comma_paths(tmp_path)
+    config = tomllib.loads((tmp_path / "pyproject.toml").read_text())
+    packed = get_filtered_fab_paths(filter_paths_for_publish(collect_files(tmp_path)), config)
+    oracle = sorted(p for p in packed if "," in p)
+    assert oracle == ["docs/a,b.md", "results/lr=0.1,seed=0/metrics.jsonl", "results/lr=0.1,seed=0/summary.json"]
+    assert sorted(fab_comma_paths(tmp_path)) == oracle
+    assert fab_comma_paths(Path(__file__).parents[1]) == []  # this checkout packs cleanly
+
+
+def test_flwr_run_refuses_an_app_with_comma_paths_before_starting_anything(tmp_path: Path) -> None:
+    _app_with_comma_paths(tmp_path)
+    with pytest.raises(LaunchError) as err:
+        flwr_run("", "num-supernodes=1", tmp_path / "flwr_home", tmp_path, timeout=5)
+    message = str(err.value)
+    assert "results/lr=0.1,seed=0/summary.json" in message and "comma" in message and ".gitignore" in message
+    assert "outputs/" not in message and not (tmp_path / "flwr_home").exists()
