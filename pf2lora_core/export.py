@@ -30,6 +30,7 @@ from pf2lora_core.algorithms import Algorithm
 from pf2lora_core.constants import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
 from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.experiment import Experiment, from_yaml
+from pf2lora_core.logs import quiet_libraries
 from pf2lora_core.pooling import MEAN
 
 # A head trained on the mean over real tokens (model.pooling=mean) needs the same pooling on the base
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, help="where the client keeps its private adapters")
     parser.add_argument("--round", type=int, dest="round_", help="the round to export (default: the last)")
     args = parser.parse_args(argv)
+    quiet_libraries()  # the same quiet console as the apps: no progress bars or known warnings
     try:
         out = export_run(args.run_dir, args.out, None if args.global_ else args.client, args.state_dir, args.round_)
     except (ExportError, FileNotFoundError) as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 
 import psutil
 import pytest
@@ -166,9 +167,12 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("client", [None, 1])
-def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(simulation: dict, client: int | None) -> None:
+def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
+    simulation: dict, client: int | None, capfd: pytest.CaptureFixture[str]
+) -> None:
     """``pf2lora-export RUN --client 1`` (and ``--global``) loaded with ``PeftModel.from_pretrained``
-    reproduces the run's own personalized (global) model of that client to 1e-5."""
+    reproduces the run's own personalized (global) model of that client to 1e-5; its console is as
+    quiet as the apps' (no progress bars, no known library warnings)."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -182,7 +186,12 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(simulation: 
     run, tmp = simulation["run"], simulation["tmp"]
     out = tmp / f"export_{client}"
     which = ["--global"] if client is None else ["--client", str(client)]
-    assert export_main([str(run), *which, "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert export_main([str(run), *which, "--out", str(out)]) == 0
+    console = capfd.readouterr()
+    assert "wrote " in console.out and "Flattening" not in console.err and "Loading weights" not in console.err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     exp = from_yaml((run / CONFIG_FILE).read_text())
     rt = ClientRuntime(exp)
