@@ -55,7 +55,7 @@ from pf2lora_core.constants import (
     VALIDATION,
 )
 from pf2lora_core.experiment import Experiment, conf_dir, load
-from pf2lora_core.launch import federation_config, flwr_run, sigterm_as_interrupt
+from pf2lora_core.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
 from pf2lora_core.models import resolve_model
 from pf2lora_core.outputs import atomic_write_bytes, set_aside_run
 
@@ -408,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         the_plan = plan(overrides, multirun)
         validate_plan(the_plan)
-    except ConfigError as err:
+        refuse_comma_paths(conf_dir().parent)  # else every job would fail the same way in `flwr run`
+    except (ConfigError, LaunchError) as err:
         print(f"pf2lora-sweep: {err}", file=sys.stderr)
         return 2
     global _STATE

@@ -48,6 +48,18 @@ def test_an_invalid_override_fails_before_any_work(
     assert not any(tmp_path.iterdir())  # nothing was started or written
 
 
+def test_an_app_flower_cannot_package_fails_before_any_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pf2lora_core import launch
+
+    monkeypatch.setattr(launch, "fab_comma_paths", lambda app_dir: ["results/lr=0.1,seed=0/summary.json"])
+    assert main(["-m", f"output_dir={tmp_path}", "algorithm=homlora,pf2lora"]) == 2
+    err = capsys.readouterr().err
+    assert "results/lr=0.1,seed=0/summary.json" in err and "comma" in err
+    assert not any(tmp_path.iterdir())  # no job was started or written
+
+
 def _broken_model(path: Path) -> Path:
     """A directory that passes the up-front check (it has a config.json) but cannot be loaded."""
     path.mkdir(parents=True, exist_ok=True)
