@@ -236,6 +236,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     # evaluation of round r uses the private level round r's training produced
     private = _private(context, store, int(msg.content["config"][SERVER_ROUND_KEY]) + 1, msg, runtime.has_private)
     out = runtime.evaluate(client, common, private.tensors if private else None)
+    if out.private is not None:  # the level as evaluated (re-fitted to this common level): what export writes
+        from pf2lora_core.state import PrivateState
+
+        evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
+        store.save_evaluated(PrivateState(out.private, evaluated_round, private.steps_total if private else 0))
     # test and validation, both models
     metrics = flatten_eval(client, _count(policy, site, out.num_examples), out.results())
     metrics[NUM_VALIDATION] = _count(policy, site, out.num_validation)

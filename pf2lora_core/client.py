@@ -69,6 +69,8 @@ class EvalOutcome:
     validation: dict[str, float] = field(default_factory=dict)  # personalized, on the validation split
     validation_global: dict[str, float] = field(default_factory=dict)  # global, on the validation split
     num_validation: int = 0  # rows of the validation split
+    # the private level as evaluated, where the algorithm re-fitted it (``Algorithm.refits_private``)
+    private: StateDict | None = None
 
     def results(self) -> dict[str, dict[str, float]]:
         """Every evaluated kind (``constants.EVAL_KINDS``) -> its metrics, as the client sends them."""
@@ -151,6 +153,10 @@ class ClientRuntime:
 
         One personalization serves every split, so validation and test score the same model.
         """
+        if self.exp.algorithm.refits_private:  # the client's model: the private level re-fitted to this x
+            self.model.model.train()
+            seed = derived_seed(self.exp.seed, client, 1 << 22)  # fixed: evaluation is repeatable
+            self.exp.algorithm.refit_private(self._context(client, seed, self.exp.local_steps))
         if not self.exp.algorithm.adapts_for_evaluation:
             return {name: self._evaluate_mixed(client, ds) for name, ds in splits.items()}
         snapshot = {level: self.model.export(level) for level in self.model.levels}
@@ -247,6 +253,7 @@ class ClientRuntime:
         personalized = self._evaluate_personalized(client, splits)
         levels = (self.model.full_updates([COMMON]), self.model.full_updates([PRIVATE])) if self.has_private else None
         rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold), levels=levels)
+        refitted = wire_state(self.model.export(PRIVATE)) if self.exp.algorithm.refits_private else None
         return EvalOutcome(
             personalized[TEST],
             global_[TEST],
@@ -256,6 +263,7 @@ class ClientRuntime:
             validation=personalized[VALIDATION],
             validation_global=global_[VALIDATION],
             num_validation=len(split.validation),
+            private=refitted,
         )
 
 

@@ -140,8 +140,9 @@ def _build_algorithm(section: DictConfig) -> Algorithm:
     missing = sorted(known - set(section))
     check(not unknown, "algorithm", f"unknown key(s) {unknown} for {section.name}; valid: {sorted(known)}")
     check(not missing, "algorithm", f"missing key(s) {missing} for {section.name}")
-    try:
-        structured = OmegaConf.merge(OmegaConf.structured(cls.Params), section)
+    try:  # interpolations (``${local_steps}``, ``${.lr}``) resolved against the whole config first
+        resolved = OmegaConf.create(OmegaConf.to_container(section, resolve=True))
+        structured = OmegaConf.merge(OmegaConf.structured(cls.Params), resolved)
         return cls(OmegaConf.to_object(structured))  # type: ignore[arg-type]
     except Exception as err:
         raise ConfigError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None

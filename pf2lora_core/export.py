@@ -117,7 +117,9 @@ def export_run(
     """Client ``client``'s personalized adapter (None: the common adapter alone) of ``run_dir`` into ``out``.
 
     The private adapter is the one the client kept after ``round_`` (default: the last round with a
-    common checkpoint), read from ``state_dir`` (default: the run's ``federation.state_dir``).
+    common checkpoint), read from ``state_dir`` (default: the run's ``federation.state_dir``); where
+    the algorithm re-fits it to the common level before evaluating (PF2LoRA), the one it was
+    evaluated with after that round.
     """
     from pf2lora_core.client import build_model
     from pf2lora_core.runtime import resolve_device
@@ -141,6 +143,14 @@ def export_run(
             root = state_dir or Path(exp.federation.state_dir)
             store = PrivateStore(root, run_dir.name, client)
             private = store.load(before_round=round_ + 1)
+            if exp.algorithm.refits_private:  # the level the client was evaluated with, re-fitted to this x
+                evaluated = store.load_evaluated(round_)
+                if evaluated is None:
+                    raise ExportError(
+                        f"client {client} was not evaluated after round {round_} (no re-fitted private adapter "
+                        f"under {store.dir}); export a round that was evaluated (eval_every, and the last round)"
+                    )
+                private = evaluated
             if private is None:
                 raise ExportError(
                     f"no private adapter of client {client} (round <= {round_}) under {store.dir}; "

@@ -11,6 +11,10 @@ Two generations are kept: ``private.safetensors`` (the latest round) and ``priva
 and resumed from the round before) must start from the private level *before* that round, not the
 one it produced the first time; ``load(before_round=r)`` picks the newest file of a round < r.
 
+Where the algorithm re-fits the private level to the common level before evaluating (PF2LoRA),
+the evaluated level goes to a third file, ``private.evaluated.safetensors`` (``save_evaluated``):
+it is the client's model as evaluated, what ``pf2lora-export`` writes, and training never reads it.
+
 Nothing already computed is lost: a file that does not parse or whose digest does not match is
 renamed aside (``<name>.torn-<unix time>``, kept for inspection) with a warning and the previous
 generation is used; a save of a round lower than the one on disk (a replayed message) never
@@ -45,6 +49,9 @@ STEPS_META = "local_steps_total"
 DIGEST_META = "sha256"  # tensor_digest of the file's tensors
 LATEST_FILE = "private.safetensors"
 PREVIOUS_FILE = "private.prev.safetensors"
+# the private level as the client was evaluated with it (re-fitted to that round's common level,
+# ``Algorithm.refits_private``): what ``pf2lora-export`` writes; never read back by training
+EVALUATED_FILE = "private.evaluated.safetensors"
 LOCK_FILE = ".lock"
 TORN_SUFFIX = ".torn-"
 
@@ -140,13 +147,26 @@ class PrivateStore:
             if current is not None and current.round < state.round:
                 os.replace(self.path, self.previous)  # atomic; a crash here leaves the previous readable
                 fsync_dir(self.dir)
-            meta = {
-                ROUND_META: str(state.round),
-                STEPS_META: str(state.steps_total),
-                DIGEST_META: tensor_digest(state.tensors),
-            }
-            atomic_save_tensors(self.path, state.tensors, meta)
+            atomic_save_tensors(self.path, state.tensors, _meta(state))
             return True
+
+    def save_evaluated(self, state: PrivateState) -> bool:
+        """Write the level the client was evaluated with in ``state.round`` (not one of a lower round)."""
+        path = self.dir / EVALUATED_FILE
+        with self.locked():
+            current = self._read_checked(path)
+            if current is not None and current.round > state.round:
+                return False
+            atomic_save_tensors(path, state.tensors, _meta(state))
+            return True
+
+    def load_evaluated(self, round_: int) -> PrivateState | None:
+        """The level the client was evaluated with after ``round_``, or None (not evaluated, or re-fit off)."""
+        if not self.dir.is_dir():
+            return None
+        with self.locked():
+            state = self._read_checked(self.dir / EVALUATED_FILE)
+        return state if state is not None and state.round == round_ else None
 
     def _read_checked(self, path: Path) -> PrivateState | None:
         """The state in ``path``; None if absent; a torn or corrupted file is renamed aside."""
@@ -166,6 +186,10 @@ class PrivateStore:
             )  # fmt: skip
             return None
         return state
+
+
+def _meta(state: PrivateState) -> dict[str, str]:
+    return {ROUND_META: str(state.round), STEPS_META: str(state.steps_total), DIGEST_META: tensor_digest(state.tensors)}
 
 
 def _read(path: Path) -> tuple[PrivateState, str]:

@@ -215,12 +215,14 @@ def format_client_table(summary: Mapping[str, Any]) -> str:
 
     Columns: test-split ``personalized`` and ``global``, the personalized model on ``validation``,
     the personalized balanced accuracy (``bal.acc``) and the client's own majority-label accuracy
-    (``client maj.``) where the task is classification.
+    (``client maj.``) where the task is classification, then the learned rank of the client's update
+    as the scale-free entropy rank (``ent.rank``; ``rank.effective`` in summary.json is the 5%-threshold
+    count) and the private level's share of its energy (``private``; ``-`` without a private level).
     """
     metric = summary[PERSONALIZED]["metric"]
     head = (
         f"{'client':>6} {'train':>6} {'val':>4} {'test':>5} {'personalized':>13} {'global':>8} "
-        f"{'validation':>10} {'bal.acc':>7} {'client maj.':>11} {'eff.rank':>8}"
+        f"{'validation':>10} {'bal.acc':>7} {'client maj.':>11} {'ent.rank':>8} {'private':>7}"
     )
     lines = [f"{summary['algorithm']} on {summary['task']} ({metric})", head, "-" * len(head)]
     for c in summary["clients"]:
@@ -229,7 +231,8 @@ def format_client_table(summary: Mapping[str, Any]) -> str:
             f"{c['client']:>6} {c['num_train'] or 0:>6} {c.get('num_validation') or 0:>4} {c['num_test'] or 0:>5} "
             f"{_fmt(c[PERSONALIZED].get(metric)):>13} {_fmt(c[GLOBAL].get(metric)):>8} "
             f"{_fmt((c.get(VALIDATION) or {}).get(metric)):>10} {_fmt(c[PERSONALIZED].get(BALANCED_ACCURACY)):>7} "
-            f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c['rank'].get('effective'), 2):>8}"
+            f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c['rank'].get('entropy'), 2):>8} "
+            f"{_fmt(c['rank'].get('private_energy'), 2):>7}"
         )
     lines.append("-" * len(head))
     for agg in ("mean", "weighted_mean", "worst"):

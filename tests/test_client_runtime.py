@@ -62,3 +62,30 @@ def test_personalized_differs_from_global_after_training(exp_yaml: str) -> None:
     assert ev.personalized["eval_loss"] != ev.global_["eval_loss"]
     assert ev.rank["effective"] > 0 and ev.num_examples > 0
     assert 0 < ev.rank["private_energy"] < 1  # the private level learned, and holds part of the update
+
+
+def test_evaluation_refits_the_private_level_to_the_common_level_it_gets(exp_yaml: str) -> None:
+    """PF2LoRA's personalized model is (x, y re-fitted at x): the re-fit is repeatable, returned, and
+    leaves the kept level (training's) as it was; with ``refit_steps=0`` nothing is re-fitted."""
+    rt = client_mod.runtime_for(exp_yaml)
+    assert rt.exp.algorithm.params.refit_steps == rt.exp.local_steps == 2  # J = K by default
+    out = rt.train(2, 1, rt.model.export(COMMON), None)
+    kept = {k: v.clone() for k, v in out.private.items()}
+    first, again = rt.evaluate(2, out.common, out.private), rt.evaluate(2, out.common, out.private)
+    assert first.private is not None and set(first.private) == set(kept)
+    assert any(not torch.equal(first.private[k], kept[k]) for k in kept)  # the re-fit moved y
+    assert all(torch.equal(first.private[k], again.private[k]) for k in kept)  # repeatable
+    assert first.personalized == again.personalized
+    assert all(torch.equal(out.private[k], kept[k]) for k in kept)  # the caller's level untouched
+    # evaluating with the re-fitted level and no further re-fit scores what was reported
+    no_refit = client_mod.ClientRuntime(load([*_overrides(rt), "algorithm.refit_steps=0"]))
+    direct = no_refit.evaluate(2, out.common, first.private)
+    assert direct.private is None
+    assert direct.personalized["eval_loss"] == pytest.approx(first.personalized["eval_loss"], rel=1e-5)
+
+
+def _overrides(rt: client_mod.ClientRuntime) -> list[str]:
+    return [
+        "model.source=path", f"model.name={rt.exp.model.name}", "federation.num_clients=3", "local_steps=2",
+        "task.max_examples=240",
+    ]  # fmt: skip

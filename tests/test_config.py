@@ -82,3 +82,19 @@ def test_conf_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PF2LORA_CONF", str(tmp_path))
     with pytest.raises(ConfigError, match="no Hydra config tree"):
         conf_dir()
+
+
+def test_pf2lora_steps_follow_the_common_step_and_the_round() -> None:
+    """inner_lr defaults to lr (both levels move alike per entry) and refit_steps to local_steps (J = K);
+    each can be set on its own, and what a client receives is resolved (no interpolation left)."""
+    exp = load(["algorithm.lr=0.005", "local_steps=7"])
+    assert (exp.algorithm.params.inner_lr, exp.algorithm.params.refit_steps) == (0.005, 7)
+    exp = load(["algorithm.lr=0.005", "algorithm.inner_lr=0.001", "algorithm.refit_steps=0"])
+    assert (exp.algorithm.params.lr, exp.algorithm.params.inner_lr, exp.algorithm.params.refit_steps) == (
+        0.005,
+        0.001,
+        0,
+    )
+    assert "${" not in exp.to_yaml()
+    with pytest.raises(ConfigError, match="refit_steps"):
+        load(["algorithm.refit_steps=-1"])

@@ -113,3 +113,14 @@ def test_client_trains_at_its_rank_and_may_prune(tmp_path) -> None:
     for name, p in rt.model.parameters("common").items():
         if ".lora_A." in name:
             assert torch.count_nonzero(p[3:]) == 0
+
+
+def test_prune_tolerance_keeps_a_tail_that_still_holds_learned_directions() -> None:
+    # the paper's rule (tol 0): any shrink prunes; with tol the tail must also be negligible
+    assert pruned_rank(8, r_min=2, gamma=0.5, before=1.0, after=0.5, whole=10.0, tol=0.0) == 4
+    assert pruned_rank(8, r_min=2, gamma=0.5, before=1.0, after=0.5, whole=10.0, tol=0.05) == 8  # 5% of 10 < 0.5
+    assert pruned_rank(8, r_min=2, gamma=0.5, before=1.0, after=0.4, whole=10.0, tol=0.05) == 4  # 0.4 < 0.5
+    assert pruned_rank(8, r_min=2, gamma=0.5, before=0.3, after=0.4, whole=10.0, tol=0.05) == 8  # it grew
+    with pytest.raises(ValueError, match="prune_tol"):
+        HETLoRAParams(name="hetlora", rank=8, lora_alpha=16, lr=1e-3, weight_decay=0.0, r_min=2, rank_seed=0,
+                      client_ranks=[], gamma=0.5, reg=0.0, prune_tol=1.0).validate()  # fmt: skip

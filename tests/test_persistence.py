@@ -160,3 +160,21 @@ def test_server_app_refuses_a_used_run_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already holds a run"):
         main(NoNodes(), context)
     assert (used / METRICS_FILE).read_text() == '{"round": 1}\n'  # untouched
+
+
+def test_evaluated_private_level_is_kept_apart_from_training_state(tmp_path: Path, caplog: Any) -> None:
+    """``save_evaluated`` is never what training loads; ``load_evaluated`` is per round; a torn file is set aside."""
+    store = PrivateStore(tmp_path, "run", 0)
+    trained, evaluated = {"d": torch.zeros(2)}, {"d": torch.ones(2)}
+    store.save(PrivateState(trained, round=3, steps_total=15))
+    assert store.save_evaluated(PrivateState(evaluated, round=3, steps_total=15))
+    assert torch.equal(store.load(before_round=4).tensors["d"], trained["d"])  # training reads its own level
+    got = store.load_evaluated(3)
+    assert got is not None and torch.equal(got.tensors["d"], evaluated["d"])
+    assert store.load_evaluated(2) is None  # another round was not evaluated with this file
+    assert not store.save_evaluated(PrivateState(trained, round=2, steps_total=10))  # a replayed older round
+    path = store.dir / "private.evaluated.safetensors"
+    path.write_bytes(path.read_bytes()[:20])  # torn
+    with caplog.at_level("WARNING"):
+        assert store.load_evaluated(3) is None
+    assert "unreadable" in caplog.text and list(store.dir.glob("private.evaluated.safetensors.torn-*"))

@@ -138,8 +138,9 @@ def test_console_shows_progress_and_the_client_table_without_library_noise(simul
     rounds = re.findall(r"round (\d)/2 done in [\d.]+s \| elapsed (\d+:\d\d) \| ~(\d+:\d\d) left \| train loss", log)
     assert [r[0] for r in rounds] == ["1", "2"], log[-3000:]
     assert rounds[-1][2] == "0:00"  # nothing left after the last round
-    # client, train, val, test (whole numbers), then personalized, global, validation, bal.acc, client maj., eff.rank
-    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+\d+(?:\s+[\d.]+){6}$", log, flags=re.MULTILINE)
+    # client, train, val, test (whole numbers), then personalized, global, validation, bal.acc, client maj.,
+    # entropy rank, private energy
+    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+\d+(?:\s+[\d.]+){7}$", log, flags=re.MULTILINE)
     assert rows == [str(k) for k in range(CLIENTS)], log[-3000:]
     assert re.search(r"^\s+mean(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
     assert re.search(r"^\s+worst(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
@@ -196,7 +197,13 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
     exp = from_yaml((run / CONFIG_FILE).read_text())
     rt = ClientRuntime(exp)
     common = load_file(str(run / CHECKPOINTS_DIR / f"common_round_{ROUNDS:04d}.safetensors"))
-    private = PrivateStore(simulation["state"], run.name, client if client is not None else 0).load()
+    store = PrivateStore(simulation["state"], run.name, client if client is not None else 0)
+    private = store.load()
+    if exp.algorithm.refits_private and client is not None:  # the level it was evaluated with, re-fitted
+        evaluated = store.load_evaluated(ROUNDS)
+        assert evaluated is not None and evaluated.round == ROUNDS
+        assert any(not torch.equal(evaluated.tensors[k], private.tensors[k]) for k in private.tensors)
+        private = evaluated
     rt._load(common, private.tensors)
     rt.model.model.eval()
     with torch.no_grad():

@@ -243,3 +243,46 @@ def test_inner_step_ratio_reports_the_relative_step() -> None:
     stats = _solver_rule(model, "trust").step(loss)
     assert stats.inner_step_ratio == pytest.approx(ALPHA, rel=1e-9)  # ||y' - y|| = alpha ||y||
     assert float(torch.linalg.norm(_as_vec(model, PRIVATE) - y0) / torch.linalg.norm(y0)) == pytest.approx(ALPHA)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "rms", "trust"])
+def test_refit_takes_lower_level_steps_at_fixed_x(rule: str) -> None:
+    """``refit_lower_level``: J steps ``y <- y - alpha phi(grad_y f(x, y))`` by hand, x untouched (float64)."""
+    from pf2lora_core.solver import refit_lower_level
+
+    model, loss = regression_problem()
+    x0, y = _state(model)
+    names = list(y)
+    sum_sq = [torch.zeros((), dtype=torch.float64) for _ in names]
+    for t in (1, 2, 3):  # the oracle: the rule written out
+        ys = {n: y[n].clone().requires_grad_(True) for n in names}
+        g = torch.autograd.grad(loss({**x0, **ys}), list(ys.values()))
+        if rule == "sgd":
+            d = list(g)
+        elif rule == "rms":  # the mean square averaged over the re-fit's steps so far
+            sum_sq = [s + gi.square().mean() for s, gi in zip(sum_sq, g, strict=True)]
+            d = [gi / (s / t).sqrt() for gi, s in zip(g, sum_sq, strict=True)]
+        else:
+            ynorm = torch.sqrt(sum((v**2).sum() for v in y.values()))
+            d = [ynorm / torch.sqrt(sum((gi**2).sum() for gi in g)) * gi for gi in g]
+        y = {n: y[n] - ALPHA * di for n, di in zip(names, d, strict=True)}
+    passes = refit_lower_level(model.parameters(PRIVATE), [loss] * 3, ALPHA, rule)
+    assert passes == 3
+    expected = torch.cat([t.reshape(-1) for t in y.values()])
+    assert torch.allclose(_as_vec(model, PRIVATE), expected, rtol=0, atol=1e-12)
+    assert torch.equal(_as_vec(model, COMMON), torch.cat([t.reshape(-1) for t in x0.values()]))  # x fixed
+    y_init = torch.cat([t.reshape(-1) for t in regression_problem()[0].parameters(PRIVATE).values()])
+    assert float((expected - y_init.detach()).abs().max()) > 1e-3  # the re-fit moved y: the check can fail
+
+
+def test_refit_lowers_the_lower_level_loss() -> None:
+    """What the re-fit is for: after the common level moved, J lower-level steps reduce f(x, y) at that x."""
+    from pf2lora_core.solver import refit_lower_level
+
+    model, loss = regression_problem()
+    with torch.no_grad():  # the server replaced x: move it away from where y was fitted
+        for p in model.parameters(COMMON).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype))
+    before = float(loss(None))
+    refit_lower_level(model.parameters(PRIVATE), [loss] * 5, 0.05, "rms")
+    assert float(loss(None)) < before

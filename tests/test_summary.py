@@ -114,6 +114,7 @@ def test_summary_baselines_validation_and_cost() -> None:
 def test_console_table_shows_the_prior() -> None:
     table = format_client_table(_summary())
     assert "client maj." in table and "validation" in table and "bal.acc" in table
+    assert "ent.rank" in table and "private" in table
     assert "client_majority accuracy: mean 0.6667" in table
     assert "global_majority accuracy: mean 0.3333" in table
     assert "80 examples in 5 batches, 15 gradient passes" in table

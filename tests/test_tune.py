@@ -72,7 +72,7 @@ def test_two_trials_per_algorithm_through_optuna_choose_on_validation(
         final = [c for c in fake.calls if _arg(c, "algorithm") == algorithm and _arg(c, "seed") in ("7", "8")]
         assert len(final) == 2 and all(float(_arg(c, "algorithm.lr")) == lrs[-1] for c in final)
     pf2 = record["algorithms"]["pf2lora"]["chosen"]
-    assert set(pf2) == {"algorithm.lr", "algorithm.inner_lr"}  # its own level searched too
+    assert set(pf2) == {"algorithm.lr"}  # its lower-level step follows lr: the same search as HOMLoRA's
     assert set(record["algorithms"]["homlora"]["chosen"]) == {"algorithm.lr"}
     assert (out / "trials" / "pf2lora" / "optimization_results.yaml").is_file()  # Optuna's own record
     trial_logs = list((out / "trials" / "pf2lora").glob(f"*/seed=0/{JOB_LOG_FILE}"))

@@ -85,6 +85,9 @@ class Algorithm(ABC):
     #: True for the centralized reference: one node per round trains on every client's training
     #: split pooled, for local_steps x num_clients steps (the federation's total step budget).
     pooled_training: ClassVar[bool] = False
+    #: True where the private level is re-fitted to the common level before evaluation
+    #: (PF2LoRA's lower level re-solved at the received x); see ``refit_private``.
+    refits_private: bool = False
 
     def __init__(self, params: LoRAParams) -> None:
         params.validate()
@@ -113,6 +116,14 @@ class Algorithm(ABC):
         levels first and restores them afterwards, so the adaptation never leaks into training.
         """
         raise NotImplementedError(f"{self.name} sets adapts_for_evaluation but has no personalize()")
+
+    def refit_private(self, ctx: LocalContext) -> int:
+        """Fit ``ctx.model``'s private level to the common level just loaded; returns gradient passes.
+
+        Called before the personalized evaluation when ``refits_private``; unlike ``personalize``
+        the result is the client's model (evaluated, exported), not a throwaway adaptation.
+        """
+        raise NotImplementedError(f"{self.name} sets refits_private but has no refit_private()")
 
     def evaluation_mixer(self, ctx: LocalContext) -> Callable[[Any], Mapping[str, Tensor]] | None:
         """Per test batch, each adapter's per-row output weight for the personalized evaluation.

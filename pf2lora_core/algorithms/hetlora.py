@@ -5,7 +5,9 @@ Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundatio
 adapter and sends client k its first ``r_k`` components (``A[:r_k]``, ``B[:, :r_k]``). Locally the
 client minimises ``f_k + lambda * sum_modules ||B[:, g r_k : r_k] A[g r_k : r_k, :]||_F`` (AdamW),
 which pushes the tail components towards zero; if training shrank that tail norm, the client
-prunes itself to ``max(floor(g r_k), r_min)`` components (ranks only shrink). The server
+prunes itself to ``max(floor(g r_k), r_min)`` components (ranks only shrink; ``prune_tol > 0``
+also requires the tail to be below that share of the whole update's norm, so that a tail still
+holding learned directions is kept: the synthetic task sets it to the rank threshold). The server
 zero-pads every uplink to ``r_max`` and averages each module's factors with weights
 ``||B_k A_k||_F / sum_j ||B_j A_j||_F`` (sparsity-weighted); the head, not a LoRA factor, is
 averaged by numbers of examples.
@@ -50,6 +52,9 @@ class HETLoRAParams(RankedParams):
     # cap of a client's sparsity weight: at most this multiple of the median weight of the round
     # (0 = no cap); one large (or poisoned) uplink cannot become the aggregate
     max_weight_ratio: float = 4.0
+    # prune only a tail below this share of the whole update's norm (0: the paper's rule, any tail
+    # that shrank): a tail above the rank threshold still holds learned directions
+    prune_tol: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +64,8 @@ class HETLoRAParams(RankedParams):
             raise ValueError(f"algorithm.gamma must be in (0, 1), got {self.gamma}")
         if self.reg < 0:
             raise ValueError(f"algorithm.reg must be >= 0, got {self.reg}")
+        if not 0 <= self.prune_tol < 1:
+            raise ValueError(f"algorithm.prune_tol must be in [0, 1) (0 = the paper's rule), got {self.prune_tol}")
 
 
 def tail_start(rank: int, gamma: float) -> int:
@@ -76,9 +83,23 @@ def tail_norm(state: Mapping[str, Tensor], rank: int, gamma: float) -> Tensor:
     return total
 
 
-def pruned_rank(rank: int, r_min: int, gamma: float, before: float, after: float) -> int:
-    """The rank after local training: pruned to ``max(tail_start, r_min)`` when the tail norm shrank."""
-    return max(tail_start(rank, gamma), r_min) if after < before else rank
+def full_norm(state: Mapping[str, Tensor], rank: int) -> Tensor:
+    """``sum_modules ||B[:, :rank] A[:rank, :]||_F``: the whole update's norm, the tail's yardstick."""
+    total = torch.zeros(())
+    for a_name, b_name in lora_pairs(list(state)).values():
+        total = total + torch.linalg.matrix_norm(state[b_name][:, :rank] @ state[a_name][:rank, :])
+    return total
+
+
+def pruned_rank(
+    rank: int, r_min: int, gamma: float, before: float, after: float, whole: float = 0.0, tol: float = 0.0
+) -> int:
+    """The rank after local training: pruned to ``max(tail_start, r_min)`` when the tail norm shrank.
+
+    With ``tol > 0`` the tail must also be below ``tol`` times the whole update's norm ``whole``.
+    """
+    negligible = tol <= 0 or after < tol * whole
+    return max(tail_start(rank, gamma), r_min) if after < before and negligible else rank
 
 
 def sparsity_weighted_mean(
@@ -142,6 +163,8 @@ class HETLoRA(RankedLoRA):
         before = float(tail_norm({k: v.detach() for k, v in params.items()}, rank, p.gamma))
         penalty = (lambda ps: p.reg * tail_norm(ps, rank, p.gamma)) if p.reg > 0 else None
         metrics = self.adamw_steps(ctx, params, penalty)
-        after = float(tail_norm({k: v.detach() for k, v in params.items()}, rank, p.gamma))
-        self._rank = pruned_rank(rank, p.r_min, p.gamma, before, after)
+        trained = {k: v.detach() for k, v in params.items()}
+        after = float(tail_norm(trained, rank, p.gamma))
+        whole = float(full_norm(trained, rank)) if p.prune_tol > 0 else 0.0
+        self._rank = pruned_rank(rank, p.r_min, p.gamma, before, after, whole, p.prune_tol)
         return {**metrics, "rank": float(self._rank), "tail_norm": after}

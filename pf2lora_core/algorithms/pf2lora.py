@@ -18,7 +18,10 @@ from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
 from pf2lora_core.constants import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
 from pf2lora_core.hypergrad import EXACT_AD, HVP_METHODS, make_hvp
-from pf2lora_core.solver import INNER_STEPS, MODES, SGD, BilevelSolver
+from pf2lora_core.solver import INNER_STEPS, MODES, SGD, BilevelSolver, refit_lower_level
+
+# dropout streams of the re-fit steps: apart from the bilevel steps' (0..K-1) of the same seed
+REFIT_SEED_OFFSET = 1 << 16
 
 
 @dataclass
@@ -33,10 +36,15 @@ class PF2LoRAParams(LoRAParams):
     mode: str  # bilevel | joint
     reuse_inner_grad: bool
     inner_step: str = SGD  # the private level's preconditioner (solver.INNER_STEPS)
+    # J: lower-level steps re-fitting the private level to each common level the client receives,
+    # before a round's bilevel steps and before evaluating (0: never, the paper's algorithm)
+    refit_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
         _positive(self, "private_rank", "private_alpha", "inner_lr", "fd_eps")
+        if self.refit_steps < 0:
+            raise ValueError(f"algorithm.refit_steps must be >= 0 (0 = no re-fit), got {self.refit_steps}")
         if self.private_rank >= self.rank:
             raise ValueError(f"algorithm.private_rank (r~={self.private_rank}) must be < rank (r={self.rank})")
         choices = {
@@ -74,11 +82,28 @@ class PF2LoRA(Algorithm):
             inner_step=p.inner_step,
         )
 
+    @property
+    def refits_private(self) -> bool:  # type: ignore[override]
+        return self.params.refit_steps > 0
+
+    def refit_private(self, ctx: LocalContext, batches: list | None = None) -> int:
+        """``refit_steps`` lower-level steps at the loaded common level, x fixed (``solver.refit_lower_level``).
+
+        ``batches``: the minibatches to use (cycled); default: the next ones of ``ctx.batches``.
+        """
+        p = self.params
+        source = iter(batches * p.refit_steps) if batches else ctx.batches
+        losses = (ctx.loss_for(next(source), REFIT_SEED_OFFSET + j) for j in range(p.refit_steps))
+        return refit_lower_level(ctx.model.parameters(PRIVATE), losses, p.inner_lr, p.inner_step)
+
     def train(self, ctx: LocalContext) -> dict[str, float]:
         solver = self.solver(ctx)
         losses, passes = [], 0
+        batches = [next(ctx.batches) for _ in range(ctx.steps)]  # the round's K minibatches
+        if self.params.refit_steps > 0:  # y fitted to the x just received, on the same minibatches
+            passes += self.refit_private(ctx, batches)
         for step in range(ctx.steps):
-            stats = solver.step(ctx.loss_for(next(ctx.batches), step))
+            stats = solver.step(ctx.loss_for(batches[step], step))
             losses.append(stats.loss)
             passes += stats.passes
         return {TRAIN_LOSS: sum(losses) / len(losses), GRADIENT_PASSES: float(passes)}

