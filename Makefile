@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 OVERRIDES ?=
 
-.PHONY: install test lint demo demo-nlg synthetic stop-superlink clean floors
+.PHONY: install test lint demo demo-nlg synthetic results robustness stop-superlink clean floors
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -57,6 +57,17 @@ demo-nlg:
 
 synthetic: install
 	$(VENV)/bin/pf2lora-synthetic
+
+# The evidence (results/README.md): every algorithm at its tuned configuration, Rotten Tomatoes 2- and
+# 3-way at s = 0.3 / 0.5 / 0.9, 3 seeds, PF2LoRA's ablations. Resumable: results/runs.jsonl keeps
+# every finished run (a re-run computes only what is missing). About 2-3 h on 2 CPU cores.
+results: install
+	$(PY) -m benchmarks.results --workers 2
+
+# PF2LoRA at its defaults vs its tuned optimum vs tuned HOMLoRA, one JSON line per setting
+# (results/robustness/lines.jsonl, table in results/robustness/README.md); shares results/runs.jsonl.
+robustness: install
+	$(PY) -m benchmarks.robustness --workers 2
 
 # The lowest versions pyproject.toml allows, in a throwaway venv (not this checkout's), running the
 # test modules that exercise transformers and peft directly (fast ones, plus the tiny-decoder FLoRA round).

@@ -41,7 +41,7 @@ ABLATIONS: dict[str, list[str]] = {
     "r~=1": ["algorithm.private_rank=1", "algorithm.private_alpha=2"],
     "r~=4": ["algorithm.private_rank=4", "algorithm.private_alpha=8"],
 }
-ABLATION_SETTINGS = ("rt2_s0.5", "rt3_s0.5")
+ABLATION_SETTINGS = ("rt2_s0.5",)
 STAGES = (
     "rt2_s0.5",
     "rt3_s0.5",

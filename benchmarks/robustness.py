@@ -187,6 +187,7 @@ def setting_line(setting: str, log: RunLog, seeds: Sequence[int]) -> dict[str, A
         "metric": default["metric"],
         "unit": "% of tuned" if perplexity else "points",
         "seeds": list(seeds),
+        "sizes": _sizes_of(setting, log.sizes),
         "pf2lora_default": default,
         "pf2lora_tuned": tuned,
         "homlora_tuned": hom,
@@ -199,6 +200,16 @@ def setting_line(setting: str, log: RunLog, seeds: Sequence[int]) -> dict[str, A
         "missed_within_noise": [k for k, ok in meets.items() if not ok and noise[k]],
         "validation_grid": {arm: {c["config"]: c.get("validation") for c in cs} for arm, cs in arms.items()},
     }
+
+
+def _sizes_of(setting: str, sizes: Sizes) -> dict[str, int]:
+    """The run size a setting's line reports: the synthetic task keeps its own rounds and steps."""
+    if setting.startswith("synthetic"):
+        from pf2lora_core.synthetic import SyntheticConfig
+
+        cfg = SyntheticConfig()
+        return {"clients": len(cfg.true_ranks), "rounds": cfg.rounds, "local_steps": cfg.local_steps}
+    return dataclasses.asdict(sizes)
 
 
 def jobs_for(setting: str, seeds: Sequence[int]) -> list[Job]:
@@ -257,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if s.startswith("synthetic"):
             synthetic_runs(s, jobs_for(s, seeds), log)
     lines = [setting_line(s, log, seeds) for s in settings]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    write_table(args.out.parent / "README.md", lines)
+    everything = merge_lines(args.out, lines)
+    write_table(args.out.parent / "README.md", everything)
     for line in lines:
         print(json.dumps(line), flush=True)
     missed = [line["setting"] for line in lines if not line.get("meets_targets")]
@@ -269,6 +279,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TABLE_START, TABLE_END = "<!-- lines:start -->", "<!-- lines:end -->"
+
+
+def merge_lines(path: Path, lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Write ``lines`` into the JSONL file at ``path``, replacing earlier lines of the same settings.
+
+    A setting can be run on its own (other sizes: ``reviews``); the file keeps one line per setting,
+    in ``SETTINGS`` order. Returns every line the file now holds.
+    """
+    kept: dict[str, Mapping[str, Any]] = {}
+    if path.exists():
+        for text in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            kept[row["setting"]] = row
+    kept.update({line["setting"]: line for line in lines})
+    ordered = [kept[s] for s in SETTINGS if s in kept]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in ordered), encoding="utf-8")
+    tmp.replace(path)
+    return ordered
 
 
 def write_table(readme: Path, lines: Sequence[Mapping[str, Any]]) -> None:
@@ -286,12 +319,12 @@ def write_table(readme: Path, lines: Sequence[Mapping[str, Any]]) -> None:
 
 def summary_rows(lines: Sequence[Mapping[str, Any]]) -> list[str]:
     """A markdown table of the lines (results/robustness/README.md)."""
-    cols = ["setting", "PF2LoRA default", "PF2LoRA tuned (config)", "HOMLoRA tuned (config)", "gap to tuned"]
-    cols += ["gap to HOMLoRA", "targets"]
+    cols = ["setting", "rounds x steps, seeds", "PF2LoRA default", "PF2LoRA tuned (config)", "HOMLoRA tuned (config)"]
+    cols += ["gap to tuned", "gap to HOMLoRA", "targets"]
     rows = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for line in lines:
         if "missing" in line:
-            rows.append(f"| {line['setting']} | not run | | | | | |")
+            rows.append(f"| {line['setting']} | | not run | | | | | |")
             continue
 
         def cell(c: Mapping[str, Any]) -> str:
@@ -306,8 +339,10 @@ def summary_rows(lines: Sequence[Mapping[str, Any]]) -> list[str]:
         verdict = "met" if line["meets_targets"] else "missed"
         if line["missed_within_noise"]:
             verdict += " (inside noise)"
+        sz = line.get("sizes") or {}
+        runs = f"{sz.get('rounds', '?')} x {sz.get('local_steps', '?')}, {len(line['seeds'])}"
         rows.append(
-            f"| {line['setting']} | {cell(line['pf2lora_default'])} | {config(line['pf2lora_tuned'])} | "
+            f"| {line['setting']} | {runs} | {cell(line['pf2lora_default'])} | {config(line['pf2lora_tuned'])} | "
             f"{config(line['homlora_tuned'])} | {line['gap_to_tuned']:+.1f} {unit} | "
             f"{line['gap_to_homlora']:+.1f} {unit} | {verdict} |"
         )

@@ -27,7 +27,8 @@ below is symmetric, so the term is one HVP along the vector ``J_phi^T grad_y f(x
   tensor ``t``, ``phi_t(g_t) = g_t / sqrt(m_t)`` with ``m_t`` the mean over this round's steps so
   far of ``mean(g_t^2)`` (``phi_t = 0`` while it is 0). Every tensor moves by ``alpha`` (root mean
   square per entry) per step whatever its gradient's scale, in its gradient's direction; alpha
-  means what Adam's learning rate means (the paper's 1e-3 is of this scale; default 3e-3).
+  means what Adam's learning rate means (the paper's 1e-3 is of this scale; default: the common
+  level's learning rate beta, so both levels move by the same amount per entry and step).
   ``J_t = P_t (I - g_t g_t^T / (n N_t m_t))`` (``P_t = m_t^(-1/2)``, ``n`` steps, ``N_t`` entries).
 - ``trust``: ``phi(g) = (||y|| / ||g||) g`` over the whole private level, so that
   ``||y' - y|| = alpha ||y||`` exactly (a trust region of relative radius ``alpha``);

@@ -154,4 +154,4 @@ def test_robustness_table_goes_between_the_readme_markers(tmp_path: Path) -> Non
     readme.write_text(f"# Prose\n\nkept\n\n{robustness.TABLE_START}\nold\n{robustness.TABLE_END}\n\nafter\n")
     robustness.write_table(readme, [{"setting": "rt2_s0.3", "missing": ["x"]}])
     text = readme.read_text()
-    assert "kept" in text and "after" in text and "old" not in text and "| rt2_s0.3 | not run |" in text
+    assert "kept" in text and "after" in text and "old" not in text and "| rt2_s0.3 | | not run |" in text
