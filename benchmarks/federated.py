@@ -14,6 +14,7 @@ Tomatoes reviews, 4 clients partitioned by movie; metric: perplexity).
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import csv
 import dataclasses
@@ -259,6 +260,22 @@ def run_all(
                 if on_done is not None:
                     on_done(job, result)
     return failed
+
+
+# ------------------------------------------------------------------------------- command line
+def add_run_arguments(parser: argparse.ArgumentParser, seeds: Sequence[int]) -> None:
+    """The options every benchmark of this harness shares: seeds, workers, cache, the run sizes."""
+    parser.add_argument("--seeds", default=",".join(map(str, seeds)), help="every configuration runs each")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once (threads split between them)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the 3-way csv is built")
+    for f in dataclasses.fields(Sizes):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+
+
+def run_arguments(args: argparse.Namespace) -> tuple[Sizes, list[int]]:
+    """(sizes, seeds) from the options of ``add_run_arguments``."""
+    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
+    return sizes, [int(x) for x in str(args.seeds).split(",") if x]
 
 
 # ------------------------------------------------------------------------------------ numbers

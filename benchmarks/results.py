@@ -18,7 +18,6 @@ markers is kept. ``--render-only`` re-renders without running anything.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -26,7 +25,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federated import CACHE, DATASETS, ROOT, S_VALUES, Job, RunLog, Sizes, mean, run_all
+from benchmarks.federated import (
+    DATASETS,
+    ROOT,
+    S_VALUES,
+    Job,
+    RunLog,
+    add_run_arguments,
+    mean,
+    run_all,
+    run_arguments,
+)
 
 RESULTS = ROOT / "results"
 TUNED = RESULTS / "tune_offline_compare" / "tune.json"
@@ -354,16 +363,11 @@ def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], ou
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.results", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, from: " + ", ".join(STAGES))
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--workers", type=int, default=2, help="runs at once (threads split between them)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--render-only", action="store_true", help="re-render README.md from runs.jsonl")
-    for f in dataclasses.fields(Sizes):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    add_run_arguments(parser, SEEDS)
     args = parser.parse_args(argv)
-    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
-    seeds = [int(x) for x in args.seeds.split(",") if x]
+    sizes, seeds = run_arguments(args)
     log = RunLog(args.out / "runs.jsonl", sizes)
     tuned = tuned_overrides()
     failed = []

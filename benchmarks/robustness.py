@@ -43,7 +43,20 @@ from typing import Any
 
 import torch
 
-from benchmarks.federated import CACHE, REVIEWS, ROOT, S_VALUES, Job, RunLog, Sizes, mean, run_all, setting_overrides
+from benchmarks.federated import (
+    CACHE,
+    REVIEWS,
+    ROOT,
+    S_VALUES,
+    Job,
+    RunLog,
+    Sizes,
+    add_run_arguments,
+    mean,
+    run_all,
+    run_arguments,
+    setting_overrides,
+)
 
 SETTINGS = (
     *(f"rt2_s{s}" for s in S_VALUES),
@@ -243,16 +256,12 @@ def diagnose(sizes: Sizes, rules: Sequence[tuple[str, float]], cache: Path = CAC
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from: " + ", ".join(SETTINGS))
-    parser.add_argument("--seeds", default="0,1", help="every configuration runs each (comma-separated)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at once (threads split between them)")
     parser.add_argument("--log", type=Path, default=LOG, help="finished runs (shared with benchmarks.results)")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON lines are also written here")
-    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--diagnose", action="store_true", help="print the lower level's relative step instead")
-    for f in dataclasses.fields(Sizes):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    add_run_arguments(parser, (0, 1))
     args = parser.parse_args(argv)
-    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
+    sizes, seeds = run_arguments(args)
     if args.diagnose:
         diagnose(sizes, [("sgd", 5.0), ("sgd", 0.5), ("rms", 1e-3), ("trust", 0.05)], args.cache)
         return 0
@@ -260,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
-    seeds = [int(x) for x in args.seeds.split(",") if x]
     log = RunLog(args.log, sizes)
     federated = [j for s in settings if not s.startswith("synthetic") for j in jobs_for(s, seeds)]
     failed = run_all(federated, log, args.workers, args.cache)
