@@ -40,6 +40,8 @@ from benchmarks.federated import (
 RESULTS = ROOT / "results"
 TUNED = RESULTS / "tune_offline_compare" / "tune.json"
 ALGORITHMS = ("pf2lora", "homlora", "hetlora", "fedsa_lora", "feddpa", "perfedavg", "ffa_lora", "local", "centralized")
+# Not a federated method (every client's data pooled on one node): shown, never marked best.
+REFERENCES = ("centralized",)
 SEEDS = (0, 1, 2)
 # PF2LoRA's ablations (the paper's, and ours): name -> overrides on top of PF2LoRA's tuned configuration.
 ABLATIONS: dict[str, list[str]] = {
@@ -183,7 +185,7 @@ Rows = Mapping[str, tuple[str, tuple[str, ...]]]  # row name -> (configuration t
 def setting_table(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -> list[str]:
     """One row per ``name -> (configuration text, overrides)``, then the prior rows."""
     runs = {name: runs_of(log, setting, o, seeds) for name, (_, o) in rows.items()}
-    marks = table_marks({name: per_run(r, "test") for name, r in runs.items()})
+    marks = table_marks({name: per_run(r, "test") for name, r in runs.items() if name not in REFERENCES})
     lines = ["| " + " | ".join(DETAIL_HEAD) + " |", "|" + " --- |" * len(DETAIL_HEAD)]
     for name, (config, _) in rows.items():
         if runs[name]:
@@ -208,7 +210,8 @@ def summary_table(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[i
     """Personalized test accuracy, algorithms x settings: the main table."""
     cols = settings()
     runs = {(a, c): runs_of(log, c, algorithm_overrides(a, tuned), seeds) for a in ALGORITHMS for c in cols}
-    marks = {c: table_marks({a: per_run(runs[(a, c)], "test") for a in ALGORITHMS}) for c in cols}
+    contenders = [a for a in ALGORITHMS if a not in REFERENCES]
+    marks = {c: table_marks({a: per_run(runs[(a, c)], "test") for a in contenders}) for c in cols}
     lines = ["| algorithm | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for a in ALGORITHMS:
         lines.append(
@@ -321,8 +324,9 @@ def header(log: RunLog, seeds: Sequence[int]) -> list[str]:
         "Configurations: what `pf2lora-tune` chose on validation splits of `experiment=offline_compare` "
         "(`tune_offline_compare/`, the same reduced protocol for every algorithm); `ffa_lora` and `centralized` were "
         "not tuned there and run at their defaults. Cells: mean ± standard error over seeds of the mean over "
-        "clients; `*` the best row, `≈` a row whose difference to the best lies inside the 95% Welch interval "
-        "(it cannot be told apart from the best with these seeds). Prior rows: each client's own majority "
+        "clients; `*` the best federated row, `≈` a row whose difference to the best lies inside the 95% Welch "
+        "interval (it cannot be told apart from the best with these seeds); `centralized` (every client's "
+        "data pooled on one node) is a reference, never marked. Prior rows: each client's own majority "
         "training label, and the pooled one, scored on the test splits: a method at its prior learned no more "
         "than the label skew. Rank (5%): singular values of the client's update above 5% of the largest; "
         "entropy rank: `exp` of the entropy of the normalised spectrum (scale-free); private energy: "

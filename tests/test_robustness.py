@@ -129,7 +129,8 @@ def test_results_tables_give_each_algorithm_its_own_runs(tmp_path: Path) -> None
     rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
     for i, name in enumerate(results.ALGORITHMS):
         assert f"| {0.5 + i / 100 + 0.001:.3f} ± " in rows[name], name
-    assert "* |" in rows["centralized"] and "`lr=0.004`" in rows["homlora"] and "not tuned" in rows["local"]
+    assert "* |" in rows["local"] and "*" not in rows["centralized"]  # a reference, never marked best
+    assert "`lr=0.004`" in rows["homlora"] and "not tuned" in rows["local"]
     assert "prior: client majority" in section and "0.600" in section
     assert (tmp_path / "plots" / "rt2_accuracy_vs_s.png").exists()
     # the prose between the markers survives a re-render
