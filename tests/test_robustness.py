@@ -93,6 +93,14 @@ def test_perplexity_gaps_are_relative(tmp_path: Path) -> None:
     assert math.isnan(line["gap_to_tuned_se"]) and line["missed_within_noise"] == []  # one seed: no error bar
 
 
+def test_synthetic_score_is_the_excess_loss_share_left() -> None:
+    # scale-free: -||M - dW||^2 / ||dW||^2 per client, 0 = the true update, -1 = nothing learned
+    res = robustness.synthetic_result(["algorithm=homlora", "algorithm.lr=0.03"], large=False, seed=0)
+    assert res["metric"] == "neg_excess_loss_share" and len(res["test"]) == len(res["true_rank"]) == 4
+    assert res["test"] == res["validation"] and all(-1.0 < s < 0.0 for s in res["test"])
+    assert all(loss > 0 for loss in res["expected_loss"])
+
+
 def test_log_reuses_finished_runs_skips_torn_lines_and_other_sizes(tmp_path: Path) -> None:
     path = tmp_path / "runs.jsonl"
     job = Job("rt2_s0.5", ("algorithm=homlora",), 0)
@@ -156,3 +164,33 @@ def test_robustness_table_goes_between_the_readme_markers(tmp_path: Path) -> Non
     robustness.write_table(readme, [{"setting": "rt2_s0.3", "missing": ["x"]}])
     text = readme.read_text()
     assert "kept" in text and "after" in text and "old" not in text and "| rt2_s0.3 | | not run |" in text
+
+
+def test_grid_grows_past_an_edge_optimum(tmp_path: Path) -> None:
+    log = RunLog(tmp_path / "runs.jsonl", Sizes())
+    base = robustness.grids("rt2_s0.5")
+    assert len(base["homlora"]) == len(base["pf2lora"]) == 3
+    lr = float(base["homlora"][0][1].partition("=")[2])
+
+    def add(arm: str, overrides: list[str]) -> None:
+        value = float(overrides[-1].partition("=")[2]) if len(overrides) > 1 else 0.002
+        for seed in (0, 1):  # HOMLoRA: validation rises with lr (edge x2); PF2LoRA: peak inside
+            score = value / lr if arm == "homlora" else 1.0 - abs(value - 0.002)
+            log.add(Job("rt2_s0.5", tuple(overrides), seed), _fake(score, score))
+
+    for arm, configs in base.items():
+        for o in configs:
+            add(arm, o)
+    grown = robustness.grids("rt2_s0.5", log, [0, 1])
+    assert grown["pf2lora"] == base["pf2lora"]  # its optimum is inside: nothing added
+    assert grown["homlora"][:3] == base["homlora"] and grown["homlora"][3] == [
+        "algorithm=homlora",
+        f"algorithm.lr={lr * 4:g}",
+    ]
+    assert len(robustness.grids("rt2_s0.5", log, [0, 1, 2])["homlora"]) == 3  # seed 2 not run: no edge yet
+    add("homlora", grown["homlora"][3])
+    again = robustness.grids("rt2_s0.5", log, [0, 1])
+    assert again["homlora"][4] == ["algorithm=homlora", f"algorithm.lr={lr * 8:g}"]
+    assert len(robustness.grids("rt2_s0.5", log, [0, 1], max_extra=1)["homlora"]) == 4
+    line = robustness.setting_line("rt2_s0.5", log, [0, 1])
+    assert line["homlora_tuned"]["config"] == f"algorithm=homlora algorithm.lr={lr * 4:g}"  # x8 not run yet
