@@ -192,8 +192,18 @@ def setting_table(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -
             lines.append(detail_rows(name, config, runs[name], marks.get(name, "")))
         else:
             lines.append(f"| {name} | {config} | not run yet |" + " |" * (len(DETAIL_HEAD) - 3))
-    first = next((r for r in runs.values() if r), [])  # the same splits in every row
-    return lines + prior_row(first, len(DETAIL_HEAD))
+    return lines + prior_row(prior_runs(log, setting, rows, seeds), len(DETAIL_HEAD))
+
+
+def prior_runs(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -> list[dict]:
+    """One run per seed that any row has: the splits (and so the priors) depend on the seed alone."""
+    out = []
+    for seed in seeds:
+        found = (runs_of(log, setting, o, [seed]) for _, o in rows.values())
+        run = next((r[0] for r in found if r), None)
+        if run is not None:
+            out.append(run)
+    return out
 
 
 def config_text(name: str, tuned: Mapping[str, list[str]]) -> str:
@@ -217,11 +227,10 @@ def summary_table(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[i
         lines.append(
             f"| {a} | " + " | ".join(cell(per_run(runs[(a, c)], "test"), marks[c].get(a, "")) for c in cols) + " |"
         )
+    rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+    splits = {c: prior_runs(log, c, rows, seeds) for c in cols}
     for prior in PRIORS:
-        row = []
-        for c in cols:
-            first = next((runs[(a, c)] for a in ALGORITHMS if runs[(a, c)]), [])
-            row.append(cell(per_run(first, prior)))
+        row = [cell(per_run(splits[c], prior)) for c in cols]
         lines.append(f"| prior: {prior.replace('_', ' ')} | " + " | ".join(row) + " |")
     return lines
 
@@ -246,8 +255,8 @@ def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int
             if pts:
                 err = [0.0 if math.isnan(u[1]) else u[0] - u[2] for _, u in pts]
                 ax.errorbar([s for s, _ in pts], [u[0] for _, u in pts], yerr=err, marker="o", capsize=3, label=a)
-        prior = [(s, mean(per_run(runs_of(log, f"{d}_s{s}", algorithm_overrides("homlora", tuned), seeds),
-                                  "client_majority"))) for s in S_VALUES]  # fmt: skip
+        rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+        prior = [(s, mean(per_run(prior_runs(log, f"{d}_s{s}", rows, seeds), "client_majority"))) for s in S_VALUES]
         prior = [(s, v) for s, v in prior if math.isfinite(v)]
         if prior:
             ax.plot([s for s, _ in prior], [v for _, v in prior], "k--", label="prior: client majority")

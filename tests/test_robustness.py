@@ -146,6 +146,17 @@ def test_results_tables_give_each_algorithm_its_own_runs(tmp_path: Path) -> None
     assert "Our reading." in results.render(log, tuned, [0, 1], tmp_path).read_text()
 
 
+def test_prior_rows_read_every_seed_any_row_has(tmp_path: Path) -> None:
+    # the first row ran seed 0 only, another seed 1 only: the prior covers both seeds' splits
+    log = RunLog(tmp_path / "runs.jsonl", Sizes())
+    first, other = (results.algorithm_overrides(a, {}) for a in ("pf2lora", "homlora"))
+    log.add(Job("rt2_s0.5", first, 0), {**_fake(0.5, 0.5), "client_majority": [0.6, 0.6]})
+    log.add(Job("rt2_s0.5", other, 1), {**_fake(0.5, 0.5), "client_majority": [0.8, 0.8]})
+    rows = {"pf2lora": ("", first), "homlora": ("", other)}
+    runs = results.prior_runs(log, "rt2_s0.5", rows, [0, 1])
+    assert [r["client_majority"][0] for r in runs] == [0.6, 0.8]
+
+
 def test_results_jobs_cover_every_algorithm_and_ablation() -> None:
     tuned = {"pf2lora": ["algorithm.lr=0.002"]}
     jobs = results.jobs_of("rt3_s0.9", tuned, [0, 1, 2])
