@@ -314,10 +314,30 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------- the README
-def header(log: RunLog, seeds: Sequence[int]) -> list[str]:
+def run_time(log: RunLog, jobs: Sequence[Job]) -> tuple[int, float, float]:
+    """Runs done, their summed seconds, and the seconds the missing ones would take (mean of their kind)."""
+    kinds: dict[tuple[str, str], list[float]] = {}
+    for j in jobs:
+        r = log.result(j)
+        if r is not None:
+            kinds.setdefault((j.setting[:3], j.overrides[0]), []).append(float(r.get("seconds", 0.0)))
+    done = [x for xs in kinds.values() for x in xs]
+    overall = mean(done) if done else 0.0
+    missing = sum(mean(kinds.get((j.setting[:3], j.overrides[0])) or [overall]) for j in jobs if log.result(j) is None)
+    return len(done), sum(done), missing
+
+
+def header(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int]) -> list[str]:
     sz = log.sizes
     per = sz.examples // sz.clients
-    seconds = sum(float(r.get("seconds", 0.0)) for r in log.done.values())
+    jobs = list({j.key: j for stage in STAGES for j in jobs_of(stage, tuned, seeds)}.values())
+    n_done, seconds, missing = run_time(log, jobs)
+    wall = (seconds + missing) / 2 / 3600  # two runs at a time on two cores
+    state = (
+        f"all {n_done} runs done" if n_done == len(jobs)
+        else f"{n_done} of {len(jobs)} runs done (the cells of the others say \"not run yet\"; they would add about "
+        f"{missing / 3600:.1f} h of run time)"
+    )  # fmt: skip
     return [
         "# Results: PF2LoRA against the field on data it was not tuned on",
         "",
@@ -341,8 +361,10 @@ def header(log: RunLog, seeds: Sequence[int]) -> list[str]:
         "entropy rank: `exp` of the entropy of the normalised spectrum (scale-free); private energy: "
         "`||s~ D C||^2 / (||s B A||^2 + ||s~ D C||^2)`.",
         "",
-        f"{len(log.done)} runs in `runs.jsonl`, {seconds / 3600:.2f} h of run time summed over runs "
-        "(2-core CPU, no GPU, two runs at a time: the wall time is about half the sum).",
+        f"Run time: {state}; {seconds / 3600:.1f} h summed over the runs done, on a 2-core CPU without GPU, "
+        f"two runs at a time. The whole regeneration takes about {wall:.1f} h of wall time on such a machine "
+        "(half the summed run time). `runs.jsonl` also holds the robustness benchmark's runs "
+        "(`robustness/README.md`), which share this file.",
         "",
     ]
 
@@ -356,7 +378,15 @@ def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], ou
         if PROSE_START in text and PROSE_END in text:
             prose = text[text.index(PROSE_START) : text.index(PROSE_END) + len(PROSE_END)]
     plots = write_plots(log, tuned, seeds, out / "plots") if log.done else []
-    lines = [*header(log, seeds), prose, "", "## Personalized test accuracy", "", *summary_table(log, tuned, seeds), ""]
+    lines = [
+        *header(log, tuned, seeds),
+        prose,
+        "",
+        "## Personalized test accuracy",
+        "",
+        *summary_table(log, tuned, seeds),
+        "",
+    ]
     algorithms = {a: (config_text(a, tuned), algorithm_overrides(a, tuned)) for a in ALGORITHMS}
     for setting in settings():
         d, _, s = setting.partition("_s")

@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=LOG, help="finished runs (shared with benchmarks.results)")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON lines are also written here")
     parser.add_argument("--diagnose", action="store_true", help="print the lower level's relative step instead")
+    parser.add_argument("--render-only", action="store_true", help="the lines from runs.jsonl as they are, no runs")
     add_run_arguments(parser, (0, 1))
     args = parser.parse_args(argv)
     sizes, seeds = run_arguments(args)
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
     log = RunLog(args.log, sizes)
     failed: list[Job] = []
-    for _ in range(MAX_EXTENSIONS + 1):  # the base grids, then the points an edge optimum adds
+    for _ in range(0 if args.render_only else MAX_EXTENSIONS + 1):  # the base grids, then what edges add
         jobs = [j for s in settings for j in jobs_for(s, seeds, log) if log.result(j) is None]
         if not jobs:
             break
