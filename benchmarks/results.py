@@ -264,15 +264,24 @@ def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int
         _legend(ax, ncol=3)
         paths.append(_save(fig, folder / f"{d}_accuracy_vs_s.png"))
     for setting in ("rt2_s0.5", "rt3_s0.5"):  # per-client bars
-        fig, ax = plt.subplots(figsize=(8.5, 4))
+        fig, ax = plt.subplots(figsize=(10, 4))
         width = 0.8 / len(ALGORITHMS)
         for i, a in enumerate(ALGORITHMS):
             runs = runs_of(log, setting, algorithm_overrides(a, tuned), seeds)
             if runs:
                 per_client = [mean(r["test"][k] for r in runs) for k in range(len(runs[0]["test"]))]
                 ax.bar([k + i * width for k in range(len(per_client))], per_client, width, label=a)
+        rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+        splits = prior_runs(log, setting, rows, seeds)
+        if splits:  # each client's own majority label, across its group of bars
+            n = len(splits[0]["client_majority"])
+            prior = [mean(r["client_majority"][k] for r in splits) for k in range(n)]
+            ax.hlines(prior, [k - width / 2 for k in range(n)], [k + 0.8 - width / 2 for k in range(n)],
+                      colors="k", linestyles="--", label="prior: client majority")  # fmt: skip
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(n)], [str(k) for k in range(n)])
         ax.set(xlabel="client", ylabel="personalized test accuracy (mean over seeds)", title=f"Per client, {setting}")
-        _legend(ax, ncol=3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(_save(fig, folder / f"{setting}_clients.png"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))  # PF2LoRA's learned rank and private energy against s
     for d in DATASETS:
