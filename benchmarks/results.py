@@ -77,6 +77,11 @@ def algorithm_overrides(name: str, tuned: Mapping[str, list[str]]) -> tuple[str,
     return (f"algorithm={name}", *tuned.get(name, []))
 
 
+def algorithm_rows(tuned: Mapping[str, list[str]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every algorithm as a table row (no configuration text): what the prior rows read their splits from."""
+    return {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+
+
 def jobs_of(stage: str, tuned: Mapping[str, list[str]], seeds: Sequence[int]) -> list[Job]:
     if stage == "ablations":  # the first row is PF2LoRA's own run of the setting's table
         base = algorithm_overrides("pf2lora", tuned)
@@ -227,7 +232,7 @@ def summary_table(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[i
         lines.append(
             f"| {a} | " + " | ".join(cell(per_run(runs[(a, c)], "test"), marks[c].get(a, "")) for c in cols) + " |"
         )
-    rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+    rows = algorithm_rows(tuned)
     splits = {c: prior_runs(log, c, rows, seeds) for c in cols}
     for prior in PRIORS:
         row = [cell(per_run(splits[c], prior)) for c in cols]
@@ -255,7 +260,7 @@ def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int
             if pts:
                 err = [0.0 if math.isnan(u[1]) else u[0] - u[2] for _, u in pts]
                 ax.errorbar([s for s, _ in pts], [u[0] for _, u in pts], yerr=err, marker="o", capsize=3, label=a)
-        rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+        rows = algorithm_rows(tuned)
         prior = [(s, mean(per_run(prior_runs(log, f"{d}_s{s}", rows, seeds), "client_majority"))) for s in S_VALUES]
         prior = [(s, v) for s, v in prior if math.isfinite(v)]
         if prior:
@@ -271,7 +276,7 @@ def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int
             if runs:
                 per_client = [mean(r["test"][k] for r in runs) for k in range(len(runs[0]["test"]))]
                 ax.bar([k + i * width for k in range(len(per_client))], per_client, width, label=a)
-        rows = {a: ("", algorithm_overrides(a, tuned)) for a in ALGORITHMS}
+        rows = algorithm_rows(tuned)
         splits = prior_runs(log, setting, rows, seeds)
         if splits:  # each client's own majority label, across its group of bars
             n = len(splits[0]["client_majority"])
