@@ -13,6 +13,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 OVERRIDES ?=
+# flower: `flwr run .` (a local SuperLink and a Ray simulation); inprocess: the same ServerApp, strategy
+# and ClientApp in this process (server_app/inprocess.py), no SuperLink or Ray start-up
+ENGINE ?= flower
 
 .PHONY: install test lint demo demo-nlg synthetic results robustness stop-superlink clean floors
 
@@ -46,9 +49,16 @@ lint: install
 # `flwr run .` through pf2lora_core.launch: the simulation size (num-supernodes, CPUs per client) read
 # from the Hydra config, a SuperLink of this run's own (fresh ports, FLWR_HOME above), the console
 # live, and every process the run started stopped when it ends or on Ctrl-C / SIGTERM.
-# OVERRIDES="algorithm=homlora" etc. selects another experiment.
+# OVERRIDES="algorithm=homlora" etc. selects another experiment; ENGINE=inprocess runs it without Flower's
+# SuperLink and Ray (same apps, same run directory, same numbers at the same thread count).
 demo: install
+ifeq ($(ENGINE),flower)
 	$(PY) -m pf2lora_core.launch demo $(OVERRIDES)
+else ifeq ($(ENGINE),inprocess)
+	$(PY) -m server_app.inprocess $(OVERRIDES)
+else
+	$(error ENGINE=$(ENGINE): use ENGINE=flower (flwr run, the default) or ENGINE=inprocess)
+endif
 
 # The offline generation demo: SmolLM2-135M writes reviews of its own films, 4 clients partitioned
 # by movie (conf/experiment/offline_nlg.yaml). OVERRIDES="algorithm=homlora" etc. as for demo.

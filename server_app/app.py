@@ -55,6 +55,15 @@ def _setup_logging() -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    serve(grid, context)
+
+
+def serve(grid: Grid, context: Context) -> Path:
+    """The ServerApp's work on ``grid``: compose, preflight, run every round, write the run directory.
+
+    ``main`` (under ``flwr run``) and the in-process engine (``server_app.inprocess``) both call it;
+    returns the run directory.
+    """
     _setup_logging()
     overrides = str(context.run_config.get("overrides", ""))
     exp = load(overrides)  # ConfigError before any work
@@ -77,6 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         run.tracker.close()
     print(format_client_table(summary), flush=True)
     log.info("results in %s", run.path.resolve())
+    return run.path
 
 
 def prepare_resume(run_dir: str, overrides: str) -> tuple[Experiment, RunDir, ServerCheckpoint]:

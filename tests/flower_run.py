@@ -1,4 +1,4 @@
-"""One `flwr run .` of a tiny configuration for end-to-end tests (tiny BERT, packaged data, offline)."""
+"""Tiny end-to-end runs (tiny BERT, packaged data, offline): through `flwr run .`, or the in-process engine."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def tiny_demo_run(tmp_path: Path, overrides: str, clients: int = 2) -> tuple[Pat
     run_dir = tmp_path / "run"
     assert proc.returncode == 0 and (run_dir / SUMMARY_FILE).exists(), log[-4000:]
     return run_dir, log, mark
+
+
+def tiny_inprocess_run(tmp_path: Path, overrides: str, clients: int = 2, model: Path | None = None) -> Path:
+    """The same run as ``tiny_flower_run`` through the in-process engine (``server_app.inprocess``): the
+    real ServerApp, strategy and ClientApp, without a SuperLink or Ray start-up. Returns the run directory."""
+    from server_app import inprocess
+
+    model = model or make_tiny_bert(tmp_path / "tiny-bert")
+    run_dir = inprocess.run(tiny_overrides(tmp_path, model, clients, overrides))
+    assert run_dir == tmp_path / "run" and (run_dir / SUMMARY_FILE).exists()
+    return run_dir
 
 
 def tiny_flower_run(tmp_path: Path, overrides: str, clients: int = 2, model: Path | None = None) -> tuple[Path, str]:

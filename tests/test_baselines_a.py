@@ -18,7 +18,7 @@ from pf2lora_core.client import ClientRuntime, build_model
 from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import AUDIT_DIR, COMMON, EVAL_LOSS, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from pf2lora_core.experiment import Experiment, load
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 from tests.tiny_bert import make_tiny_bert
 
 ALGORITHMS = ("ffa_lora", "fedsa_lora", "local")
@@ -133,7 +133,7 @@ def test_one_round_through_flower(algorithm: str, tiny_bert: Path, tmp_path: Pat
     overrides = (
         f"algorithm={algorithm} rounds=1 local_steps=1 federation.min_train_clients=1 federation.audit_replies=true"
     )
-    run_dir, _ = tiny_flower_run(tmp_path, overrides, model=tiny_bert)
+    run_dir = tiny_inprocess_run(tmp_path, overrides, model=tiny_bert)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["algorithm"] == algorithm and [c["client"] for c in summary["clients"]] == [0, 1]
     metric = summary["personalized"]["metric"]

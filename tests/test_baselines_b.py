@@ -33,7 +33,7 @@ from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from pf2lora_core.experiment import load
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 from tests.tiny import randomize_adapters, two_level_mlp
 from tests.tiny_bert import make_tiny_bert
 
@@ -352,7 +352,7 @@ def test_one_round_through_flower(algorithm: str, extra: str, tiny_bert: Path, t
         f"algorithm={algorithm} rounds=1 local_steps=1 federation.min_train_clients=1 federation.audit_replies=true "
         + extra
     )
-    run_dir, _ = tiny_flower_run(tmp_path, overrides, model=tiny_bert)
+    run_dir = tiny_inprocess_run(tmp_path, overrides, model=tiny_bert)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["algorithm"] == algorithm and len(summary["clients"]) == 2
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]

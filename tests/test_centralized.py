@@ -12,7 +12,7 @@ from pf2lora_core import data
 from pf2lora_core.algorithms import CentralizedLoRA, LocalContext
 from pf2lora_core.constants import COMMON, METRICS_FILE, SUMMARY_FILE
 from pf2lora_core.experiment import load
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 from tests.tiny_bert import make_tiny_bert
 
 
@@ -50,7 +50,7 @@ def test_uses_the_federations_total_step_budget(
 
 @pytest.mark.slow
 def test_one_round_through_flower(tmp_path: Path) -> None:
-    run_dir, _ = tiny_flower_run(tmp_path, "algorithm=centralized rounds=1 local_steps=1")
+    run_dir = tiny_inprocess_run(tmp_path, "algorithm=centralized rounds=1 local_steps=1")
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["algorithm"] == "centralized"
     record = json.loads((run_dir / METRICS_FILE).read_text().splitlines()[0])

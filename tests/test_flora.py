@@ -12,7 +12,7 @@ import torch
 from pf2lora_core.algorithms import LoRAParams
 from pf2lora_core.algorithms.flora import STACK_A, STACK_B, FLoRA, stack
 from pf2lora_core.constants import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 from tests.tiny import MLP
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def test_client_merges_into_its_own_weights_and_restarts_a_fresh_lora() -> None:
 
 @pytest.mark.slow
 def test_two_rounds_through_flower(tmp_path: Path) -> None:
-    run_dir, _ = tiny_flower_run(tmp_path, "algorithm=flora rounds=2 local_steps=1")
+    run_dir = tiny_inprocess_run(tmp_path, "algorithm=flora rounds=2 local_steps=1")
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert [r["clients_trained"] for r in records] == [2, 2] and not any(r["rejected"] for r in records)
     assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the rank-2r stack

@@ -12,7 +12,7 @@ import pytest
 
 from pf2lora_core.constants import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, PERPLEXITY, REPORT_CSV, SUMMARY_FILE
 from pf2lora_core.report import build_report
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 from tests.tiny_lm import make_tiny_lm
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for algorithm in ALGORITHMS:
         tmp = root / algorithm
         tmp.mkdir()
-        run_dir, _ = tiny_flower_run(tmp, OVERRIDES.format(algorithm=algorithm), clients=2, model=model)
+        run_dir = tiny_inprocess_run(tmp, OVERRIDES.format(algorithm=algorithm), clients=2, model=model)
         job = sweep_dir / f"algorithm={algorithm}"
         run_dir.rename(job)
         (job / JOB_FILE).write_text(json.dumps({"overrides": [f"algorithm={algorithm}"], "status": "done"}))

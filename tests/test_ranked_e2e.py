@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from pf2lora_core.constants import METRICS_FILE, SUMMARY_FILE
-from tests.flower_run import tiny_flower_run
+from tests.flower_run import tiny_inprocess_run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["hetlora", "flexlora"])
 def test_one_round_through_flower(algorithm: str, tmp_path: Path) -> None:
-    run_dir, _ = tiny_flower_run(tmp_path, f"algorithm={algorithm} algorithm.client_ranks=[2,6] rounds=2 local_steps=1")
+    run_dir = tiny_inprocess_run(tmp_path, f"algorithm={algorithm} algorithm.client_ranks=[2,6] rounds=2 local_steps=1")
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["algorithm"] == algorithm and len(summary["clients"]) == 2
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
