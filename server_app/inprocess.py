@@ -140,7 +140,9 @@ class InProcessGrid(Grid):
             reply = self._error_reply(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}")
         took = time.monotonic() - start
         if self._timeout is not None and took > self._timeout:
-            log.warning("node %d replied after %.1f s, past the %.1f s timeout: reply dropped", node, took, self._timeout)
+            log.warning(
+                "node %d replied after %.1f s, past the %.1f s timeout: reply dropped", node, took, self._timeout
+            )
             return None
         reply = _wire(reply)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -154,12 +156,12 @@ class InProcessGrid(Grid):
 @contextlib.contextmanager
 def server_identity(run_id: int) -> Iterator[None]:
     """The identity a ServerApp process has (Flower sets it before ``main``): its messages need a run id."""
-    previous = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)  # noqa: SLF001
+    previous = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run_id, run_id, SUPERLINK_NODE_ID
     try:
         yield
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous  # noqa: SLF001
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous
 
 
 def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
@@ -186,7 +188,9 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
     run_id = run_id if run_id is not None else random.getrandbits(63)
     run_config = {"overrides": text}
     grid = InProcessGrid(client_app, exp.federation.num_clients, run_id, run_config)
-    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
+    context = Context(
+        run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config
+    )
     with server_identity(run_id):
         return serve(grid, context)
 
