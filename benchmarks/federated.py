@@ -1,9 +1,9 @@
 """Federated runs in process, shared by ``benchmarks.robustness`` and ``benchmarks.results``.
 
-A run is every client's ``pf2lora_core.client.ClientRuntime`` (its real train / validation / test
-split, the same local steps, private state and evaluation as ``flwr run``) and the algorithm's own
-``server_update``; only Flower's transport is left out, so a run costs its compute, not a Flower
-and Ray start-up (about a minute on 2 cores). Finished runs go to a JSONL log keyed by what
+A run is the product itself through the in-process engine (``server_app.inprocess``): the same
+ServerApp, strategy and ClientApp handlers as ``flwr run``, each client with its own Flower
+``Context``; only the SuperLink and Ray are left out, so a run costs its compute, not a Flower and
+Ray start-up (about a minute on 2 cores). Finished runs go to a JSONL log keyed by what
 determines them (setting, overrides, sizes, seed) and are reused by a re-run, so an interrupted
 benchmark loses nothing; a torn last line (a killed process) is skipped, not fatal.
 
@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
 import sys
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
+
+from pf2lora_core.constants import METRICS_FILE, SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "pf2lora"
@@ -54,6 +58,7 @@ class Sizes:
 
     def overrides(self, setting: str) -> list[str]:
         steps = [f"rounds={self.rounds}", f"local_steps={self.local_steps}", "flops_rounds=1"]
+        steps.append(f"eval_every={self.rounds}")  # evaluated once, after the last round
         if setting == REVIEWS:  # perplexity only: decoding every prompt would cost more than training
             return [*steps, "generation.metrics=[]"]
         return ["model=minilm", f"federation.num_clients={self.clients}", f"task.max_examples={self.examples}", *steps]
@@ -105,68 +110,53 @@ def setting_overrides(name: str, cache: Path = CACHE) -> list[str]:
 
 # ------------------------------------------------------------------------------------ one run
 def run(setting: str, overrides: Sequence[str], sizes: Sizes, seed: int, cache: Path = CACHE) -> dict[str, Any]:
-    """Federated training in process; per-client metrics (lists, client order), cost, rank, priors."""
-    from pf2lora_core import experiment
-    from pf2lora_core.client import ClientRuntime
-    from pf2lora_core.constants import COMMON, EXAMPLES_SEEN, FLOPS_PER_CLIENT_ROUND
-    from pf2lora_core.logs import quiet_libraries
+    """One federated run through the in-process engine; per-client metrics (lists, client order), cost, rank, priors.
 
-    quiet_libraries()
+    The run is the product's own: ``server_app.inprocess.run`` drives the real ServerApp, strategy
+    (sampling, reply checks, aggregation, checkpoints) and ClientApp (private state in
+    ``context.state`` and on disk) without Flower's transport. It evaluates once, after the last
+    round (``eval_every`` = rounds), and its run directory lives in a temporary directory: what a
+    benchmark keeps is the returned row (the ``RunLog``), read from the run's ``summary.json``.
+    """
+    from server_app import inprocess
+
     t0 = time.perf_counter()
-    exp = experiment.load([*setting_overrides(setting, cache), *sizes.overrides(setting), *overrides, f"seed={seed}"])
-    rt = ClientRuntime(exp)
-    alg = exp.algorithm
-    n = exp.federation.num_clients
-    trainers = [0] if alg.pooled_training else list(range(n))  # one node trains the pooled data
-    state = alg.server_init(rt.model.export(COMMON))
-    privates: list[dict | None] = [None] * n
-    examples, flops = [], 0.0
-    for rnd in range(1, exp.rounds + 1):
-        uplinks, weights, seen = [], [], 0.0
-        for k in trainers:
-            out = rt.train(k, rnd, alg.downlink(state, k), privates[k])
-            privates[k] = out.private or None
-            uplinks.append(out.common)
-            weights.append(float(out.num_examples))
-            seen += out.metrics.get(EXAMPLES_SEEN, 0.0)
-            if rnd == 1:
-                flops += out.metrics.get(FLOPS_PER_CLIENT_ROUND, 0.0)
-        examples.append(seen)
-        state = alg.server_update(state, uplinks, weights, trainers)
-    metric = exp.task.metric
-    outs = [rt.evaluate(k, alg.downlink(state, k), privates[k]) for k in range(n)]
-    return {
+    with tempfile.TemporaryDirectory(prefix="pf2lora-bench-") as tmp:
+        where = [f"run_dir={Path(tmp) / 'run'}", f"federation.state_dir={Path(tmp) / 'state'}"]
+        items = [*setting_overrides(setting, cache), *sizes.overrides(setting), *overrides, f"seed={seed}", *where]
+        with contextlib.redirect_stdout(io.StringIO()):  # the run's client table: the row below holds it
+            run_dir = inprocess.run(items)
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        first = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()[0])
+    return row(summary, first, time.perf_counter() - t0)
+
+
+def row(summary: Mapping[str, Any], first_round: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """A benchmark row from a run's ``summary.json`` and its first ``metrics.jsonl`` line (for the FLOPs of a round)."""
+    metric = summary["personalized"]["metric"]
+    clients = sorted(summary["clients"], key=lambda c: c["client"])
+
+    def per_client(kind: str, key: str = metric) -> list[float | None]:
+        return [(c.get(kind) or {}).get(key) for c in clients]
+
+    flops = summary["cost"].get("flops_per_client_round")
+    out: dict[str, Any] = {
         "metric": metric,
-        "test": [o.personalized[metric] for o in outs],
-        "test_global": [o.global_[metric] for o in outs],
-        "validation": [o.validation[metric] for o in outs],
-        "validation_global": [o.validation_global[metric] for o in outs],
-        "rank": [o.rank.get("effective") for o in outs],
-        "entropy_rank": [o.rank.get("entropy") for o in outs],
-        "private_energy": [o.rank.get("private_energy") for o in outs],
-        "examples_per_round": sum(examples) / len(examples),
-        "flops_per_round": flops,
-        **priors(rt, n),
-        "seconds": time.perf_counter() - t0,
+        "test": per_client("personalized"),
+        "test_global": per_client("global"),
+        "validation": per_client("validation"),
+        "validation_global": per_client("validation_global"),
+        "rank": per_client("rank", "effective"),
+        "entropy_rank": per_client("rank", "entropy"),
+        "private_energy": per_client("rank", "private_energy"),
+        "examples_per_round": summary["cost"].get("examples_per_round") or 0.0,
+        # every training client of a round (one for the pooled reference), as the clients counted round 1
+        "flops_per_round": (flops or 0.0) * int(first_round.get("clients_trained", 0)),
+        "seconds": seconds,
     }
-
-
-def priors(rt: Any, n: int) -> dict[str, list[float]]:
-    """Per client, the test accuracy of its own and of the pooled majority training label ({} without labels)."""
-    from pf2lora_core.data.columns import LABELS
-
-    splits = [rt.split(k) for k in range(n)]
-    if LABELS not in splits[0].train.column_names:
-        return {}
-    trains = [Counter(sp.train[LABELS]) for sp in splits]
-    pooled = sum(trains, Counter())
-    g = min(pooled, key=lambda y: (-pooled[y], y))  # ties: the lowest label, as summary.majority_baselines
-    out: dict[str, list[float]] = {"client_majority": [], "global_majority": []}
-    for sp, train in zip(splits, trains, strict=True):
-        own = min(train, key=lambda y: (-train[y], y))
-        test = list(sp.test[LABELS])
-        out["client_majority"].append(sum(y == own for y in test) / len(test))
-        out["global_majority"].append(sum(y == g for y in test) / len(test))
+    if all(c.get("baselines") for c in clients):  # label priors (classification only)
+        for name in ("client_majority", "global_majority"):
+            out[name] = [c["baselines"][name]["accuracy"] for c in clients]
     return out
 
 
@@ -214,9 +204,12 @@ class RunLog:
 
 
 def _init_worker(threads: int) -> None:
+    import logging
+
     import torch
 
     torch.set_num_threads(threads)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # each run's round lines; warnings still show
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

@@ -43,7 +43,8 @@ class ToFlowerLogger(logging.Handler):
     Flower sends its own (the console of ``flwr run --stream``, ``flwr log``, Flower's log files)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        FLOWER_LOGGER.handle(record)
+        if FLOWER_LOGGER.isEnabledFor(record.levelno):  # Flower's own level applies to our lines too
+            FLOWER_LOGGER.handle(record)
 
 
 def _setup_logging() -> None:
