@@ -3,7 +3,7 @@
 Runs ``--rounds`` rounds of the given algorithms in-process (every client trains from the
 downlink, the server averages by examples, as the real strategy does) on the default experiment
 (MiniLM, Rotten Tomatoes, 8 clients, 5 local steps) plus any Hydra overrides, and prints, per
-algorithm and round, the largest and median ``||uplink - downlink||_2`` (pf2lora_core.validation
+algorithm and round, the largest and median ``||uplink - downlink||_2`` (pf2lora_core.federation.checks
 .update_norm, the quantity the server bounds).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from pf2lora_core.client import ClientRuntime
 from pf2lora_core.experiment import load
-from pf2lora_core.validation import update_norm, update_reference
+from pf2lora_core.federation.checks import update_norm, update_reference
 
 
 def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[float]]:

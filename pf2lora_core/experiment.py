@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pf2lora_core.aggregation import AGGREGATORS
 from pf2lora_core.algorithms import Algorithm, algorithm_class
 from pf2lora_core.config import (
     ConfigError,
@@ -35,7 +36,6 @@ from pf2lora_core.tracking import TRACKERS
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
-AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 
 def conf_dir() -> Path:

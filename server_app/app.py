@@ -31,7 +31,7 @@ from pf2lora_core.resume import load_resume
 from pf2lora_core.runtime import seed_everything
 from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
-from server_app.strategy import CommonOnlyFedAvg, federation_options
+from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 
 log = logging.getLogger("pf2lora.server")
 app = ServerApp()
@@ -127,21 +127,14 @@ def run_experiment(
         config_label_names(exp.task)
     wait_for_nodes(grid, fed.num_clients, fed.wait_for_nodes_s)
     seed_everything(exp.seed)
-    random.seed(exp.seed)  # FedAvg samples nodes with `random`
+    random.seed(exp.seed)  # the seeded global RNG (the strategy samples with its own, see NodeDirectory)
     model, _ = build_model(exp, device=_cpu())
     initial = model.export(COMMON)
     params = {level: model.num_parameters(level) for level in (COMMON, PRIVATE) if level in model.levels}
     del model
-    strategy = CommonOnlyFedAvg(
-        algorithm=exp.algorithm,
-        run=run,
-        eval_every=int(exp.cfg.eval_every),
-        num_rounds=exp.rounds,
-        metric=exp.task.metric,
-        seed=exp.seed,
-        config_yaml=exp.to_yaml(),
-        known_examples=known_examples,
-        **federation_options(fed),
+    plan = RoundPlan(exp.rounds, int(exp.cfg.eval_every), exp.task.metric, exp.seed, exp.to_yaml())
+    strategy = CommonAdapterFedAvg(
+        algorithm=exp.algorithm, run=run, federation=fed, plan=plan, known_examples=known_examples
     )
     shared = ConfigRecord({CONFIG_YAML_KEY: exp.to_yaml(), RUN_KEY: run.path.name})
     t0 = time.time()

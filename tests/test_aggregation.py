@@ -35,3 +35,15 @@ def test_weighted_mean_three_clients() -> None:
 def test_weighted_mean_rejects_bad_input(states, weights, match) -> None:
     with pytest.raises(ValueError, match=match):
         weighted_mean(states, weights)
+
+
+def test_robust_rules_hand_computed_and_key_order_free() -> None:
+    from pf2lora_core.aggregation import AGGREGATORS, ROBUST
+
+    states = [{"w": torch.tensor([v, -v]), "b": torch.tensor([1.0])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    assert torch.equal(ROBUST["median"](states, [1.0] * 5, 0.0)["w"], torch.tensor([3.0, -3.0]))
+    # trim 0.2 of 5: cut one value at each end -> mean of 2, 3, 4
+    assert torch.allclose(ROBUST["trimmed_mean"](states, [1.0] * 5, 0.2)["w"], torch.tensor([3.0, -3.0]))
+    reordered = [{"b": s["b"], "w": s["w"]} for s in states]  # the same keys in another order
+    assert torch.allclose(weighted_mean(reordered[:2] + states[:1], [1.0, 1.0, 2.0])["w"], torch.tensor([1.25, -1.25]))
+    assert AGGREGATORS == ("mean", "median", "trimmed_mean")

@@ -41,7 +41,7 @@ from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_
 from pf2lora_core.resume import load_resume, truncate_metrics
 from pf2lora_core.runtime import derived_seed
 from pf2lora_core.state import PrivateState, PrivateStore
-from server_app.strategy import CommonOnlyFedAvg, federation_options
+from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 
 SUPERLINK_NODE = 1  # Flower's node id of the SuperLink itself (sender of the errors it generates)
 
@@ -158,11 +158,9 @@ def initial_common(exp: Experiment) -> dict[str, torch.Tensor]:
     return common
 
 
-def make_strategy(exp: Experiment, run_dir: Path) -> CommonOnlyFedAvg:
-    return CommonOnlyFedAvg(
-        algorithm=exp.algorithm, run=RunDir(run_dir), eval_every=1, num_rounds=exp.rounds, metric="accuracy",
-        seed=exp.seed, config_yaml=exp.to_yaml(), **federation_options(exp.federation),
-    )  # fmt: skip
+def make_strategy(exp: Experiment, run_dir: Path) -> CommonAdapterFedAvg:
+    plan = RoundPlan(exp.rounds, eval_every=1, metric="accuracy", seed=exp.seed, config_yaml=exp.to_yaml())
+    return CommonAdapterFedAvg(algorithm=exp.algorithm, run=RunDir(run_dir), federation=exp.federation, plan=plan)
 
 
 def shared(exp: Experiment, run_dir: Path) -> Any:
@@ -171,14 +169,14 @@ def shared(exp: Experiment, run_dir: Path) -> Any:
     return ConfigRecord({CONFIG_YAML_KEY: exp.to_yaml(), RUN_KEY: run_dir.name})
 
 
-def run_fresh(exp: Experiment, run_dir: Path, grid: FakeGrid) -> CommonOnlyFedAvg:
+def run_fresh(exp: Experiment, run_dir: Path, grid: FakeGrid) -> CommonAdapterFedAvg:
     strategy = make_strategy(exp, run_dir)
     strategy.start_state(initial_common(exp), dict(NODES))
     strategy.run_rounds(grid, shared(exp, run_dir))
     return strategy
 
 
-def resume(run_dir: Path, grid: FakeGrid) -> CommonOnlyFedAvg:
+def resume(run_dir: Path, grid: FakeGrid) -> CommonAdapterFedAvg:
     """What the ServerApp does with ``resume=<run_dir>``: recorded config, rebuilt set-up, restored state."""
     exp, run, ckpt = load_resume(run_dir)
     strategy = make_strategy(exp, run.path)

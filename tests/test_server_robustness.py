@@ -21,11 +21,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from pf2lora_core.aggregation import ROBUST
 from pf2lora_core.constants import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.federation.checks import clip_update, update_norm, update_reference
 from pf2lora_core.outputs import new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY
-from pf2lora_core.validation import clip_update, update_norm, update_reference
-from server_app.strategy import CommonOnlyFedAvg, RunFailedError, robust_aggregate
+from server_app.strategy import CommonAdapterFedAvg, RunFailedError
 from tests.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,
     FakeGrid,
@@ -240,7 +241,7 @@ class FuzzGrid(FakeGrid):
         return out
 
 
-def fuzz_strategy(tmp_path: Path, name: str, rounds: int) -> tuple[CommonOnlyFedAvg, Any]:
+def fuzz_strategy(tmp_path: Path, name: str, rounds: int) -> tuple[CommonAdapterFedAvg, Any]:
     exp = experiment(
         "homlora",
         f"rounds={rounds} federation.fraction_train=1.0 federation.min_train_clients=2 "
@@ -285,7 +286,7 @@ def test_fuzzed_replies_never_crash_and_never_move_the_aggregate(tmp_path: Path)
 # --------------------------------------------------------------------------- one per bound
 def one_round(
     tmp_path: Path, grid: FakeGrid, algorithm: str = "homlora", extra: str = "", known: bool = True
-) -> tuple[CommonOnlyFedAvg, dict[str, Any]]:
+) -> tuple[CommonAdapterFedAvg, dict[str, Any]]:
     exp = experiment(algorithm, f"rounds=1 federation.fraction_train=1.0 federation.min_train_clients=1 {extra}")
     strategy = make_strategy(exp, new_run_dir(str(tmp_path), "bound"))
     if known:
@@ -421,9 +422,9 @@ def test_clip_update_scales_the_update_to_the_bound() -> None:
 
 def test_robust_aggregators_ignore_a_poisoned_minority(tmp_path: Path) -> None:
     states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([1e9, -1e9])}]
-    assert torch.equal(robust_aggregate(states, "median", 0.0)["w"], torch.tensor([3.0, 2.0]))
+    assert torch.equal(ROBUST["median"](states, [1.0] * len(states), 0.0)["w"], torch.tensor([3.0, 2.0]))
     five = [*states, {"w": torch.tensor([2.0, 3.0])}, {"w": torch.tensor([-1e9, 1e9])}]
-    assert torch.allclose(robust_aggregate(five, "trimmed_mean", 0.2)["w"], torch.tensor([2.0, 3.0]))
+    assert torch.allclose(ROBUST["trimmed_mean"](five, [1.0] * len(five), 0.2)["w"], torch.tensor([2.0, 3.0]))
     grid = FakeGrid(dict(NODES))
     tamper(grid, 3, lambda c: c.__setitem__(ARRAYS_KEY, ArrayRecord(
         {k: Array((a.numpy() + 3.0).astype(np.float32)) for k, a in c[ARRAYS_KEY].items()})))  # fmt: skip

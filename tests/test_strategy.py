@@ -1,4 +1,4 @@
-"""Common-only FedAvg: hand-computed aggregation and rejection of every kind of malformed reply."""
+"""The strategy's train / evaluate hooks: hand-computed aggregation and rejection of every kind of malformed reply."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from pf2lora_core.algorithms import HOMLoRA, LoRAParams
 from pf2lora_core.constants import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.experiment import load
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY
-from server_app.strategy import CommonOnlyFedAvg, RoundLog
+from server_app.strategy import CommonAdapterFedAvg, RoundLog, RoundPlan
 
 NODES = (1, 2, 5)  # node ids; each node is the client with the same partition id here
 SENT = {"a.lora_A.common.weight": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
@@ -60,13 +61,13 @@ def good(node: int, value: float, n: float = 10) -> FakeMsg:
     return reply(node, {k: np.full(v.shape, value, np.float32) for k, v in SENT.items()}, n)
 
 
-def strategy(tmp_path: Path, min_clients: int = 1, max_norm: float = 0.0) -> CommonOnlyFedAvg:
+def strategy(tmp_path: Path, min_clients: int = 1, max_norm: float = 0.0) -> CommonAdapterFedAvg:
     algo = HOMLoRA(LoRAParams(name="homlora", rank=2, lora_alpha=2.0, lr=1e-3, weight_decay=0.0))
-    s = CommonOnlyFedAvg(
-        algorithm=algo, run=RunDir(new_run_dir(str(tmp_path), "t")), num_clients=4, fraction_train=1.0,
-        fraction_evaluate=1.0, min_train_clients=min_clients, max_update_norm=max_norm, audit_replies=False,
-        eval_every=1, num_rounds=1, metric="accuracy",
-    )  # fmt: skip
+    fed = load(["federation.num_clients=4", f"federation.min_train_clients={min_clients}",
+                f"federation.max_update_norm={max_norm}"]).federation  # fmt: skip
+    s = CommonAdapterFedAvg(
+        algorithm=algo, run=RunDir(new_run_dir(str(tmp_path), "t")), federation=fed, plan=RoundPlan(num_rounds=1)
+    )
     s.current = RoundLog(round=1)
     s.start_state({k: torch.from_numpy(v) for k, v in SENT.items()}, {node: node for node in NODES})
     s.sent = {node: dict(SENT) for node in NODES}  # what configure_train recorded as sent

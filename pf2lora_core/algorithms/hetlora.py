@@ -42,7 +42,7 @@ from pf2lora_core.algorithms.lowrank import (
     truncate,
 )
 from pf2lora_core.constants import COMMON
-from pf2lora_core.validation import Spec
+from pf2lora_core.federation.checks import Spec
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import Tensor
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.algorithms.base import Algorithm, LoRAParams
 from pf2lora_core.constants import COMMON, LORA_A, LORA_B
-from pf2lora_core.validation import Spec
+from pf2lora_core.federation.checks import Spec
 
 StateDict = dict[str, Tensor]
 

@@ -1,4 +1,4 @@
-"""Checks on a client's reply before it may enter the average.
+"""Checks on a client's reply before it may enter the average (the server's reply checks, not the validation split).
 
 Each check returns ``None`` when the reply is fine, else a one-line reason that the server logs
 with the client's identity. Structure (keys, shapes, dtypes) is checked from the arrays' declared

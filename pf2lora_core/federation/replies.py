@@ -1,0 +1,299 @@
+"""A reply as plain data, and the decision on it: a typed train / evaluate reply, or a rejection with its reason.
+
+The strategy turns each Flower reply into a ``Reply`` (record names, metrics, configs, the arrays'
+declared shape and dtype with a decoder that never unpickles) and asks a ``ReplyChecker``; every
+check is in ``pf2lora_core.federation.checks``. What the checker needs to know about the round
+(the node's client, what was sent to it, who already replied) comes in as arguments, so the same
+reply always gets the same answer and each rule is testable on a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pf2lora_core.config import FederationConfig
+from pf2lora_core.constants import (
+    ARRAYS_KEY,
+    COMPUTE_SECONDS,
+    EVAL_BLOCKS,
+    EVAL_METRIC_NAMES,
+    EVAL_REQUIRED_BLOCKS,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    NUM_VALIDATION,
+    TRAIN_LOSS,
+)
+from pf2lora_core.federation.checks import (
+    Spec,
+    check_eval_metrics,
+    check_num_examples,
+    check_required,
+    check_scalars,
+    check_values,
+    clip_update,
+    decode_checked,
+    parse_details,
+    truncate,
+    update_norm,
+    update_reference,
+)
+from pf2lora_core.policy import LABEL_HISTOGRAM
+from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, split_metrics
+
+log = logging.getLogger("pf2lora.server")
+TRAIN, EVALUATE = "train", "evaluate"
+TRAIN_REQUIRED = (CLIENT_KEY, NUM_EXAMPLES, TRAIN_LOSS)
+# an evaluate reply's plain keys (the rest are <block>.<metric>)
+EVAL_SCALARS = frozenset({CLIENT_KEY, NUM_EXAMPLES, NUM_VALIDATION, COMPUTE_SECONDS})
+Decoder = Callable[[], np.ndarray]
+
+
+class ReplyRejectedError(Exception):
+    """A reply that may not enter the round; ``args[0]`` is the reason."""
+
+
+@dataclass
+class Reply:
+    """A reply as the server received it, in plain data.
+
+    ``arrays``: record name -> array name -> (declared shape, declared dtype, decoder); the
+    decoder is only called once the declared structure passed. ``error``: the reply's error
+    reason (a client that failed), else None.
+    """
+
+    node: int
+    error: str | None = None
+    arrays: dict[str, dict[str, tuple[tuple[int, ...], np.dtype, Decoder]]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainReply:
+    client: int
+    arrays: dict[str, np.ndarray]  # decoded, finite, within the update-norm bound
+    weight: float  # the trusted num-examples
+    metrics: dict[str, float]
+
+
+@dataclass
+class EvaluateReply:
+    client: int
+    entry: dict[str, Any]  # evaluation blocks, counts, rank (and the label histogram a site opted to share)
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """The bounds a reply is held to (the ``federation`` config section)."""
+
+    max_update_norm: float = 0.0  # 0 = not bounded
+    update_norm_action: str = "reject"  # reject | clip
+    max_num_examples: int = 10_000_000
+    num_examples_mismatch: str = "clip"  # clip | reject
+
+    @classmethod
+    def of(cls, fed: FederationConfig) -> ReplyLimits:
+        return cls(fed.max_update_norm, fed.update_norm_action, fed.max_num_examples, fed.num_examples_mismatch)
+
+
+class ReplyChecker:
+    """Decides on train and evaluate replies; remembers each client's first declared example counts.
+
+    Parameters
+    ----------
+    limits : ReplyLimits
+        Norm and example-count bounds.
+    metric : str
+        The task's metric (every evaluated block must hold it).
+    check_uplink : callable
+        The algorithm's structural check of a common-level uplink: ``(expected, declared) -> reason or None``.
+    known_examples : mapping
+        Client -> (train, test) sizes the server knows (simulation); empty in deployment, where the
+        first value each client declares bounds its later ones.
+    pooled_training : bool
+        The centralized reference: one node trains on every client's data (its weight is their sum).
+    """
+
+    def __init__(
+        self,
+        limits: ReplyLimits,
+        metric: str,
+        check_uplink: Callable[[Mapping[str, Spec], Mapping[str, Spec]], str | None],
+        known_examples: Mapping[int, tuple[int, int]] | None = None,
+        pooled_training: bool = False,
+    ) -> None:
+        self.limits = limits
+        self.metric = metric
+        self.check_uplink = check_uplink
+        self.known_examples = dict(known_examples or {})
+        self.pooled_training = pooled_training
+        self.declared: dict[tuple[str, int], float] = {}
+
+    # ---------------------------------------------------------------------------- train
+    def train(
+        self,
+        reply: Reply,
+        expected_client: int | None,
+        sent: Mapping[str, np.ndarray] | None,
+        fresh: Mapping[str, np.ndarray],
+        already: set[int] | frozenset[int] = frozenset(),
+        audit: Callable[[dict[str, np.ndarray]], None] | None = None,
+    ) -> TrainReply:
+        """A train reply of the node's own client, structurally as sent, finite and bounded.
+
+        ``sent``: the arrays sent to this node this round (None: nothing was); ``fresh``: the
+        seeded initial common level (reference of FLoRA's fresh adapters); ``already``: clients
+        whose train reply this round was accepted; ``audit``: called with the decoded arrays of a
+        structurally valid reply, before its values are judged (a hostile reply is kept as sent).
+        """
+        if reply.error is not None:
+            raise ReplyRejectedError(f"client error: {reply.error}")
+        if set(reply.arrays) != {ARRAYS_KEY} or set(reply.metrics) != {METRICS_KEY}:
+            raise ReplyRejectedError(
+                f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord '{METRICS_KEY}', got "
+                f"{sorted(reply.arrays)} / {sorted(reply.metrics)}"
+            )
+        client, metrics = self._client_metrics(reply, expected_client)
+        reason = check_required(metrics, TRAIN_REQUIRED) or check_scalars(metrics)
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        if sent is None:
+            raise ReplyRejectedError("no training message was sent to this node this round")
+        if client in already:
+            raise ReplyRejectedError(f"a second training reply from client {client} this round")
+        weight = self.weight(TRAIN, client, metrics[NUM_EXAMPLES])
+        arrays = reply.arrays[ARRAYS_KEY]
+        expected = {k: (v.shape, v.dtype) for k, v in sent.items()}
+        declared = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype, _) in arrays.items()}
+        reason = self.check_uplink(expected, declared)  # before any bytes are decoded
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        decoded, reason = decode_checked({k: decode for k, (_, _, decode) in arrays.items()}, declared)
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        if audit is not None:
+            audit(decoded)
+        reason = check_values(decoded)
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        bounded = self.bounded(client, decoded, sent, fresh)
+        return TrainReply(client, bounded, weight, {k: float(v) for k, v in metrics.items()})
+
+    def bounded(
+        self,
+        client: int,
+        decoded: dict[str, np.ndarray],
+        sent: Mapping[str, np.ndarray],
+        fresh: Mapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """``decoded`` within ``max_update_norm`` of what it updates (``update_reference``): clipped or rejected."""
+        cap = self.limits.max_update_norm
+        if cap <= 0:
+            return decoded
+        reference = update_reference(decoded, sent, fresh)
+        norm = update_norm(decoded, reference)
+        if norm <= cap:
+            return decoded
+        why = f"update norm {norm:.4g} exceeds federation.max_update_norm={cap:.4g}"
+        if self.limits.update_norm_action != "clip":
+            raise ReplyRejectedError(why)
+        log.warning("client %d: %s; clipped to it", client, why)
+        return clip_update(decoded, reference, cap)
+
+    # ---------------------------------------------------------------------------- evaluate
+    def evaluate(
+        self,
+        reply: Reply,
+        expected_client: int | None,
+        was_sent: bool,
+        already: set[int] | frozenset[int] = frozenset(),
+    ) -> EvaluateReply:
+        """An evaluate reply held to the train reply's standard: the node's own client, the allow-listed
+        metric names (``EVAL_BLOCKS`` x ``EVAL_METRIC_NAMES``), numbers only, a trusted ``num-examples``,
+        details within size and depth caps."""
+        configs = set(reply.configs)
+        if reply.arrays or set(reply.metrics) != {METRICS_KEY} or configs - {DETAILS_KEY}:
+            raise ReplyRejectedError(
+                f"expected one MetricRecord '{METRICS_KEY}' (and a ConfigRecord '{DETAILS_KEY}'), got arrays "
+                f"{sorted(reply.arrays)}, metrics {sorted(reply.metrics)}, configs {sorted(configs)}"
+            )
+        client, metrics = self._client_metrics(reply, expected_client)
+        reason = check_eval_metrics(
+            metrics, self.metric, EVAL_BLOCKS, EVAL_REQUIRED_BLOCKS, EVAL_METRIC_NAMES, EVAL_SCALARS
+        ) or check_required(metrics, (NUM_EXAMPLES,))
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        if not was_sent:
+            raise ReplyRejectedError("no evaluation message was sent to this node this round")
+        if client in already:
+            raise ReplyRejectedError(f"a second evaluation reply from client {client} this round")
+        details = self._details(reply.configs.get(DETAILS_KEY))
+        weight = self.weight(EVALUATE, client, metrics[NUM_EXAMPLES])
+        validation = metrics.get(NUM_VALIDATION, 0)  # weights the validation means only; optional
+        if validation:
+            validation, reason = check_num_examples(validation, None, self.limits.max_num_examples, "reject")
+            if reason is not None:
+                raise ReplyRejectedError(reason.replace(f"'{NUM_EXAMPLES}'", f"'{NUM_VALIDATION}'"))
+        flat = {k: float(v) for k, v in metrics.items() if k != CLIENT_KEY}
+        entry = split_metrics({**flat, NUM_EXAMPLES: int(weight), NUM_VALIDATION: int(validation)})
+        entry["rank"] = details.get("rank", {})
+        if LABEL_HISTOGRAM in details:  # only from a site that opted in (share-data-stats)
+            entry[LABEL_HISTOGRAM] = details[LABEL_HISTOGRAM]
+        return EvaluateReply(client, entry)
+
+    @staticmethod
+    def _details(record: Mapping[str, Any] | None) -> dict[str, Any]:
+        if record is not None and set(record) - {DETAILS_KEY}:
+            raise ReplyRejectedError(f"ConfigRecord '{DETAILS_KEY}' holds keys other than '{DETAILS_KEY}'")
+        details, reason = parse_details(record.get(DETAILS_KEY) if record is not None else None)
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        return details
+
+    # ---------------------------------------------------------------------------- shared
+    @staticmethod
+    def _client_metrics(reply: Reply, expected: int | None) -> tuple[int, dict[str, Any]]:
+        """The reply's one MetricRecord and the client it is from; rejected unless the node is that client."""
+        metrics = dict(reply.metrics[METRICS_KEY])
+        if expected is None:
+            raise ReplyRejectedError(f"node {reply.node} has not identified itself as a client")
+        claimed = metrics.get(CLIENT_KEY)
+        if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or claimed != expected:
+            raise ReplyRejectedError(f"claims client {truncate(repr(claimed), 40)} but the node is client {expected}")
+        return expected, metrics
+
+    def weight(self, phase: str, client: int, value: object) -> float:
+        """The trusted ``num-examples`` of a reply (see ``check_num_examples``); rejected if not acceptable.
+
+        Bounded by what the server knows the client holds (simulation: its partition; the pooled
+        reference: every partition), else by what the client declared first (deployment).
+        """
+        sizes = self.known_examples
+        if sizes and phase == TRAIN and self.pooled_training:
+            known: float | None = sum(train for train, _ in sizes.values())
+        elif sizes:
+            known = sizes[client][0 if phase == TRAIN else 1] if client in sizes else None
+        else:
+            known = self.declared.get((phase, client))
+        weight, reason = check_num_examples(
+            value, known, self.limits.max_num_examples, self.limits.num_examples_mismatch
+        )  # fmt: skip
+        if reason is not None:
+            raise ReplyRejectedError(reason)
+        if weight != value:
+            log.warning("%s reply of client %d: num-examples %s clipped to %g", phase, client, value, weight)
+        if not sizes:
+            self.declared.setdefault((phase, client), weight)
+        return weight
+
+
+def rejection_reason(err: Exception) -> str:
+    """The rejection reason of a check that failed, or of anything unexpected a reply caused."""
+    if isinstance(err, ReplyRejectedError):
+        return str(err.args[0])
+    return f"malformed reply ({type(err).__name__}: {err})"
