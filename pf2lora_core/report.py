@@ -35,7 +35,7 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 
+from pf2lora_core.analysis.statistics import BEST, SAME, Summary, marks, summarize
+from pf2lora_core.analysis.tables import cell, markdown_table
 from pf2lora_core.constants import (
     BASELINES,
     FAILED_FILE,
@@ -119,12 +121,6 @@ PRIORS = (
     Quantity("global_majority", "global majority", ".3f"),
 )
 QUANTITIES = QUALITY + COST_AND_RANK + PRIORS
-# Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond: 1.96, the normal).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)  # fmt: skip
-SAME = "≈"  # a row whose difference to its setting's best row is inside the 95% interval
-BEST = "*"  # the best row of its setting in that column
 
 
 @dataclass(frozen=True)
@@ -173,7 +169,7 @@ class Group:
     algorithm: str
     values: dict[str, str | None]  # group key -> override value
     runs: list[Run]
-    stats: dict[str, tuple[float, float]]  # Quantity.name -> (mean, std) over seeds
+    stats: dict[str, Summary]  # Quantity.name -> its summary over seeds (mean, std, se, interval)
 
     def label(self, leave_out: str | None = None) -> str:
         """Algorithm plus the group values except ``leave_out`` (the plot's x axis)."""
@@ -402,53 +398,6 @@ def _num(value: Any) -> float:
 # --------------------------------------------------------------------------------------- grouping
 
 
-def seed_stats(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1) of the finite values; std is NaN for fewer than two."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
-
-
-def t975(df: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (table; 1.96 beyond 30)."""
-    if df < 1:
-        return math.nan
-    return T975[df - 1] if df <= len(T975) else 1.96
-
-
-def uncertainty(values: Iterable[float]) -> tuple[float, float, float, float]:
-    """Mean, standard error ``s / sqrt(n)`` and the 95% t-interval ``mean ± t_{0.975,n-1} se``.
-
-    Over the finite values; se and the interval are NaN for fewer than two.
-    """
-    finite = [v for v in values if math.isfinite(v)]
-    mean, std = seed_stats(finite)
-    if len(finite) < 2:
-        return mean, math.nan, math.nan, math.nan
-    se = std / math.sqrt(len(finite))
-    half = t975(len(finite) - 1) * se
-    return mean, se, mean - half, mean + half
-
-
-def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """95% Welch interval of ``mean(a) - mean(b)``; NaNs when either has fewer than two values.
-
-    ``d ± t_{0.975, nu} sqrt(s_a^2/n_a + s_b^2/n_b)`` with Welch-Satterthwaite
-    ``nu = (v_a + v_b)^2 / (v_a^2/(n_a-1) + v_b^2/(n_b-1))``, ``v = s^2/n``, rounded down (conservative).
-    """
-    a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    d = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
-        return d, d
-    nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = t975(max(int(nu), 1)) * math.sqrt(va + vb)
-    return d - half, d + half
-
-
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
     """Runs grouped by algorithm and the values of ``keys``, in sorted order (numbers as numbers)."""
     buckets: dict[tuple[str | None, ...], list[Run]] = {}
@@ -460,8 +409,8 @@ def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
     ]
 
 
-def _stats(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
-    return {q.name: seed_stats(r.values[q.name] for r in runs) for q in QUANTITIES}
+def _stats(runs: Sequence[Run]) -> dict[str, Summary]:
+    return {q.name: summarize(r.values[q.name] for r in runs) for q in QUANTITIES}
 
 
 def _sort_key(value: str | None) -> tuple[int, float, str]:
@@ -578,8 +527,8 @@ def plot_metric_vs_x(groups: Sequence[Group], x_key: str, colors: Mapping[str, s
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4), sharex=True)
     for ax, (name, title) in zip(axes, panels, strict=True):
         for label, gs in _series(groups, x_key).items():
-            means, stds = zip(*(g.stats[name] for g in gs), strict=True)
-            yerr = [0.0 if math.isnan(s) else s for s in stds]
+            means = [g.stats[name].mean for g in gs]
+            yerr = [0.0 if math.isnan(g.stats[name].std) else g.stats[name].std for g in gs]
             ax.errorbar(
                 [g.x(x_key) for g in gs], means, yerr=yerr, marker="o", capsize=3, label=label, color=colors[label]
             )
@@ -590,14 +539,14 @@ def plot_metric_vs_x(groups: Sequence[Group], x_key: str, colors: Mapping[str, s
 
 def plot_rank_spread_vs_x(groups: Sequence[Group], x_key: str, colors: Mapping[str, str], path: Path) -> bool:
     """Mean effective rank across clients vs x, band from the clients' min to max (seed means)."""
-    series = {k: gs for k, gs in _series(groups, x_key).items() if any(math.isfinite(g.stats["rank"][0]) for g in gs)}
+    series = {k: gs for k, gs in _series(groups, x_key).items() if any(math.isfinite(g.stats["rank"].mean) for g in gs)}
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, gs in series.items():
         xs = [g.x(x_key) for g in gs]
-        ax.plot(xs, [g.stats["rank"][0] for g in gs], marker="o", label=label, color=colors[label])
-        lo, hi = [g.stats["rank_min"][0] for g in gs], [g.stats["rank_max"][0] for g in gs]
+        ax.plot(xs, [g.stats["rank"].mean for g in gs], marker="o", label=label, color=colors[label])
+        lo, hi = [g.stats["rank_min"].mean for g in gs], [g.stats["rank_max"].mean for g in gs]
         ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.2)
     ax.set(xlabel=x_key, ylabel="effective rank", title="learned rank across clients (band: min-max)")
     ax.legend(fontsize=8)
@@ -623,7 +572,7 @@ def plot_clients(groups: Sequence[Group], x_key: str | None, colors: Mapping[str
 
 def _client_means(group: Group) -> dict[int, float]:
     clients = sorted({c for r in group.runs for c in r.clients})
-    means = {c: seed_stats(r.clients.get(c, math.nan) for r in group.runs)[0] for c in clients}
+    means = {c: summarize(r.clients.get(c, math.nan) for r in group.runs).mean for c in clients}
     return {c: m for c, m in means.items() if math.isfinite(m)}
 
 
@@ -643,7 +592,7 @@ def plot_rounds(groups: Sequence[Group], x_key: str | None, colors: Mapping[str,
 def _round_means(group: Group) -> dict[int, float]:
     curves = [r.rounds for r in group.runs if r.rounds]
     common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    return {k: m for k in common if math.isfinite(m := seed_stats(c[k] for c in curves)[0])}
+    return {k: m for k in common if math.isfinite(m := summarize(c[k] for c in curves).mean)}
 
 
 def plot_rank_spectra(groups: Sequence[Group], x_key: str | None, colors: Mapping[str, str], path: Path) -> bool:
@@ -690,8 +639,9 @@ def write_csv(groups: Sequence[Group], keys: Sequence[str], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow([ALGORITHM_KEY, *keys, "n_seeds", *stat_cols, *unc_cols])
         for g in groups:
-            stats = [_csv_num(v) for q in QUANTITIES for v in g.stats[q.name]]
-            unc = [_csv_num(v) for q in QUALITY for v in uncertainty(values_of(g, q.name))[1:]]
+            s = g.stats
+            stats = [_csv_num(v) for q in QUANTITIES for v in (s[q.name].mean, s[q.name].std)]
+            unc = [_csv_num(v) for q in QUALITY for v in (s[q.name].se, s[q.name].low, s[q.name].high)]
             writer.writerow([g.algorithm, *(g.values[k] or "" for k in keys), len(g.runs), *stats, *unc])
 
 
@@ -744,12 +694,12 @@ def _md_table(groups: Sequence[Group], keys: Sequence[str], quantities: Sequence
     if not groups:
         return ["No finished job."]
     head = [ALGORITHM_KEY, *keys, *(q.label for q in quantities), *(["n"] if with_n else [])]
-    rows = [_md_row(head), _md_row(["---"] * len(head))]
+    rows = []
     for g in groups:
-        cells = [_cell(*g.stats[q.name], q.fmt) for q in quantities]
+        cells = [cell(values_of(g, q.name), q.fmt, std=True, se=False) for q in quantities]
         n = [str(len(g.runs))] if with_n else []
-        rows.append(_md_row([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, *n]))
-    return rows
+        rows.append([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, *n])
+    return markdown_table(head, rows)
 
 
 MARK_TEXT = (
@@ -763,45 +713,30 @@ def setting_of(group: Group) -> tuple[str | None, ...]:
     return tuple(group.values.values())
 
 
-def marks(groups: Sequence[Group], name: str) -> dict[int, str]:
-    """Per group index: ``BEST``, ``SAME`` or ``""`` in column ``name`` (see ``MARK_TEXT``)."""
-    out: dict[int, str] = {}
+def column_marks(groups: Sequence[Group], name: str) -> dict[int, str]:
+    """Per group index: ``BEST``, ``SAME`` or nothing in column ``name``, per setting (see ``MARK_TEXT``)."""
     settings: dict[tuple[str | None, ...], list[int]] = {}
     for i, g in enumerate(groups):
         settings.setdefault(setting_of(g), []).append(i)
+    out: dict[int, str] = {}
     for members in settings.values():
-        scored = [i for i in members if math.isfinite(groups[i].stats[name][0])]
-        if len(scored) < 2:
-            continue
-        sign = -1.0 if lower_is_better(_metric([groups[scored[0]]])) else 1.0
-        best = max(scored, key=lambda i: sign * groups[i].stats[name][0])
-        out[best] = BEST
-        for i in scored:
-            lo, hi = difference_interval(values_of(groups[best], name), values_of(groups[i], name))
-            if i != best and lo <= 0 <= hi:
-                out[i] = SAME
+        # the direction of the first row with a value decides (one metric per sweep in practice)
+        first = next((i for i in members if math.isfinite(groups[i].stats[name].mean)), members[0])
+        lower = lower_is_better(_metric([groups[first]]))
+        out |= marks({i: values_of(groups[i], name) for i in members}, lower)
     return out
-
-
-def uncertainty_cell(values: Sequence[float], fmt: str, mark: str = "") -> str:
-    """``mean ± se [lo, hi]`` (95% t-interval), ``mean`` for one value, ``-`` for none."""
-    mean, se, lo, hi = uncertainty(values)
-    if math.isnan(mean):
-        return "-"
-    text = f"{mean:{fmt}}" if math.isnan(se) else f"{mean:{fmt}} ± {se:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
-    return f"{text} {mark}" if mark else text
 
 
 def _md_results(groups: Sequence[Group], keys: Sequence[str]) -> list[str]:
     if not groups:
         return ["No finished job."]
     head = [ALGORITHM_KEY, *keys, *(q.label for q in QUALITY), "n"]
-    rows = [_md_row(head), _md_row(["---"] * len(head))]
-    marked = {q.name: marks(groups, q.name) for q in QUALITY}
+    marked = {q.name: column_marks(groups, q.name) for q in QUALITY}
+    rows = []
     for i, g in enumerate(groups):
-        cells = [uncertainty_cell(values_of(g, q.name), q.fmt, marked[q.name].get(i, "")) for q in QUALITY]
-        rows.append(_md_row([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, str(len(g.runs))]))
-    return rows
+        cells = [cell(values_of(g, q.name), q.fmt, marked[q.name].get(i, ""), interval=True) for q in QUALITY]
+        rows.append([g.algorithm, *(g.values[k] or "-" for k in keys), *cells, str(len(g.runs))])
+    return markdown_table(head, rows)
 
 
 def prior_values(groups: Sequence[Group], name: str) -> list[float]:
@@ -818,26 +753,16 @@ def _md_priors(groups: Sequence[Group], keys: Sequence[str]) -> list[str]:
     settings: dict[tuple[str | None, ...], list[Group]] = {}
     for g in groups:
         settings.setdefault(setting_of(g), []).append(g)
-    rows = [_md_row([*keys, *(q.label for q in PRIORS), "n"]), _md_row(["---"] * (len(keys) + len(PRIORS) + 1))]
+    rows = []
     for setting, gs in settings.items():
-        cells = [uncertainty_cell(prior_values(gs, q.name), q.fmt) for q in PRIORS]
+        cells = [cell(prior_values(gs, q.name), q.fmt, interval=True) for q in PRIORS]
         if all(c == "-" for c in cells):
             continue
         n = max(len(prior_values(gs, q.name)) for q in PRIORS)
-        rows.append(_md_row([*(v or "-" for v in setting), *cells, str(n)]))
-    if len(rows) == 2:
+        rows.append([*(v or "-" for v in setting), *cells, str(n)])
+    if not rows:
         return [f"No run reports its label prior (summary.json '{BASELINES}')."]
-    return rows
-
-
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def _cell(mean: float, std: float, fmt: str) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+    return markdown_table([*keys, *(q.label for q in PRIORS), "n"], rows)
 
 
 def _md_problems(title: str, problems: Sequence[Problem]) -> list[str]:

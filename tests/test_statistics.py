@@ -38,7 +38,7 @@ def test_summary_of_four_values_by_hand() -> None:
 def test_summary_leaves_out_missing_values() -> None:
     # NaN is a seed without the number: [1, 3] remain; mean 2, s = sqrt(2), se = 1, 2 ± 12.706
     s = summarize([1.0, math.nan, 3.0])
-    assert (s.n, s.mean, s.se) == pytest.approx((2, 2.0, 1.0))
+    assert (s.n, s.mean, s.std, s.se) == pytest.approx((2, 2.0, math.sqrt(2.0), 1.0))
     assert (s.low, s.high) == pytest.approx((-10.706, 14.706), abs=1e-3)
 
 
@@ -106,3 +106,13 @@ def test_marks_need_two_rows_with_a_mean() -> None:
     assert marks({"a": [1.0, 2.0], "b": [math.nan], "c": []}) == {}
     assert marks({"x": [1.0, 1.0], "y": [1.0, 1.0]}) == {"x": BEST, "y": SAME}  # a tie: the first is best
     assert marks({"x": [0.5], "y": [0.7]}) == {"y": BEST}  # one seed each: a best, no ≈
+
+
+def test_welch_interval_with_fractional_degrees_of_freedom_rounds_them_down() -> None:
+    a, b = [0.80, 0.86, 0.83], [0.70, 0.79, 0.71, 0.74]
+    va, vb = stats.tvar(a) / 3, stats.tvar(b) / 4
+    nu = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    d = sum(a) / 3 - sum(b) / 4
+    half = stats.t.ppf(0.975, math.floor(nu)) * math.sqrt(va + vb)
+    assert nu % 1 > 0.01  # a fraction to round down
+    assert welch_interval(a, b) == pytest.approx((d - half, d + half))
