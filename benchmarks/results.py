@@ -36,6 +36,7 @@ from benchmarks.federated import (
     run_all,
     run_arguments,
 )
+from pf2lora_core.analysis.loading import lower_is_better
 from pf2lora_core.analysis.statistics import marks, summarize
 from pf2lora_core.analysis.tables import cell, markdown_table
 
@@ -113,8 +114,6 @@ def per_run(runs: Sequence[dict], field: str, reduce: Callable[[list[float]], fl
 
 def table_marks(runs: Mapping[str, Sequence[dict]], field: str = "test") -> dict[str, str]:
     """``*`` / ``≈`` (``statistics.marks``) over the rows' per-seed ``field``, in the direction of their metric."""
-    from pf2lora_core.report import lower_is_better
-
     metric = next((r["metric"] for rs in runs.values() for r in rs if "metric" in r), "")
     return marks({name: per_run(rs, field) for name, rs in runs.items()}, lower_is_better(metric))
 

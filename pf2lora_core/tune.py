@@ -9,7 +9,7 @@ Per algorithm it runs ``pf2lora-sweep -m <overrides> algorithm=<a> tune=<a>`` (`
 or ``conf/tune/default.yaml`` for an algorithm with no level of its own): Hydra's Optuna sweeper
 draws the trials from the search space declared there, each trial runs every tuning seed
 (``sweep.seeds``) and its objective is the mean validation metric over them. The best trial is
-then chosen from the trial directories on validation only (``report.validation_mean``), its
+then chosen from the trial directories on validation only (``analysis.loading.validation_mean``), its
 values re-run on fresh seeds (never the tuning seeds), and ``tune_report.md`` / ``tune_report.csv``
 give per algorithm the chosen values, validation and test mean ± std (± standard error, 95%
 interval) over the fresh seeds, the label-prior rows, and examples and FLOPs per round.
@@ -38,14 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pf2lora_core import sweep
-from pf2lora_core.analysis.statistics import marks, summarize, t975
-from pf2lora_core.analysis.tables import cell, markdown_table
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import SUMMARY_FILE
-from pf2lora_core.experiment import conf_dir
-from pf2lora_core.launch import sigterm_as_interrupt
-from pf2lora_core.outputs import atomic_write_bytes
-from pf2lora_core.report import (
+from pf2lora_core.analysis.loading import (
     PRIORS,
     ReportError,
     Run,
@@ -53,6 +46,13 @@ from pf2lora_core.report import (
     lower_is_better,
     validation_mean,
 )
+from pf2lora_core.analysis.statistics import marks, summarize, t975
+from pf2lora_core.analysis.tables import cell, markdown_table
+from pf2lora_core.config import ConfigError
+from pf2lora_core.constants import SUMMARY_FILE
+from pf2lora_core.experiment import conf_dir
+from pf2lora_core.launch import sigterm_as_interrupt
+from pf2lora_core.outputs import atomic_write_bytes
 
 # The comparison of issue 12: PF2LoRA against the baselines a reviewer asks for.
 DEFAULT_ALGORITHMS = ("pf2lora", "homlora", "fedsa_lora", "feddpa", "perfedavg", "hetlora", "local")
