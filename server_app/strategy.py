@@ -1,6 +1,6 @@
 """Common-only FedAvg: averages the common level and nothing else, rejecting malformed replies.
 
-Objective (PF2LoRA, DESIGN.md): ``x <- sum_k n_k x_k / sum_k n_k`` over the common adapters
+Objective (PF2LoRA; docs/DESIGN.md, "Server averaging"): ``x <- sum_k n_k x_k / sum_k n_k`` over the common adapters
 ``x_k`` the clients return, ``n_k`` their numbers of training examples; private adapters never
 reach the server. The aggregation rule itself is the algorithm's (``Algorithm.aggregate``, a pure
 function tested beside it); this class adds validation, logging and the run directory.
