@@ -36,6 +36,9 @@ from benchmarks.federated import (
     run_all,
     run_arguments,
 )
+from pf2lora_core.analysis.loading import lower_is_better
+from pf2lora_core.analysis.statistics import marks, summarize
+from pf2lora_core.analysis.tables import cell, markdown_table
 
 RESULTS = ROOT / "results"
 TUNED = RESULTS / "tune_offline_compare" / "tune.json"
@@ -109,30 +112,10 @@ def per_run(runs: Sequence[dict], field: str, reduce: Callable[[list[float]], fl
     return out
 
 
-def cell(values: Sequence[float], mark: str = "", fmt: str = ".3f") -> str:
-    from pf2lora_core.report import uncertainty
-
-    m, se, _, _ = uncertainty(values)
-    if math.isnan(m):
-        return "-"
-    text = f"{m:{fmt}}" if math.isnan(se) else f"{m:{fmt}} ± {se:{fmt}}"
-    return f"{text} {mark}".rstrip()
-
-
-def table_marks(values: Mapping[str, Sequence[float]]) -> dict[str, str]:
-    """``*`` the best mean; ``≈`` inside the 95% Welch interval of the difference to the best."""
-    from pf2lora_core.report import difference_interval
-
-    scored = {k: v for k, v in values.items() if v and math.isfinite(mean(v))}
-    if len(scored) < 2:
-        return {}
-    best = max(scored, key=lambda k: mean(scored[k]))
-    out = {best: "*"}
-    for k, v in scored.items():
-        lo, hi = difference_interval(scored[best], v)
-        if k != best and lo <= 0 <= hi:
-            out[k] = "≈"
-    return out
+def table_marks(runs: Mapping[str, Sequence[dict]], field: str = "test") -> dict[str, str]:
+    """``*`` / ``≈`` (``statistics.marks``) over the rows' per-seed ``field``, in the direction of their metric."""
+    metric = next((r["metric"] for rs in runs.values() for r in rs if "metric" in r), "")
+    return marks({name: per_run(rs, field) for name, rs in runs.items()}, lower_is_better(metric))
 
 
 def spread(runs: Sequence[dict], field: str, fmt: str = ".1f") -> str:
@@ -140,12 +123,13 @@ def spread(runs: Sequence[dict], field: str, fmt: str = ".1f") -> str:
     return f"{min(vals):{fmt}}-{max(vals):{fmt}}" if vals else "-"
 
 
-def prior_row(runs: Sequence[dict], n_cols: int, label_col: int = 2) -> list[str]:
+def prior_rows(runs: Sequence[dict], n_cols: int, label_col: int = 2) -> list[list[str]]:
+    """The prior rows of a table: the label in the first column, the prior's cell in ``label_col``."""
     rows = []
     for prior in PRIORS:
         cells = ["-"] * n_cols
         cells[0], cells[label_col] = f"prior: {prior.replace('_', ' ')}", cell(per_run(runs, prior))
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     return rows
 
 
@@ -166,11 +150,11 @@ DETAIL_HEAD = [
 ]
 
 
-def detail_rows(name: str, config: str, runs: Sequence[dict], mark: str) -> str:
-    cells = [
+def detail_row(name: str, config: str, runs: Sequence[dict], mark: str) -> list[str]:
+    return [
         name,
         config,
-        cell(per_run(runs, "test"), mark),
+        cell(per_run(runs, "test"), mark=mark),
         cell(per_run(runs, "test_global")),
         cell(per_run(runs, "test", min)),
         cell(per_run(runs, "validation")),
@@ -181,7 +165,6 @@ def detail_rows(name: str, config: str, runs: Sequence[dict], mark: str) -> str:
         spread(runs, "entropy_rank"),
         spread(runs, "private_energy", ".2f"),
     ]
-    return "| " + " | ".join(cells) + " |"
 
 
 Rows = Mapping[str, tuple[str, tuple[str, ...]]]  # row name -> (configuration text, overrides)
@@ -190,14 +173,15 @@ Rows = Mapping[str, tuple[str, tuple[str, ...]]]  # row name -> (configuration t
 def setting_table(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -> list[str]:
     """One row per ``name -> (configuration text, overrides)``, then the prior rows."""
     runs = {name: runs_of(log, setting, o, seeds) for name, (_, o) in rows.items()}
-    marks = table_marks({name: per_run(r, "test") for name, r in runs.items() if name not in REFERENCES})
-    lines = ["| " + " | ".join(DETAIL_HEAD) + " |", "|" + " --- |" * len(DETAIL_HEAD)]
+    marked = table_marks({name: r for name, r in runs.items() if name not in REFERENCES})
+    lines = []
     for name, (config, _) in rows.items():
         if runs[name]:
-            lines.append(detail_rows(name, config, runs[name], marks.get(name, "")))
+            lines.append(detail_row(name, config, runs[name], marked.get(name, "")))
         else:
-            lines.append(f"| {name} | {config} | not run yet |" + " |" * (len(DETAIL_HEAD) - 3))
-    return lines + prior_row(prior_runs(log, setting, rows, seeds), len(DETAIL_HEAD))
+            lines.append([name, config, "not run yet"])
+    lines += prior_rows(prior_runs(log, setting, rows, seeds), len(DETAIL_HEAD))
+    return markdown_table(DETAIL_HEAD, lines)
 
 
 def prior_runs(log: RunLog, setting: str, rows: Rows, seeds: Sequence[int]) -> list[dict]:
@@ -226,18 +210,13 @@ def summary_table(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[i
     cols = settings()
     runs = {(a, c): runs_of(log, c, algorithm_overrides(a, tuned), seeds) for a in ALGORITHMS for c in cols}
     contenders = [a for a in ALGORITHMS if a not in REFERENCES]
-    marks = {c: table_marks({a: per_run(runs[(a, c)], "test") for a in contenders}) for c in cols}
-    lines = ["| algorithm | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
-    for a in ALGORITHMS:
-        lines.append(
-            f"| {a} | " + " | ".join(cell(per_run(runs[(a, c)], "test"), marks[c].get(a, "")) for c in cols) + " |"
-        )
+    marked = {c: table_marks({a: runs[(a, c)] for a in contenders}) for c in cols}
+    lines = [[a, *(cell(per_run(runs[(a, c)], "test"), mark=marked[c].get(a, "")) for c in cols)] for a in ALGORITHMS]
     rows = algorithm_rows(tuned)
     splits = {c: prior_runs(log, c, rows, seeds) for c in cols}
     for prior in PRIORS:
-        row = [cell(per_run(splits[c], prior)) for c in cols]
-        lines.append(f"| prior: {prior.replace('_', ' ')} | " + " | ".join(row) + " |")
-    return lines
+        lines.append([f"prior: {prior.replace('_', ' ')}", *(cell(per_run(splits[c], prior)) for c in cols)])
+    return markdown_table(["algorithm", *cols], lines)
 
 
 # --------------------------------------------------------------------------------- the plots
@@ -247,19 +226,17 @@ def write_plots(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pf2lora_core.report import uncertainty
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for d, title in DATASETS.items():  # metric against s per algorithm, 95% intervals
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for a in ALGORITHMS:
-            pts = [(s, uncertainty(per_run(runs_of(log, f"{d}_s{s}", algorithm_overrides(a, tuned), seeds), "test")))
+            pts = [(s, summarize(per_run(runs_of(log, f"{d}_s{s}", algorithm_overrides(a, tuned), seeds), "test")))
                    for s in S_VALUES]  # fmt: skip
-            pts = [(s, u) for s, u in pts if math.isfinite(u[0])]
+            pts = [(s, u) for s, u in pts if math.isfinite(u.mean)]
             if pts:
-                err = [0.0 if math.isnan(u[1]) else u[0] - u[2] for _, u in pts]
-                ax.errorbar([s for s, _ in pts], [u[0] for _, u in pts], yerr=err, marker="o", capsize=3, label=a)
+                err = [0.0 if math.isnan(u.se) else u.mean - u.low for _, u in pts]
+                ax.errorbar([s for s, _ in pts], [u.mean for _, u in pts], yerr=err, marker="o", capsize=3, label=a)
         rows = algorithm_rows(tuned)
         prior = [(s, mean(per_run(prior_runs(log, f"{d}_s{s}", rows, seeds), "client_majority"))) for s in S_VALUES]
         prior = [(s, v) for s, v in prior if math.isfinite(v)]

@@ -61,6 +61,8 @@ from benchmarks.federated import (
     run_arguments,
     setting_overrides,
 )
+from pf2lora_core.analysis.statistics import summarize
+from pf2lora_core.analysis.tables import markdown_table
 
 SETTINGS = (
     *(f"rt2_s{s}" for s in S_VALUES),
@@ -213,20 +215,12 @@ def config_score(log: RunLog, setting: str, overrides: Sequence[str], seeds: Seq
     out: dict[str, Any] = {"config": " ".join(overrides), "n": len(runs), "metric": runs[0]["metric"]}
     for split in ("validation", "test"):
         values = [sign * mean(r[split]) for r in runs]
-        out[split], out[f"{split}_se"] = mean(values), _se(values)
+        out[split], out[f"{split}_se"] = mean(values), summarize(values).se
     for key in ("rank", "entropy_rank", "private_energy", "true_rank"):
         vals = [x for r in runs for x in r.get(key) or [] if x is not None]
         if vals:
             out[key] = [min(vals), mean(vals), max(vals)]
     return out
-
-
-def _se(values: Sequence[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return math.nan
-    m = sum(values) / n
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
 def setting_line(setting: str, log: RunLog, seeds: Sequence[int]) -> dict[str, Any]:
@@ -390,10 +384,10 @@ def summary_rows(lines: Sequence[Mapping[str, Any]]) -> list[str]:
     """A markdown table of the lines (results/robustness/README.md)."""
     cols = ["setting", "rounds x steps, seeds", "PF2LoRA default", "PF2LoRA tuned (config)", "HOMLoRA tuned (config)"]
     cols += ["tuned - default", "HOMLoRA - default", "targets"]  # negative: the default is ahead
-    rows = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    rows = []
     for line in lines:
         if "missing" in line:
-            rows.append(f"| {line['setting']} | | not run | | | | | |")
+            rows.append([line["setting"], "", "not run"])
             continue
 
         def cell(c: Mapping[str, Any]) -> str:
@@ -414,11 +408,18 @@ def summary_rows(lines: Sequence[Mapping[str, Any]]) -> list[str]:
         sz = line.get("sizes") or {}
         runs = f"{sz.get('rounds', '?')} x {sz.get('local_steps', '?')}, {len(line['seeds'])}"
         rows.append(
-            f"| {line['setting']} | {runs} | {cell(line['pf2lora_default'])} | {config(line['pf2lora_tuned'])} | "
-            f"{config(line['homlora_tuned'])} | {line['gap_to_tuned']:+.1f} {unit} | "
-            f"{line['gap_to_homlora']:+.1f} {unit} | {verdict} |"
+            [
+                line["setting"],
+                runs,
+                cell(line["pf2lora_default"]),
+                config(line["pf2lora_tuned"]),
+                config(line["homlora_tuned"]),
+                f"{line['gap_to_tuned']:+.1f} {unit}",
+                f"{line['gap_to_homlora']:+.1f} {unit}",
+                verdict,
+            ]
         )
-    return rows
+    return markdown_table(cols, rows)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ EVAL_METRIC_NAMES = frozenset({EVAL_LOSS, ACCURACY, MCC, BALANCED_ACCURACY, BLEU
 # Label-prior accuracies beside every result: {client_majority, global_majority}.
 BASELINES = "baselines"
 
-# Run-directory contract (DESIGN.md).
+# Run-directory contract (docs/DESIGN.md, "Run directory").
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

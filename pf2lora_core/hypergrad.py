@@ -1,7 +1,7 @@
 """Hessian-vector products for PF2LoRA's hypergradient, one small class per method.
 
 With ``x`` the common (upper-level) adapter and ``y`` the private (lower-level) one, the one-step
-unroll ``y' = y - alpha * grad_y f(x, y)`` has the exact derivative (DESIGN.md, step 2)::
+unroll ``y' = y - alpha * grad_y f(x, y)`` has the exact derivative (docs/DESIGN.md, "Hypergradient")::
 
     h = grad_x f(x, y') - alpha * H_xy f(x, y) @ grad_y f(x, y')        (1)
 

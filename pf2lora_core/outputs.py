@@ -1,4 +1,4 @@
-"""The run directory of the DESIGN contract: config, per-round metrics, summary, checkpoints."""
+"""The run directory (docs/DESIGN.md, "Run directory"): config, per-round metrics, summary, checkpoints."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def new_run_dir(output_dir: str, name: str, fixed: str = "") -> Path:
 
 
 def holds_run(path: Path) -> bool:
-    """Whether ``path`` holds any of a run directory's own files (DESIGN.md's contract)."""
+    """Whether ``path`` holds any of a run directory's own files (docs/DESIGN.md, "Run directory")."""
     if any((path / name).exists() for name in RUN_FILES):
         return True
     return any(any((path / sub).iterdir()) for sub in RUN_SUBDIRS if (path / sub).is_dir())

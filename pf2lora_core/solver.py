@@ -1,4 +1,4 @@
-"""PF2LoRA's local solver: K bilevel steps on one client (DESIGN.md, "training is bilevel").
+"""PF2LoRA's local solver: K bilevel steps on one client (docs/DESIGN.md, "The update rule").
 
 One local step on client k, with ``x`` the common adapter and ``y`` the private one::
 
@@ -14,7 +14,7 @@ and ``J_phi`` its Jacobian at ``g = grad_y f(x, y)``: since ``g`` depends on ``x
 float64 oracle tests differentiate through the whole step, ``phi`` included). Every ``J_phi``
 below is symmetric, so the term is one HVP along the vector ``J_phi^T grad_y f(x, y')``:
 
-- ``sgd``: ``phi(g) = g``, ``J = I``: DESIGN.md's rule (plain SGD, step ``alpha``) and the paper's,
+- ``sgd``: ``phi(g) = g``, ``J = I``: the paper's rule (plain SGD, step ``alpha``; docs/DESIGN.md, "Lower level"),
   whose authors report a step of 1e-3 for the client-specific adapter. Plain SGD on LoRA
   factors has no natural scale: the private gradient's size varies by orders of magnitude with
   the model, the task, the ranks and the alphas (and within a run: ``grad_C = 0`` while
@@ -131,7 +131,7 @@ class _Scaled(InnerMap):
 
 
 def _identity(y: list[Tensor], grad: list[Tensor]) -> InnerMap:
-    """``sgd``: ``phi(g) = g`` (DESIGN.md's rule)."""
+    """``sgd``: ``phi(g) = g``, the paper's rule (docs/DESIGN.md, "Lower level")."""
     return InnerMap()
 
 
@@ -246,7 +246,7 @@ class BilevelSolver:
             return self._step_reuse(ev, y)
         return self._step_exact_rule(ev, y)
 
-    # -------------------------------------------------------------- the rule of DESIGN.md
+    # ------------------------------------------ the rule of docs/DESIGN.md, "The update rule"
     def _step_exact_rule(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         # grad_y f(x,y) (+ grad_x f(x,y) only where the method needs it: the forward-difference base)
         inner = self.hvp.gradient_pass(ev, y, want_x=False)

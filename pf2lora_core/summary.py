@@ -1,4 +1,4 @@
-"""``summary.json`` (DESIGN contract) from the per-round history, and the end-of-run table."""
+"""``summary.json`` (docs/DESIGN.md, "summary.json") from the per-round history, and the end-of-run table."""
 
 from __future__ import annotations
 

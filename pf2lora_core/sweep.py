@@ -353,7 +353,7 @@ def job_objective(results: Sequence[JobResult]) -> float:
     NaN when any seed failed or has no validation result, so the sweeper records a failed trial
     and goes on; ``pf2lora-tune`` reads the run directories, not this value, to choose.
     """
-    from pf2lora_core.report import validation_mean
+    from pf2lora_core.analysis.loading import validation_mean
 
     values = []
     for r in results:

@@ -12,7 +12,7 @@ on the same budget (rounds, local steps, learning-rate schedule of the common le
 rank of a client is the threshold rank of its full update ``s B A + s~ D_k C_k`` (singular values
 above ``threshold * sigma_1``, the same default threshold as Flower runs: ``rank.DEFAULT_THRESHOLD``),
 reported with its entropy rank and the private level's share of the update's energy. A run
-directory (DESIGN contract) gets ``config.yaml``, ``metrics.jsonl`` (per round and algorithm,
+directory (docs/DESIGN.md, "Run directory") gets ``config.yaml``, ``metrics.jsonl`` (per round and algorithm,
 each client's loss), ``summary.json``
 (``algorithms.<name>.clients[i] = {client, true_rank, learned_rank, loss, ...}``) and ``plots/``
 with each client's singular-value spectrum.

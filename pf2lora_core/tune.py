@@ -9,7 +9,7 @@ Per algorithm it runs ``pf2lora-sweep -m <overrides> algorithm=<a> tune=<a>`` (`
 or ``conf/tune/default.yaml`` for an algorithm with no level of its own): Hydra's Optuna sweeper
 draws the trials from the search space declared there, each trial runs every tuning seed
 (``sweep.seeds``) and its objective is the mean validation metric over them. The best trial is
-then chosen from the trial directories on validation only (``report.validation_mean``), its
+then chosen from the trial directories on validation only (``analysis.loading.validation_mean``), its
 values re-run on fresh seeds (never the tuning seeds), and ``tune_report.md`` / ``tune_report.csv``
 give per algorithm the chosen values, validation and test mean ± std (± standard error, 95%
 interval) over the fresh seeds, the label-prior rows, and examples and FLOPs per round.
@@ -38,22 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pf2lora_core import sweep
+from pf2lora_core.analysis.loading import (
+    PRIORS,
+    ReportError,
+    Run,
+    load_sweep,
+    lower_is_better,
+    validation_mean,
+)
+from pf2lora_core.analysis.statistics import marks, summarize, t975
+from pf2lora_core.analysis.tables import cell, markdown_table
 from pf2lora_core.config import ConfigError
 from pf2lora_core.constants import SUMMARY_FILE
 from pf2lora_core.experiment import conf_dir
 from pf2lora_core.launch import sigterm_as_interrupt
 from pf2lora_core.outputs import atomic_write_bytes
-from pf2lora_core.report import (
-    PRIORS,
-    ReportError,
-    Run,
-    difference_interval,
-    load_sweep,
-    lower_is_better,
-    t975,
-    uncertainty,
-    validation_mean,
-)
 
 # The comparison of issue 12: PF2LoRA against the baselines a reviewer asks for.
 DEFAULT_ALGORITHMS = ("pf2lora", "homlora", "fedsa_lora", "feddpa", "perfedavg", "hetlora", "local")
@@ -242,35 +241,20 @@ def _values(runs: Sequence[Run], name: str) -> list[float]:
     return [r.values[name] for r in runs]
 
 
-def _ms(values: Sequence[float]) -> tuple[float, float, float, float, float]:
-    """Mean, std, se, 95% interval of the finite values (NaN where undefined)."""
-    mean, se, lo, hi = uncertainty(values)
-    finite = [v for v in values if math.isfinite(v)]
-    std = statistics.stdev(finite) if len(finite) > 1 else math.nan
-    return mean, std, se, lo, hi
+def _summary(values: Sequence[float]) -> tuple[float, float, float, float, float]:
+    """Mean, std, se, 95% interval of the finite values (NaN where undefined): the CSV's columns."""
+    s = summarize(values)
+    return s.mean, s.std, s.se, s.low, s.high
 
 
 def _cell(values: Sequence[float], mark: str = "") -> str:
-    mean, std, se, lo, hi = _ms(values)
-    if math.isnan(mean):
-        return "-"
-    text = f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f} (se {se:.3f}) [{lo:.3f}, {hi:.3f}]"
-    return f"{text} {mark}".strip()
+    """``mean ± std (se x) [95% interval]``: the spread over the fresh seeds, and the mean's uncertainty."""
+    return cell(values, mark=mark, std=True, interval=True)
 
 
 def _marks(choices: Sequence[Choice], name: str, metric: str) -> dict[str, str]:
     """``*`` the best algorithm in this column, ``≈`` those inside the 95% Welch interval of its difference."""
-    scored = [c for c in choices if math.isfinite(_ms(_values(c.final, name))[0])]
-    if len(scored) < 2:
-        return {}
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    best = max(scored, key=lambda c: sign * _ms(_values(c.final, name))[0])
-    out = {best.algorithm: "*"}
-    for c in scored:
-        lo, hi = difference_interval(_values(best.final, name), _values(c.final, name))
-        if c is not best and lo <= 0 <= hi:
-            out[c.algorithm] = "≈"
-    return out
+    return marks({c.algorithm: _values(c.final, name) for c in choices}, lower_is_better(metric))
 
 
 def _prior(choices: Sequence[Choice], name: str) -> list[float]:
@@ -283,25 +267,25 @@ def _prior(choices: Sequence[Choice], name: str) -> list[float]:
 
 
 def _cost(runs: Sequence[Run], name: str, fmt: str) -> str:
-    mean = _ms(_values(runs, name))[0]
+    mean = summarize(_values(runs, name)).mean
     return "-" if math.isnan(mean) else f"{mean:{fmt}}"
 
 
 def render(choices: Sequence[Choice], seeds: Sequence[int], final_seeds: Sequence[int]) -> str:
     metric = _metric(choices) or "-"
     n = len(final_seeds)
-    marks = {name: _marks(choices, name, metric) for name in COLUMNS}
+    marked = {name: _marks(choices, name, metric) for name in COLUMNS}
     head = ["algorithm", "chosen values", "trials", "tuning objective", "validation", "test", "n",
             "examples / round", "FLOPs / round"]  # fmt: skip
-    rows = [_row(head), _row(["---"] * len(head))]
+    rows = []
     for c in choices:
         chosen = " ".join(f"`{k}={_short(v)}`" for k, v in c.values.items()) or "-"
-        cells = [_cell(_values(c.final, name), marks[name].get(c.algorithm, "")) for name in COLUMNS]
+        cells = [_cell(_values(c.final, name), marked[name].get(c.algorithm, "")) for name in COLUMNS]
         cost = [_cost(c.final, "examples_per_round", ",.0f"), _cost(c.final, "flops_per_round", ".3g")]
         trials = f"{c.trials_done}/{c.trials_total}"
-        rows.append(_row([c.algorithm, chosen, trials, f"{c.objective:.4f}", *cells, str(len(c.final)), *cost]))
+        rows.append([c.algorithm, chosen, trials, f"{c.objective:.4f}", *cells, str(len(c.final)), *cost])
     for q in PRIORS:
-        rows.append(_row([f"prior: {q.name}", "-", "-", "-", "-", _cell(_prior(choices, q.name)), "-", "-", "-"]))
+        rows.append([f"prior: {q.name}", "-", "-", "-", "-", _cell(_prior(choices, q.name)), "-", "-", "-"])
     t = t975(n - 1) if n > 1 else math.nan
     return "\n".join([
         "# Tuning report",
@@ -321,7 +305,7 @@ def render(choices: Sequence[Choice], seeds: Sequence[int], final_seeds: Sequenc
         "majority label (global_majority), as accuracies; a method at or below them has learned no more "
         "than the label prior.",
         "",
-        *rows,
+        *markdown_table(head, rows),
         "",
     ])  # fmt: skip
 
@@ -332,10 +316,6 @@ def _short(value: str) -> str:
         return f"{float(value):.4g}"
     except ValueError:
         return value
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def write_outputs(choices: Sequence[Choice], seeds: Sequence[int], final_seeds: Sequence[int], out: Path) -> None:
@@ -361,12 +341,12 @@ def _write_csv(choices: Sequence[Choice], path: Path) -> None:
         writer.writerow(["algorithm", "chosen", "tuning_objective", "n_seeds", *stats,
                          "examples_per_round", "flops_per_round"])  # fmt: skip
         for c in choices:
-            nums = [v for name in COLUMNS for v in _ms(_values(c.final, name))]
-            cost = [_ms(_values(c.final, k))[0] for k in ("examples_per_round", "flops_per_round")]
+            nums = [v for name in COLUMNS for v in _summary(_values(c.final, name))]
+            cost = [summarize(_values(c.final, k)).mean for k in ("examples_per_round", "flops_per_round")]
             chosen = " ".join(f"{k}={v}" for k, v in c.values.items())
             writer.writerow([c.algorithm, chosen, _num(c.objective), len(c.final), *map(_num, nums), *map(_num, cost)])
         for q in PRIORS:
-            nums = [math.nan] * 5 + list(_ms(_prior(choices, q.name)))
+            nums = [math.nan] * 5 + list(_summary(_prior(choices, q.name)))
             writer.writerow([f"prior:{q.name}", "", "", "", *map(_num, nums), "", ""])
 
 

@@ -1,6 +1,6 @@
 """Common-adapter FedAvg: a Flower strategy that averages the common level and nothing else.
 
-Objective (PF2LoRA, docs/DESIGN.md "The update rule"): ``x <- sum_k n_k x_k / sum_k n_k`` over the
+Objective (PF2LoRA, docs/DESIGN.md, "Server averaging"): ``x <- sum_k n_k x_k / sum_k n_k`` over the
 common adapters ``x_k`` the clients return, ``n_k`` their trusted numbers of training examples;
 private adapters never reach the server. The rule itself is the algorithm's
 (``Algorithm.server_update``) or a robust one named by ``federation.aggregator``

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import federated, results, robustness
 from benchmarks.federated import Job, RunLog, Sizes
+from tests.markdown import row_of, table_rows
 
 
 def test_rt3_csv_has_three_labels_without_duplicates(tmp_path: Path) -> None:
@@ -134,16 +135,32 @@ def test_results_tables_give_each_algorithm_its_own_runs(tmp_path: Path) -> None
     readme = results.render(log, tuned, [0, 1], tmp_path)
     text = readme.read_text()
     section = text.split("## Rotten Tomatoes 2-way, s = 0.5")[1].split("##")[0]
-    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    rows = {row[0]: row for row in table_rows(section)}  # algorithm, configuration, personalized test, ...
     for i, name in enumerate(results.ALGORITHMS):
-        assert f"| {0.5 + i / 100 + 0.001:.3f} ± " in rows[name], name
-    assert "* |" in rows["local"] and "*" not in rows["centralized"]  # a reference, never marked best
-    assert "`lr=0.004`" in rows["homlora"] and "not tuned" in rows["local"]
+        assert rows[name][2].startswith(f"{0.5 + i / 100 + 0.001:.3f} ± "), name
+    assert rows["local"][2].endswith(" *") and "*" not in "".join(rows["centralized"])  # a reference, never best
+    assert "`lr=0.004`" in rows["homlora"][1] and "not tuned" in rows["local"][1]
     assert "prior: client majority" in section and "0.600" in section
     assert (tmp_path / "plots" / "rt2_accuracy_vs_s.png").exists()
     # the prose between the markers survives a re-render
     readme.write_text(text.replace("(No prose yet.)", "Our reading."))
     assert "Our reading." in results.render(log, tuned, [0, 1], tmp_path).read_text()
+
+
+def test_results_mark_the_lowest_perplexity_best(tmp_path: Path) -> None:
+    """Perplexity: lower is better, so the smallest mean gets the *, in the setting and the summary table."""
+    log = RunLog(tmp_path / "runs.jsonl", Sizes())
+    rows = results.algorithm_rows({})
+    for i, (_, overrides) in enumerate(rows.values()):  # pf2lora (first) lowest, then 1 apart: all told apart
+        for seed in (0, 1):
+            log.add(Job("rt2_s0.5", overrides, seed), _fake(10.0, 10.0 + i + seed / 100, metric="perplexity"))
+    table = {row[0]: row for row in table_rows("\n".join(results.setting_table(log, "rt2_s0.5", rows, [0, 1])))}
+    column = results.settings().index("rt2_s0.5") + 1
+    summary = {row[0]: row for row in table_rows("\n".join(results.summary_table(log, {}, [0, 1])))}
+    for cells in (table["pf2lora"][2], summary["pf2lora"][column]):
+        assert cells.endswith(" *")
+    for name in results.ALGORITHMS[1:]:
+        assert not table[name][2].endswith(("*", "≈")) and not summary[name][column].endswith(("*", "≈")), name
 
 
 def test_prior_rows_read_every_seed_any_row_has(tmp_path: Path) -> None:
@@ -174,7 +191,8 @@ def test_robustness_table_goes_between_the_readme_markers(tmp_path: Path) -> Non
     readme.write_text(f"# Prose\n\nkept\n\n{robustness.TABLE_START}\nold\n{robustness.TABLE_END}\n\nafter\n")
     robustness.write_table(readme, [{"setting": "rt2_s0.3", "missing": ["x"]}])
     text = readme.read_text()
-    assert "kept" in text and "after" in text and "old" not in text and "| rt2_s0.3 | | not run |" in text
+    assert "kept" in text and "after" in text and "old" not in text
+    assert row_of(text, "rt2_s0.3")[:3] == ["rt2_s0.3", "", "not run"]
 
 
 def test_grid_grows_past_an_edge_optimum(tmp_path: Path) -> None:

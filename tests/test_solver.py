@@ -1,4 +1,4 @@
-"""Oracle tests of one BilevelSolver step (DESIGN.md, "training is bilevel") in float64.
+"""Oracle tests of one BilevelSolver step (docs/DESIGN.md, "The update rule") in float64.
 
 The oracle flattens both levels into one vector, takes the explicit Hessian of the loss with
 ``torch.autograd.functional.hessian``, reads the mixed block ``H_xy`` off it, and applies the
@@ -44,7 +44,7 @@ class Flat:
 
 
 def _oracle_step(loss, x: dict[str, Tensor], y: dict[str, Tensor], adam_t: int, m: Tensor, v2: Tensor):
-    """(x_new, y_new, m, v2): one step of DESIGN.md's rule and AdamW, from the explicit Hessian."""
+    """(x_new, y_new, m, v2): one step with AdamW (docs/DESIGN.md, "The update rule"), from the explicit Hessian."""
     flat = Flat(x, y)
     z = flat.vec(x, y)
     nx = flat.nx

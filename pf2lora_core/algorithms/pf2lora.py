@@ -2,10 +2,10 @@
 
 Every client k holds the common adapter x = (A, B) of rank r, averaged by the server, and a
 private adapter y_k = (C_k, D_k) of rank r~ that never leaves it. Each local step is the
-one-step-unrolled bilevel update of ``pf2lora_core.solver`` (DESIGN.md): a step of size alpha
-on y (plain SGD with ``inner_step=sgd``, as in the paper and DESIGN.md; RMS-scaled per tensor
-by default, see the solver's docstring), the exact hypergradient of that unroll for x, AdamW on
-x with lr beta. The server averages x weighted by examples (FedAvg). A client's update
+one-step-unrolled bilevel update of ``pf2lora_core.solver`` (docs/DESIGN.md, "The update rule"):
+a step of size alpha on y (plain SGD with ``inner_step=sgd``, as in the paper; RMS-scaled per
+tensor by default, see the solver's docstring), the exact hypergradient of that unroll for x,
+AdamW on x with lr beta. The server averages x weighted by examples (FedAvg). A client's update
 ``s B A + s~ D_k C_k`` can have any rank in ``[r - r~, r + r~]``, learned from its data.
 
 Ours, beyond the paper (``refit_steps``; 0 turns it off): a client re-fits y to each x it
