@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from pf2lora_core.constants import METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.config.keys import METRICS_FILE, SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "pf2lora"

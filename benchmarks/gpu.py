@@ -66,8 +66,8 @@ from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
-from pf2lora_core.config import GenerationConfig, ModelConfig
-from pf2lora_core.constants import ACCURACY, COMMON, PERPLEXITY, PRIVATE
+from pf2lora_core.config.keys import ACCURACY, COMMON, PERPLEXITY, PRIVATE
+from pf2lora_core.config.schema import GenerationConfig, ModelConfig
 from pf2lora_core.cost import count_flops
 from pf2lora_core.models import LoadedModel, load_causal_lm, load_classifier
 from pf2lora_core.precision import configure_matmul_precision
@@ -345,7 +345,7 @@ def flwr_part(
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"not installed here: {', '.join(missing)} (the demo's runtime, data and model)"}
-    from pf2lora_core.experiment import load
+    from pf2lora_core.config.experiment import load
     from pf2lora_core.launch import federation_config, flwr_run
 
     out: dict[str, Any] = {"clients": clients, "rounds": sizes.flwr_rounds}

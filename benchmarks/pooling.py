@@ -14,8 +14,8 @@ import json
 import time
 
 from pf2lora_core.client import ClientRuntime
-from pf2lora_core.constants import ACCURACY, BALANCED_ACCURACY, COMMON
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import ACCURACY, BALANCED_ACCURACY, COMMON
 
 ARMS = {
     "mean": ["model.pooling=mean"],

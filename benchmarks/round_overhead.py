@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pf2lora_core.constants import METRICS_FILE
+from pf2lora_core.config.keys import METRICS_FILE
 from pf2lora_core.launch import flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent

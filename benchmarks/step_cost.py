@@ -55,8 +55,8 @@ from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA, PF2LoRAParams
-from pf2lora_core.config import ModelConfig
-from pf2lora_core.constants import ACCURACY, COMMON, PRIVATE
+from pf2lora_core.config.keys import ACCURACY, COMMON, PRIVATE
+from pf2lora_core.config.schema import ModelConfig
 from pf2lora_core.models import LoadedModel, load_classifier
 from pf2lora_core.precision import configure_matmul_precision
 from pf2lora_core.runtime import resolve_device

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pf2lora_core.client import ClientRuntime
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
 from pf2lora_core.federation.checks import update_norm, update_reference
 
 

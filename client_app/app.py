@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pf2lora_core.constants import (
+from pf2lora_core.config.keys import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
     METRICS_KEY,

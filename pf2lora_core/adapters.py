@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
-from pf2lora_core.constants import COMMON, LEVELS, PRIVATE
+from pf2lora_core.config.keys import COMMON, LEVELS, PRIVATE
 from pf2lora_core.noise import DropoutTape
 
 StateDict = dict[str, Tensor]

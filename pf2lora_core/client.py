@@ -21,7 +21,8 @@ from torch import Tensor
 from pf2lora_core import data
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.constants import (
+from pf2lora_core.config.experiment import Experiment, from_yaml
+from pf2lora_core.config.keys import (
     BATCHES_SEEN,
     COMMON,
     COMPUTE_SECONDS,
@@ -39,7 +40,6 @@ from pf2lora_core.constants import (
 from pf2lora_core.cost import count_flops
 from pf2lora_core.data.columns import TEST
 from pf2lora_core.data.site import config_label_names, site_split
-from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.models import load_model
 from pf2lora_core.precision import configure_matmul_precision
 from pf2lora_core.rank import rank_report

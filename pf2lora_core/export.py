@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import Algorithm
-from pf2lora_core.constants import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
+from pf2lora_core.config.experiment import Experiment, from_yaml
+from pf2lora_core.config.keys import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
 from pf2lora_core.data.sources import CLASSIFICATION
-from pf2lora_core.experiment import Experiment, from_yaml
 from pf2lora_core.logs import quiet_libraries
 from pf2lora_core.pooling import MEAN
 

@@ -26,8 +26,8 @@ import pathspec
 import psutil
 import torch
 
-from pf2lora_core.config import ConfigError
-from pf2lora_core.experiment import Experiment, load, preflight
+from pf2lora_core.config.experiment import Experiment, load, preflight
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.runtime import simulation_gpu_problem
 
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {stop_local_superlink()} process(es) of the local SuperLink under {_flwr_home()}")
         return 0
     if args[0] == "demo":
-        from pf2lora_core.experiment import conf_dir
+        from pf2lora_core.config.experiment import conf_dir
 
         return demo(args[1:], conf_dir().parent, _flwr_home())
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pf2lora_core.config import ModelConfig
+from pf2lora_core.config.schema import ModelConfig
 from pf2lora_core.pooling import MEAN, use_mean_pooling
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pf2lora_core.constants import BLEU, METEOR, ROUGE_L
+from pf2lora_core.config.keys import BLEU, METEOR, ROUGE_L
 
 # Where Debian/Ubuntu's `wordnet-base` puts the WordNet 3.0 database; $PF2LORA_WORDNET overrides.
 WORDNET_ENV = "PF2LORA_WORDNET"

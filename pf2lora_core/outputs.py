@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from pf2lora_core.constants import (
+from pf2lora_core.config.keys import (
     AUDIT_DIR,
     CHECKPOINTS_DIR,
     CONFIG_FILE,

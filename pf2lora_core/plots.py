@@ -13,7 +13,7 @@ import datasets
 import matplotlib.pyplot as plt
 from flwr_datasets.partitioner import Partitioner
 
-from pf2lora_core.constants import GLOBAL, PERSONALIZED, TRAIN_LOSS
+from pf2lora_core.config.keys import GLOBAL, PERSONALIZED, TRAIN_LOSS
 
 LABEL = "label"  # the label column of the partitions label_distributions plots
 

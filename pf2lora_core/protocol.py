@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pf2lora_core.constants import GLOBAL, NUM_EXAMPLES, PERSONALIZED
+from pf2lora_core.config.keys import GLOBAL, NUM_EXAMPLES, PERSONALIZED
 
 CLIENT_KEY = "client"  # partition id of the replying client, in every MetricRecord
 DETAILS_KEY = "details"  # ConfigRecord with one JSON string (rank spectra, histograms)

@@ -38,7 +38,7 @@ from pf2lora_core.analysis.grouping import group_runs, resolve_at, resolve_x
 from pf2lora_core.analysis.loading import ReportError, load_sweep
 from pf2lora_core.analysis.plotting import write_plots
 from pf2lora_core.analysis.rendering import render_markdown, write_csv
-from pf2lora_core.constants import PLOTS_DIR, REPORT_CSV, REPORT_MD
+from pf2lora_core.config.keys import PLOTS_DIR, REPORT_CSV, REPORT_MD
 
 
 def build_report(sweep_dir: Path, x_key: str | None = None, at: str | None = None) -> Path:

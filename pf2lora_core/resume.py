@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 
 from pf2lora_core.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, load_latest
-from pf2lora_core.constants import METRICS_FILE
-from pf2lora_core.experiment import Experiment, from_yaml
+from pf2lora_core.config.experiment import Experiment, from_yaml
+from pf2lora_core.config.keys import METRICS_FILE
 from pf2lora_core.outputs import RunDir, atomic_write_bytes
 
 log = logging.getLogger("pf2lora.server")

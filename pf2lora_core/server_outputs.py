@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from pf2lora_core.adapters import TwoLevelModel
-from pf2lora_core.config import TrackingConfig
-from pf2lora_core.constants import COMMON
-from pf2lora_core.experiment import Experiment
+from pf2lora_core.config.experiment import Experiment
+from pf2lora_core.config.keys import COMMON
+from pf2lora_core.config.schema import TrackingConfig
 from pf2lora_core.export import export_problem, save_adapter
 from pf2lora_core.outputs import RunDir
 from pf2lora_core.tracking import Tracker, make_tracker

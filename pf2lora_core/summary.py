@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from pf2lora_core.constants import (
+from pf2lora_core.config.experiment import Experiment
+from pf2lora_core.config.keys import (
     ACCURACY,
     BALANCED_ACCURACY,
     BASELINES,
@@ -27,7 +28,6 @@ from pf2lora_core.constants import (
 )
 from pf2lora_core.data.columns import TEST, TRAIN
 from pf2lora_core.data.sources import CLASSIFICATION
-from pf2lora_core.experiment import Experiment
 from pf2lora_core.outputs import aggregate_metric
 
 CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split

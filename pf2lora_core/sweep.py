@@ -44,8 +44,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import (
+from pf2lora_core.config.experiment import Experiment, conf_dir, load
+from pf2lora_core.config.keys import (
     FAILED_FILE,
     JOB_FILE,
     JOB_LOG_FILE,
@@ -54,7 +54,7 @@ from pf2lora_core.constants import (
     SUMMARY_FILE,
     VALIDATION,
 )
-from pf2lora_core.experiment import Experiment, conf_dir, load
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
 from pf2lora_core.models import resolve_model
 from pf2lora_core.outputs import atomic_write_bytes, set_aside_run

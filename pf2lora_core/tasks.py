@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pf2lora_core import data
-from pf2lora_core.config import GenerationConfig, TaskConfig
-from pf2lora_core.constants import ACCURACY, BALANCED_ACCURACY, EVAL_LOSS, MCC, METEOR, PERPLEXITY
+from pf2lora_core.config.keys import ACCURACY, BALANCED_ACCURACY, EVAL_LOSS, MCC, METEOR, PERPLEXITY
+from pf2lora_core.config.schema import GenerationConfig, TaskConfig
 from pf2lora_core.data.columns import (
     ATTENTION_MASK,
     IGNORE_INDEX,

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
-from pf2lora_core.config import TrackingConfig
+from pf2lora_core.config.schema import TrackingConfig
 
 
 class Tracker(Protocol):

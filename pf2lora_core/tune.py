@@ -48,9 +48,9 @@ from pf2lora_core.analysis.loading import (
 )
 from pf2lora_core.analysis.statistics import marks, summarize, t975
 from pf2lora_core.analysis.tables import cell, markdown_table
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import SUMMARY_FILE
-from pf2lora_core.experiment import conf_dir
+from pf2lora_core.config.experiment import conf_dir
+from pf2lora_core.config.keys import SUMMARY_FILE
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import sigterm_as_interrupt
 from pf2lora_core.outputs import atomic_write_bytes
 

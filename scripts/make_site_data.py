@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sites < 1 or args.rows < 2 or not 0 <= args.skew <= 1:
         parser.error("need --sites >= 1, --rows >= 2 and --skew in [0, 1]")
 
+    from pf2lora_core.config.experiment import load
     from pf2lora_core.data import load_examples
-    from pf2lora_core.experiment import load
 
     task = load(["task.max_examples=0"]).task
     pool = load_examples(task, args.seed)

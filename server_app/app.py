@@ -18,10 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora_core import data
 from pf2lora_core.checkpoint import ServerCheckpoint
 from pf2lora_core.client import DEPLOYMENT, build_model
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.experiment import Experiment, load, preflight, split_overrides
+from pf2lora_core.config.keys import COMMON, PRIVATE
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.data.site import config_label_names
-from pf2lora_core.experiment import Experiment, load, preflight, split_overrides
 from pf2lora_core.logs import quiet_libraries
 from pf2lora_core.outputs import RunDir, RunDirInUseError, new_run_dir
 from pf2lora_core.plots import write_run_plots

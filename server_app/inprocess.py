@@ -171,7 +171,7 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
     Raises ``ConfigError`` for a bad configuration (before any work) and whatever the ServerApp raises.
     """
     from client_app.app import app as client_app
-    from pf2lora_core.experiment import load, split_overrides
+    from pf2lora_core.config.experiment import load, split_overrides
     from pf2lora_core.launch import join_overrides
     from server_app.app import serve
 
@@ -179,7 +179,7 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
     text = join_overrides(items)
     exp = load(items)  # the federation's size; ConfigError here, before any node exists
     if exp.federation.kind != "simulation":
-        from pf2lora_core.config import ConfigError
+        from pf2lora_core.config.schema import ConfigError
 
         raise ConfigError(
             f"federation.kind={exp.federation.kind}: the in-process engine runs simulations only; "
@@ -197,7 +197,7 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m server_app.inprocess [hydra overrides]``: ``make demo ENGINE=inprocess``."""
-    from pf2lora_core.config import ConfigError
+    from pf2lora_core.config.schema import ConfigError
     from pf2lora_core.launch import sigterm_as_interrupt
 
     try:

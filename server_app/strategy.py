@@ -46,8 +46,8 @@ from pf2lora_core.checkpoint import (
     restore_algorithm_state,
     restore_rng,
 )
-from pf2lora_core.config import FederationConfig
-from pf2lora_core.constants import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS, VALIDATION
+from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS, VALIDATION
+from pf2lora_core.config.schema import FederationConfig
 from pf2lora_core.federation.checks import truncate
 from pf2lora_core.federation.nodes import NodeDirectory
 from pf2lora_core.federation.replies import (

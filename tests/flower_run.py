@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from pf2lora_core.constants import SUMMARY_FILE
+from pf2lora_core.config.keys import SUMMARY_FILE
 from pf2lora_core.launch import LAUNCH_MARK, flwr_run
 from tests.tiny_bert import make_tiny_bert
 

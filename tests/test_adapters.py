@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.keys import COMMON, PRIVATE
 from tests.tiny import MLP, randomize_adapters, two_level_mlp
 
 

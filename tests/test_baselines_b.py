@@ -30,9 +30,9 @@ from pf2lora_core.algorithms.perfedavg import (
     hvp_central,
 )
 from pf2lora_core.client import ClientRuntime
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
+from pf2lora_core.config.schema import ConfigError
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny import randomize_adapters, two_level_mlp
 from tests.tiny_bert import make_tiny_bert

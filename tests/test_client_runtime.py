@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pf2lora_core import client as client_mod
-from pf2lora_core.constants import COMMON, PRIVATE
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.state import PrivateState, PrivateStore
 from tests.tiny_bert import make_tiny_bert
 

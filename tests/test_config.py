@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pf2lora_core.algorithms import HOMLoRA, PF2LoRA
-from pf2lora_core.config import ConfigError
-from pf2lora_core.experiment import conf_dir, from_yaml, load
+from pf2lora_core.config.experiment import conf_dir, from_yaml, load
+from pf2lora_core.config.schema import ConfigError
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in conf_dir().iterdir() if p.is_dir()}
 

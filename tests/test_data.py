@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pf2lora_core.config import ConfigError, PartitionConfig, TaskConfig
-from pf2lora_core.constants import ACCURACY, MCC
+from pf2lora_core.config.keys import ACCURACY, MCC
+from pf2lora_core.config.schema import ConfigError, PartitionConfig, TaskConfig
 from pf2lora_core.data import (
     batches,
     client_split,

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from pf2lora_core.config import ConfigError
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import federation_config
 from pf2lora_core.runtime import resolve_device, simulation_gpu_problem
 

@@ -11,7 +11,7 @@ import torch
 
 from pf2lora_core.algorithms import LoRAParams
 from pf2lora_core.algorithms.flora import STACK_A, STACK_B, FLoRA, stack
-from pf2lora_core.constants import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
+from pf2lora_core.config.keys import COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny import MLP
 
@@ -98,7 +98,7 @@ def test_a_flora_round_on_a_tiny_decoder_merges_what_peft_computes(arch: str, tm
     from peft import LoraConfig
 
     from pf2lora_core.client import ClientRuntime
-    from pf2lora_core.experiment import load
+    from pf2lora_core.config.experiment import load
     from tests.tiny_lm import make_tiny_lm
 
     model_dir = make_tiny_lm(tmp_path / arch, arch)

@@ -94,7 +94,7 @@ def test_ranks_by_seed_are_deterministic_and_in_range() -> None:
 
 def test_client_trains_at_its_rank_and_may_prune(tmp_path) -> None:
     from pf2lora_core.client import ClientRuntime
-    from pf2lora_core.experiment import load
+    from pf2lora_core.config.experiment import load
     from tests.tiny_bert import make_tiny_bert
 
     model = make_tiny_bert(tmp_path / "tiny-bert")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.hypergrad import make_hvp
 from pf2lora_core.solver import hypergradient
 from tests.tiny import regression_problem

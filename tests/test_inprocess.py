@@ -13,8 +13,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from pf2lora_core.config import ConfigError
-from pf2lora_core.constants import SUMMARY_FILE
+from pf2lora_core.config.keys import SUMMARY_FILE
+from pf2lora_core.config.schema import ConfigError
 from server_app import inprocess
 from server_app.inprocess import InProcessGrid, server_identity
 from tests.flower_run import tiny_flower_run, tiny_overrides

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core.config import ConfigError
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import (
     LAUNCH_MARK,
     LOCAL_PORT_VARS,

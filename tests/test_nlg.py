@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from pf2lora_core import nlg_metrics
-from pf2lora_core.config import ConfigError, GenerationConfig, TaskConfig
-from pf2lora_core.constants import COMMON, PERPLEXITY, PRIVATE
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import COMMON, PERPLEXITY, PRIVATE
+from pf2lora_core.config.schema import ConfigError, GenerationConfig, TaskConfig
 from pf2lora_core.data import client as data_client
 from pf2lora_core.data import load_examples
 from pf2lora_core.data.columns import IGNORE_INDEX, INPUT_IDS, LABEL, LABELS, PROMPT, PROMPT_LENGTH, TARGET
 from pf2lora_core.data.partition import NaturalGroupPartitioner
 from pf2lora_core.data.sources import linearize_mr, linearize_triples, review_prompt, webnlg_rows
-from pf2lora_core.experiment import load
 from pf2lora_core.tasks import CausalLMTask, group_references, left_pad, token_cross_entropy
 from tests.tiny_lm import make_tiny_lm
 

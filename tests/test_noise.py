@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.noise import SeededLoss
 
 CPU = torch.device("cpu")

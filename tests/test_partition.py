@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
-from pf2lora_core.config import PartitionConfig
+from pf2lora_core.config.schema import PartitionConfig
 from pf2lora_core.data.columns import LABEL
 from pf2lora_core.data.partition import PARTITIONERS, SSplitPartitioner, make_partitioner
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pf2lora_core.checkpoint import SERVER_STATE_DIR, history_path, load_latest
-from pf2lora_core.constants import CONFIG_FILE, METRICS_FILE
+from pf2lora_core.config.keys import CONFIG_FILE, METRICS_FILE
 from pf2lora_core.outputs import RunDirInUseError, new_run_dir, set_aside_run
 from pf2lora_core.resume import load_resume
 from pf2lora_core.state import PREVIOUS_FILE, TORN_SUFFIX, PrivateState, PrivateStateLostError, PrivateStore
@@ -146,7 +146,7 @@ def test_a_sweep_retry_sets_the_failed_attempt_aside(tmp_path: Path) -> None:
 def test_server_app_refuses_a_used_run_dir(tmp_path: Path) -> None:
     from flwr.app import Context, RecordDict
 
-    from pf2lora_core.config import ConfigError
+    from pf2lora_core.config.schema import ConfigError
     from server_app.app import main
 
     used = new_run_dir("", "", str(tmp_path / "run"))

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from pf2lora_core import policy as P
 from pf2lora_core.client import build_model
-from pf2lora_core.constants import ARRAYS_KEY, COMMON, NUM_EXAMPLES
-from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.config.experiment import Experiment, load
+from pf2lora_core.config.keys import ARRAYS_KEY, COMMON, NUM_EXAMPLES
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY
 from tests.sites import LABELS, MIXES, split_sizes, write_site

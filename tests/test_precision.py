@@ -20,8 +20,8 @@ from pf2lora_core import client as client_mod
 from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
-from pf2lora_core.constants import ACCURACY, COMMON
-from pf2lora_core.experiment import load
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import ACCURACY, COMMON
 from pf2lora_core.precision import configure_matmul_precision, float32_pass, float32_required
 from pf2lora_core.solver import autocast_context
 from pf2lora_core.tasks import ClassificationTask

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flwr.app import Context, RecordDict
 
-from pf2lora_core.config import ConfigError
+from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import main as launch_main
 
 LATE_FAILURES = {
@@ -62,7 +62,7 @@ def test_federation_config_of_a_sound_setup_passes_preflight(capsys: pytest.Capt
 
 def test_deployment_preflight_checks_config_not_data() -> None:
     """In deployment each site holds its own data: the server checks model and device, not partitions."""
-    from pf2lora_core.experiment import load, preflight
+    from pf2lora_core.config.experiment import load, preflight
 
     exp = load("federation=deployment task=files +task.data_files.train=/only/on/the/sites.csv")
     assert preflight(exp).sizes == {}

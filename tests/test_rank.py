@@ -55,7 +55,7 @@ def test_rank_report_mean_over_modules() -> None:
 
 
 def test_flower_runs_and_the_synthetic_task_share_one_threshold() -> None:
-    from pf2lora_core.experiment import compose
+    from pf2lora_core.config.experiment import compose
     from pf2lora_core.rank import DEFAULT_THRESHOLD
     from pf2lora_core.synthetic import SyntheticConfig
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core.constants import METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.config.keys import METRICS_FILE, SUMMARY_FILE
 from tests.flower_run import tiny_inprocess_run
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pf2lora_core.analysis.loading import ReportError, parse_overrides, split_overrides
-from pf2lora_core.constants import FAILED_FILE, JOB_FILE, METRICS_FILE, PLOTS_DIR, REPORT_CSV, SUMMARY_FILE
+from pf2lora_core.config.keys import FAILED_FILE, JOB_FILE, METRICS_FILE, PLOTS_DIR, REPORT_CSV, SUMMARY_FILE
 from pf2lora_core.report import build_report, main
 from tests.markdown import row_of
 

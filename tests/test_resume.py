@@ -33,8 +33,8 @@ from pf2lora_core.checkpoint import (
     latest_checkpoint,
     restore_algorithm_state,
 )
-from pf2lora_core.constants import ARRAYS_KEY, GLOBAL, METRICS_FILE, METRICS_KEY, PERSONALIZED
-from pf2lora_core.experiment import Experiment, load
+from pf2lora_core.config.experiment import Experiment, load
+from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_FILE, METRICS_KEY, PERSONALIZED
 from pf2lora_core.launch import federation_config
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_eval

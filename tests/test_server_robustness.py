@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from pf2lora_core.aggregation import ROBUST
-from pf2lora_core.constants import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.checks import clip_update, update_norm, update_reference
 from pf2lora_core.outputs import new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY
@@ -433,7 +433,7 @@ def test_robust_aggregators_ignore_a_poisoned_minority(tmp_path: Path) -> None:
 
 
 def test_robust_aggregator_with_an_own_rule_algorithm_is_a_config_error() -> None:
-    from pf2lora_core.config import ConfigError
+    from pf2lora_core.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"federation\.aggregator: median needs an algorithm that averages"):
         experiment("hetlora", "federation.aggregator=median")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.hypergrad import make_hvp
 from pf2lora_core.solver import BilevelSolver
 from tests.tiny import regression_problem

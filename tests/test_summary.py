@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pf2lora_core.constants import (
+from pf2lora_core.config.experiment import load
+from pf2lora_core.config.keys import (
     ACCURACY,
     BALANCED_ACCURACY,
     BATCHES_SEEN,
@@ -19,7 +20,6 @@ from pf2lora_core.constants import (
     VALIDATION,
     VALIDATION_GLOBAL,
 )
-from pf2lora_core.experiment import load
 from pf2lora_core.summary import (
     BASELINES,
     CLIENT_MAJORITY,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core.constants import FAILED_FILE, JOB_FILE, JOB_LOG_FILE, REPORT_CSV, REPORT_MD, SUMMARY_FILE
+from pf2lora_core.config.keys import FAILED_FILE, JOB_FILE, JOB_LOG_FILE, REPORT_CSV, REPORT_MD, SUMMARY_FILE
 from pf2lora_core.sweep import expand, experiment_overrides, main, slug
 from tests.tiny_bert import make_tiny_bert
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core.constants import JOB_LOG_FILE, SUMMARY_FILE
+from pf2lora_core.config.keys import JOB_LOG_FILE, SUMMARY_FILE
 from pf2lora_core.tune import TUNE_CSV, TUNE_JSON, TUNE_MD, main
 
 FAST = ["task.max_examples=160", "federation.num_clients=2", "rounds=1", "local_steps=1"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
-from pf2lora_core.constants import COMMON
+from pf2lora_core.config.keys import COMMON
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
-from pf2lora_core.constants import COMMON, TRAIN_LOSS
+from pf2lora_core.config.keys import COMMON, TRAIN_LOSS
 from pf2lora_core.federation.checks import Spec, check_structure
 from pf2lora_core.hypergrad import LossFn
 from pf2lora_core.noise import SeededLoss

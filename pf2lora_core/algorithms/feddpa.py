@@ -71,7 +71,7 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
-from pf2lora_core.constants import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
+from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
 from pf2lora_core.runtime import derived_seed
 
 GLOBAL_PHASE_LOSS = "global_phase_loss"

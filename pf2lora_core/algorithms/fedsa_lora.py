@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
-from pf2lora_core.constants import COMMON, LORA_A, LORA_B, PRIVATE
+from pf2lora_core.config.keys import COMMON, LORA_A, LORA_B, PRIVATE
 
 
 class FedSALoRA(Algorithm):

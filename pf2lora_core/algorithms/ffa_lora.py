@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
-from pf2lora_core.constants import COMMON, LORA_A
+from pf2lora_core.config.keys import COMMON, LORA_A
 
 
 class FFALoRA(Algorithm):

@@ -26,7 +26,7 @@ from torch import Tensor
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import LocalContext, StateDict
 from pf2lora_core.algorithms.lowrank import RankedLoRA, RankedParams, is_lora, lora_pairs, truncate
-from pf2lora_core.constants import COMMON
+from pf2lora_core.config.keys import COMMON
 
 DELTA = ".delta"  # server state key suffix of a module's dense aggregated update
 

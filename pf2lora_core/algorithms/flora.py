@@ -36,7 +36,7 @@ from pf2lora_core.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
-from pf2lora_core.constants import COMMON, LORA_A, PRIVATE
+from pf2lora_core.config.keys import COMMON, LORA_A, PRIVATE
 from pf2lora_core.federation.checks import Spec, check_structure
 
 BASE_WEIGHT = ".base_layer.weight"  # peft keeps the frozen weight of an adapted Linear here

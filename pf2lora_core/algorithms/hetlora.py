@@ -41,7 +41,7 @@ from pf2lora_core.algorithms.lowrank import (
     rank_of,
     truncate,
 )
-from pf2lora_core.constants import COMMON
+from pf2lora_core.config.keys import COMMON
 from pf2lora_core.federation.checks import Spec
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
-from pf2lora_core.constants import COMMON
+from pf2lora_core.config.keys import COMMON
 
 
 class HOMLoRA(Algorithm):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.algorithms.lowrank import is_lora
-from pf2lora_core.constants import COMMON, PRIVATE
+from pf2lora_core.config.keys import COMMON, PRIVATE
 
 
 class LocalLoRA(Algorithm):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.algorithms.base import Algorithm, LoRAParams
-from pf2lora_core.constants import COMMON, LORA_A, LORA_B
+from pf2lora_core.config.keys import COMMON, LORA_A, LORA_B
 from pf2lora_core.federation.checks import Spec
 
 StateDict = dict[str, Tensor]

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
-from pf2lora_core.constants import COMMON, GRADIENT_PASSES, TRAIN_LOSS
+from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, TRAIN_LOSS
 from pf2lora_core.hypergrad import LossFn, _norm
 
 FIRST_ORDER = "first_order"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
-from pf2lora_core.constants import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
+from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
 from pf2lora_core.hypergrad import EXACT_AD, HVP_METHODS, make_hvp
 from pf2lora_core.solver import INNER_STEPS, MODES, SGD, BilevelSolver, refit_lower_level
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pf2lora_core.constants import (
+from pf2lora_core.config.keys import (
     BASELINES,
     FAILED_FILE,
     FLOPS_PER_STEP,

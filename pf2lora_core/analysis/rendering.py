@@ -21,7 +21,7 @@ from pf2lora_core.analysis.loading import (
 )
 from pf2lora_core.analysis.statistics import BEST, SAME, marks
 from pf2lora_core.analysis.tables import cell, markdown_table
-from pf2lora_core.constants import BASELINES, PLOTS_DIR
+from pf2lora_core.config.keys import BASELINES, PLOTS_DIR
 
 MARK_TEXT = (
     f"Marks, per column and setting (rows with the same swept values): {BEST} the best row (highest mean; "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from pf2lora_core.config import PartitionConfig, TaskConfig
+from pf2lora_core.config.schema import PartitionConfig, TaskConfig
 from pf2lora_core.data.columns import (
     ATTENTION_MASK,
     IGNORE_INDEX,

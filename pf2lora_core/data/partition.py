@@ -14,7 +14,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from pf2lora_core.config import PartitionConfig
+from pf2lora_core.config.schema import PartitionConfig
 from pf2lora_core.data.columns import LABEL
 
 # "deterministic" gives client k the labels k, k+1, ... (mod the number of labels): every label

@@ -15,7 +15,7 @@ from collections.abc import Hashable
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pf2lora_core.config import ConfigError, TaskConfig
+from pf2lora_core.config.schema import ConfigError, TaskConfig
 from pf2lora_core.data.client import (
     ClientSplit,
     _cached,

@@ -17,8 +17,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from pf2lora_core.config import ConfigError, TaskConfig
-from pf2lora_core.constants import ACCURACY, MCC
+from pf2lora_core.config.keys import ACCURACY, MCC
+from pf2lora_core.config.schema import ConfigError, TaskConfig
 from pf2lora_core.data.columns import LABEL, MOVIE, PROMPT, RT_CATEGORY, RT_TEXT, TARGET
 
 # --- packaged data (offline; shipped inside pip packages, see ENVIRONMENT.md) -------------

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pf2lora_core.config import FederationConfig
-from pf2lora_core.constants import (
+from pf2lora_core.config.keys import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
     EVAL_BLOCKS,
@@ -28,6 +27,7 @@ from pf2lora_core.constants import (
     NUM_VALIDATION,
     TRAIN_LOSS,
 )
+from pf2lora_core.config.schema import FederationConfig
 from pf2lora_core.federation.checks import (
     Spec,
     check_eval_metrics,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pf2lora_core.constants import COMPUTE_SECONDS, EVAL_KINDS, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.config.keys import COMPUTE_SECONDS, EVAL_KINDS, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.checks import truncate
 from pf2lora_core.summary import evaluation_blocks
 

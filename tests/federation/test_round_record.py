@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pf2lora_core.constants import NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.config.keys import NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.rounds import RoundLog, trained_before
 
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pf2lora_core.aggregation import AGGREGATORS
 from pf2lora_core.algorithms import Algorithm, algorithm_class
-from pf2lora_core.config import (
+from pf2lora_core.config.keys import HEAD_LEVELS
+from pf2lora_core.config.schema import (
     ConfigError,
     ExperimentConfig,
     FederationConfig,
@@ -27,7 +28,6 @@ from pf2lora_core.config import (
     check,
     validate_structure,
 )
-from pf2lora_core.constants import HEAD_LEVELS
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
 from pf2lora_core.pooling import POOLINGS
@@ -41,7 +41,7 @@ FEDERATION_KINDS = ("simulation", "deployment")
 def conf_dir() -> Path:
     """The Hydra tree: ``$PF2LORA_CONF`` or ``conf/`` beside the package."""
     override = os.environ.get(CONF_ENV)
-    path = Path(override) if override else Path(__file__).resolve().parent.parent / "conf"
+    path = Path(override) if override else Path(__file__).resolve().parents[2] / "conf"
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"no Hydra config tree at {path} (set {CONF_ENV} to the conf/ directory)")
     return path
