@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # METEOR reads WordNet from Debian's wordnet-base (no download at run time); installed where
-# apt-get runs as root, else a hint (pf2lora_core/nlg_metrics.py fails with the same hint).
+# apt-get runs as root, else a hint (pf2lora_core/training/generation_metrics.py fails with the same hint).
 WORDNET := /usr/share/wordnet/data.noun
 $(WORDNET):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

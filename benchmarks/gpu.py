@@ -5,7 +5,7 @@ one JSON line on stdout (human-readable tables go to stderr):
 
 - ``step_cost``: the table of ``benchmarks.step_cost`` (MiniLM-L6, batch 16, length 64; time and
   peak-memory ratios of each PF2LoRA HVP method to HOMLoRA) in float32 and in bf16 autocast
-  (finite-difference passes float32 either way: ``pf2lora_core.precision``).
+  (finite-difference passes float32 either way: ``pf2lora_core.training.precision``).
 - ``mfu``: achieved TFLOP/s and model-FLOPs utilisation of a HOMLoRA and a PF2LoRA local step
   (the default method, forward finite difference) for MiniLM-L6 at batch 64 x length 128
   (classification) and SmolLM2-135M at batch 16 x length 256 (causal LM), float32 and bf16.
@@ -62,17 +62,17 @@ from torch import Tensor
 
 from benchmarks import step_cost
 from benchmarks.step_cost import HOMLORA_PARAMS, PF2LORA_PARAMS, Arm, _CpuPeak, _CudaPeak, random_batches, run_call
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 from pf2lora_core.config.keys import ACCURACY, COMMON, PERPLEXITY, PRIVATE
 from pf2lora_core.config.schema import GenerationConfig, ModelConfig
-from pf2lora_core.cost import count_flops
-from pf2lora_core.models import LoadedModel, load_causal_lm, load_classifier
-from pf2lora_core.precision import configure_matmul_precision
-from pf2lora_core.solver import autocast_context
-from pf2lora_core.tasks import CausalLMTask, ClassificationTask
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.cost import count_flops
+from pf2lora_core.training.models import LoadedModel, load_causal_lm, load_classifier
+from pf2lora_core.training.precision import configure_matmul_precision
+from pf2lora_core.training.solver import autocast_context
+from pf2lora_core.training.tasks import CausalLMTask, ClassificationTask
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30

@@ -51,17 +51,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA, PF2LoRAParams
 from pf2lora_core.config.keys import ACCURACY, COMMON, PRIVATE
 from pf2lora_core.config.schema import ModelConfig
-from pf2lora_core.models import LoadedModel, load_classifier
-from pf2lora_core.precision import configure_matmul_precision
-from pf2lora_core.runtime import resolve_device
-from pf2lora_core.solver import autocast_context
-from pf2lora_core.tasks import ClassificationTask
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.models import LoadedModel, load_classifier
+from pf2lora_core.training.precision import configure_matmul_precision
+from pf2lora_core.training.runtime import resolve_device
+from pf2lora_core.training.solver import autocast_context
+from pf2lora_core.training.tasks import ClassificationTask
 
 BASELINE = "homlora"
 HOMLORA_PARAMS = LoRAParams(name=HOMLoRA.name, rank=8, lora_alpha=16, lr=2e-3, weight_decay=0.0)
@@ -272,7 +272,7 @@ def measure(
     arms: list[Arm], batches: Iterator, task: ClassificationTask, device: torch.device, args: argparse.Namespace
 ) -> None:
     warnings = _Warnings()
-    logging.getLogger("pf2lora_core.hypergrad").addHandler(warnings)
+    logging.getLogger("pf2lora_core.training.hypergrad").addHandler(warnings)
     # Round 0 measures memory (one profiled step per arm) and doubles as the warm-up.
     for arm in arms:
         seen = len(warnings.messages)
@@ -331,7 +331,7 @@ def table(
     """Measure and print the table; returns ``{method: {"time_ratio", "memory_ratio"}}``.
 
     ``args``: rounds, steps, batch_size, seq_len, bf16 (autocast of every pass, with the
-    finite-difference passes in float32: ``pf2lora_core.precision``) and optionally model (a label).
+    finite-difference passes in float32: ``pf2lora_core.training.precision``) and optionally model (a label).
     """
     configure_matmul_precision()  # as every client does: IEEE float32 matmuls
     arms = build_arms(device, loaded, methods)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from pf2lora_core import data
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import (
@@ -37,15 +36,16 @@ from pf2lora_core.config.keys import (
     VALIDATION,
     VALIDATION_GLOBAL,
 )
-from pf2lora_core.cost import count_flops
 from pf2lora_core.data.columns import TEST
 from pf2lora_core.data.site import config_label_names, site_split
-from pf2lora_core.models import load_model
-from pf2lora_core.precision import configure_matmul_precision
-from pf2lora_core.rank import rank_report
-from pf2lora_core.runtime import derived_seed, resolve_device, seed_everything
-from pf2lora_core.solver import autocast_context, iterate_forever
-from pf2lora_core.tasks import make_task
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.cost import count_flops
+from pf2lora_core.training.models import load_model
+from pf2lora_core.training.precision import configure_matmul_precision
+from pf2lora_core.training.rank import rank_report
+from pf2lora_core.training.runtime import derived_seed, resolve_device, seed_everything
+from pf2lora_core.training.solver import autocast_context, iterate_forever
+from pf2lora_core.training.tasks import make_task
 
 StateDict = dict[str, Tensor]
 DEPLOYMENT = "deployment"  # federation.kind of a real deployment: site-local data, labels from config
@@ -120,7 +120,7 @@ class ClientRuntime:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
         self.device = resolve_device(str(exp.cfg.device))
-        configure_matmul_precision()  # IEEE float32 matmuls, no TF32 (pf2lora_core.precision)
+        configure_matmul_precision()  # IEEE float32 matmuls, no TF32 (pf2lora_core.training.precision)
         self.model, self.tokenizer, self.head_modules = build_model_with_heads(exp, self.device)
         # Every client's private level starts from the same seeded init (C random, D = 0).
         self.initial_private = self.model.export(PRIVATE) if self.has_private else {}

@@ -25,18 +25,18 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import Algorithm
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
 from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.logs import quiet_libraries
-from pf2lora_core.pooling import MEAN
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.pooling import MEAN
 
 # A head trained on the mean over real tokens (model.pooling=mean) needs the same pooling on the base
 # model the adapter is loaded into: PEFT's adapter_config has no field for it, so a note says so.
 POOLING_NOTE = "pf2lora_pooling.json"
-MEAN_POOLING_HINT = "pf2lora_core.pooling.use_mean_pooling(base_model) before PeftModel.from_pretrained"
+MEAN_POOLING_HINT = "pf2lora_core.training.pooling.use_mean_pooling(base_model) before PeftModel.from_pretrained"
 COMBINED = "pf2lora_combined"  # transient name of the cat-combined adapter inside the copy
 COMMON_FILE = re.compile(r"common_round_(\d{4,})\.safetensors$")
 
@@ -122,8 +122,8 @@ def export_run(
     evaluated with after that round.
     """
     from pf2lora_core.client import build_model
-    from pf2lora_core.runtime import resolve_device
     from pf2lora_core.state import PrivateStore
+    from pf2lora_core.training.runtime import resolve_device
 
     config = run_dir / CONFIG_FILE
     if not config.is_file():

@@ -28,7 +28,7 @@ import torch
 
 from pf2lora_core.config.experiment import Experiment, load, preflight
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.runtime import simulation_gpu_problem
+from pf2lora_core.training.runtime import simulation_gpu_problem
 
 
 def federation_config(exp: Experiment) -> str:

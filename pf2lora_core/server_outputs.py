@@ -9,13 +9,13 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.config.experiment import Experiment
 from pf2lora_core.config.keys import COMMON
 from pf2lora_core.config.schema import TrackingConfig
 from pf2lora_core.export import export_problem, save_adapter
 from pf2lora_core.outputs import RunDir
 from pf2lora_core.tracking import Tracker, make_tracker
+from pf2lora_core.training.adapters import TwoLevelModel
 
 
 def tracking_config(exp: Experiment) -> TrackingConfig:
@@ -53,6 +53,6 @@ class ServerRunDir(RunDir):
 
 def _cpu_model(exp: Experiment) -> TwoLevelModel:
     from pf2lora_core.client import build_model
-    from pf2lora_core.runtime import resolve_device
+    from pf2lora_core.training.runtime import resolve_device
 
     return build_model(exp, resolve_device("cpu"))[0]

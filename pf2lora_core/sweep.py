@@ -56,8 +56,8 @@ from pf2lora_core.config.keys import (
 )
 from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
-from pf2lora_core.models import resolve_model
 from pf2lora_core.outputs import atomic_write_bytes, set_aside_run
+from pf2lora_core.training.models import resolve_model
 
 # Overrides that steer the sweep itself, not the experiment: never part of a job's identity.
 SWEEP_ONLY_PREFIXES = ("hydra.", "sweep.")

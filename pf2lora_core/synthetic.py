@@ -69,7 +69,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pf2lora_core.adapters import StateDict, TwoLevelModel
 from pf2lora_core.algorithms import REGISTRY, Algorithm, LocalContext
 from pf2lora_core.algorithms.base import LoRAParams
 from pf2lora_core.algorithms.hetlora import HETLoRAParams
@@ -77,8 +76,9 @@ from pf2lora_core.algorithms.pf2lora import PF2LoRAParams
 from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.plots import rank_spectra
-from pf2lora_core.rank import DEFAULT_THRESHOLD, entropy_rank, private_energy, singular_values, threshold_rank
-from pf2lora_core.solver import INNER_STEPS
+from pf2lora_core.training.adapters import StateDict, TwoLevelModel
+from pf2lora_core.training.rank import DEFAULT_THRESHOLD, entropy_rank, private_energy, singular_values, threshold_rank
+from pf2lora_core.training.solver import INNER_STEPS
 
 Batch = tuple[Tensor, Tensor]
 Objective = Callable[[Batch, "dict[str, Tensor] | None"], Tensor]

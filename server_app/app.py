@@ -28,9 +28,9 @@ from pf2lora_core.plots import write_run_plots
 from pf2lora_core.policy import LABEL_HISTOGRAM
 from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.resume import load_resume
-from pf2lora_core.runtime import seed_everything
 from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
+from pf2lora_core.training.runtime import seed_everything
 from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 
 log = logging.getLogger("pf2lora.server")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.config.keys import COMMON, PRIVATE
+from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
 from tests.tiny import MLP, randomize_adapters, two_level_mlp
 
 

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from torch import Tensor
 from torch.func import functional_call
 
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext, algorithm_class
 from pf2lora_core.algorithms.feddpa import FedDPA, FedDPAParams, instance_weight
 from pf2lora_core.algorithms.perfedavg import (
@@ -33,6 +32,7 @@ from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.training.adapters import TwoLevelModel
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny import randomize_adapters, two_level_mlp
 from tests.tiny_bert import make_tiny_bert

@@ -10,7 +10,7 @@ import torch
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.launch import federation_config
-from pf2lora_core.runtime import resolve_device, simulation_gpu_problem
+from pf2lora_core.training.runtime import resolve_device, simulation_gpu_problem
 
 
 @pytest.mark.parametrize(
@@ -44,12 +44,12 @@ def test_auto_on_a_process_whose_gpus_are_hidden_says_why(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what Ray sets for a client with client_gpus=0
-    monkeypatch.setattr("pf2lora_core.runtime.machine_has_nvidia_gpu", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pf2lora_core.runtime"):
+    monkeypatch.setattr("pf2lora_core.training.runtime.machine_has_nvidia_gpu", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pf2lora_core.training.runtime"):
         assert resolve_device("auto") == torch.device("cpu")
     assert "client_gpus" not in caplog.text  # a CPU machine: nothing hidden, nothing to say
-    monkeypatch.setattr("pf2lora_core.runtime.machine_has_nvidia_gpu", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="pf2lora_core.runtime"):
+    monkeypatch.setattr("pf2lora_core.training.runtime.machine_has_nvidia_gpu", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="pf2lora_core.training.runtime"):
         assert resolve_device("auto") == torch.device("cpu")
     assert "client_gpus > 0" in caplog.text
     with pytest.raises(ValueError, match="client_gpus > 0"):

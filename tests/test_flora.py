@@ -57,7 +57,7 @@ def test_a_client_that_missed_rounds_gets_every_stack_it_missed() -> None:
 
 
 def test_client_merges_into_its_own_weights_and_restarts_a_fresh_lora() -> None:
-    from pf2lora_core.adapters import TwoLevelModel
+    from pf2lora_core.training.adapters import TwoLevelModel
 
     torch.manual_seed(0)
     algo = FLoRA(_params())

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.hypergrad import make_hvp
-from pf2lora_core.solver import hypergradient
+from pf2lora_core.training.hypergrad import make_hvp
+from pf2lora_core.training.solver import hypergradient
 from tests.tiny import regression_problem
 
 ALPHA = 0.5
@@ -128,7 +128,7 @@ def _frozen_p_hypergradient(model, loss, rule: str, alpha: float):
 
 
 def test_rms_moves_every_tensor_by_alpha_per_entry_and_trust_by_alpha_relative() -> None:
-    from pf2lora_core.solver import make_inner_step
+    from pf2lora_core.training.solver import make_inner_step
 
     gen = torch.Generator().manual_seed(0)
     y = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
@@ -146,7 +146,7 @@ def test_rms_moves_every_tensor_by_alpha_per_entry_and_trust_by_alpha_relative()
 
 
 def test_unknown_inner_step_is_a_clear_error() -> None:
-    from pf2lora_core.solver import make_inner_step
+    from pf2lora_core.training.solver import make_inner_step
 
     with pytest.raises(ValueError, match="inner_step"):
         make_inner_step("adam")

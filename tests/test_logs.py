@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pf2lora_core.logs import CurrentStream, detach_absl_stream, progress, quiet_libraries, stream_handler
-from pf2lora_core.nlg_metrics import rouge_l
+from pf2lora_core.training.generation_metrics import rouge_l
 
 
 def test_absl_handler_neither_keeps_nor_closes_the_stderr_it_was_made_on(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,6 @@ import datasets
 import pytest
 import torch
 
-from pf2lora_core import nlg_metrics
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import COMMON, PERPLEXITY, PRIVATE
 from pf2lora_core.config.schema import ConfigError, GenerationConfig, TaskConfig
@@ -21,7 +20,8 @@ from pf2lora_core.data import load_examples
 from pf2lora_core.data.columns import IGNORE_INDEX, INPUT_IDS, LABEL, LABELS, PROMPT, PROMPT_LENGTH, TARGET
 from pf2lora_core.data.partition import NaturalGroupPartitioner
 from pf2lora_core.data.sources import linearize_mr, linearize_triples, review_prompt, webnlg_rows
-from pf2lora_core.tasks import CausalLMTask, group_references, left_pad, token_cross_entropy
+from pf2lora_core.training import generation_metrics as nlg_metrics
+from pf2lora_core.training.tasks import CausalLMTask, group_references, left_pad, token_cross_entropy
 from tests.tiny_lm import make_tiny_lm
 
 ARCHS = ("gpt2", "llama")
@@ -361,7 +361,7 @@ def test_packaged_smollm2_is_dequantized_once_into_the_cache(tmp_path: Path, mon
 
     import transformers
 
-    from pf2lora_core.models import load_causal_lm, resolve_model
+    from pf2lora_core.training.models import load_causal_lm, resolve_model
 
     cfg = load(["model=smollm2", f"model.cache_dir={tmp_path}"]).model
     converted = Path(resolve_model(cfg))

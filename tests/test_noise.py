@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.noise import SeededLoss
+from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.training.dropout_tape import SeededLoss
 
 CPU = torch.device("cpu")
 

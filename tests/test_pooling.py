@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from pf2lora_core.config.schema import ModelConfig
-from pf2lora_core.models import load_classifier
-from pf2lora_core.pooling import MEAN, NATIVE, mean_over_tokens, use_mean_pooling
+from pf2lora_core.training.models import load_classifier
+from pf2lora_core.training.pooling import MEAN, NATIVE, mean_over_tokens, use_mean_pooling
 from tests.tiny_bert import make_tiny_bert
 
 

@@ -2,7 +2,7 @@
 
 bf16 autocast runs on CPU too (torch supports it there), so the CUDA path's precision rules are
 checked here on CPU with the same code: autocast from the task's loss, float32 passes of the
-finite differences (pf2lora_core.precision), what a client sends.
+finite differences (pf2lora_core.training.precision), what a client sends.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from torch import Tensor, nn
 from transformers import BertForSequenceClassification
 
 from pf2lora_core import client as client_mod
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ACCURACY, COMMON
-from pf2lora_core.precision import configure_matmul_precision, float32_pass, float32_required
-from pf2lora_core.solver import autocast_context
-from pf2lora_core.tasks import ClassificationTask
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.precision import configure_matmul_precision, float32_pass, float32_required
+from pf2lora_core.training.solver import autocast_context
+from pf2lora_core.training.tasks import ClassificationTask
 from tests.test_step_attention import METHODS, PARAMS, _batch
 from tests.tiny_bert import make_tiny_bert
 
 CPU = torch.device("cpu")
 BF16, F32 = torch.bfloat16, torch.float32
-# forward passes of one (first) step with bf16: true, in order (pf2lora_core/precision.py's table)
+# forward passes of one (first) step with bf16: true, in order (pf2lora_core/training/precision.py's table)
 PASS_DTYPES: dict[str, list[torch.dtype]] = {
     "exact": [BF16, BF16],
     "exact_forward": [BF16, BF16, BF16],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pf2lora_core.rank import entropy_rank, module_rank, rank_report, singular_values, threshold_rank
+from pf2lora_core.training.rank import entropy_rank, module_rank, rank_report, singular_values, threshold_rank
 
 
 def _matrix(sigmas: list[float], n: int = 12, seed: int = 0) -> torch.Tensor:
@@ -56,14 +56,14 @@ def test_rank_report_mean_over_modules() -> None:
 
 def test_flower_runs_and_the_synthetic_task_share_one_threshold() -> None:
     from pf2lora_core.config.experiment import compose
-    from pf2lora_core.rank import DEFAULT_THRESHOLD
     from pf2lora_core.synthetic import SyntheticConfig
+    from pf2lora_core.training.rank import DEFAULT_THRESHOLD
 
     assert float(compose([]).rank_threshold) == DEFAULT_THRESHOLD == SyntheticConfig().threshold
 
 
 def test_private_energy_share() -> None:
-    from pf2lora_core.rank import private_energy
+    from pf2lora_core.training.rank import private_energy
 
     common = {"a": _matrix([3.0]), "b": _matrix([4.0])}  # energy 9 + 16
     private = {"a": _matrix([0.0]), "b": _matrix([5.0])}  # energy 25

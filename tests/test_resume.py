@@ -39,8 +39,8 @@ from pf2lora_core.launch import federation_config
 from pf2lora_core.outputs import RunDir, new_run_dir
 from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_eval
 from pf2lora_core.resume import load_resume, truncate_metrics
-from pf2lora_core.runtime import derived_seed
 from pf2lora_core.state import PrivateState, PrivateStore
+from pf2lora_core.training.runtime import derived_seed
 from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 
 SUPERLINK_NODE = 1  # Flower's node id of the SuperLink itself (sender of the errors it generates)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.hypergrad import make_hvp
-from pf2lora_core.solver import BilevelSolver
+from pf2lora_core.training.hypergrad import make_hvp
+from pf2lora_core.training.solver import BilevelSolver
 from tests.tiny import regression_problem
 
 ALPHA = 0.5
@@ -248,7 +248,7 @@ def test_inner_step_ratio_reports_the_relative_step() -> None:
 @pytest.mark.parametrize("rule", ["sgd", "rms", "trust"])
 def test_refit_takes_lower_level_steps_at_fixed_x(rule: str) -> None:
     """``refit_lower_level``: J steps ``y <- y - alpha phi(grad_y f(x, y))`` by hand, x untouched (float64)."""
-    from pf2lora_core.solver import refit_lower_level
+    from pf2lora_core.training.solver import refit_lower_level
 
     model, loss = regression_problem()
     x0, y = _state(model)
@@ -277,7 +277,7 @@ def test_refit_takes_lower_level_steps_at_fixed_x(rule: str) -> None:
 
 def test_refit_lowers_the_lower_level_loss() -> None:
     """What the re-fit is for: after the common level moved, J lower-level steps reduce f(x, y) at that x."""
-    from pf2lora_core.solver import refit_lower_level
+    from pf2lora_core.training.solver import refit_lower_level
 
     model, loss = regression_problem()
     with torch.no_grad():  # the server replaced x: move it away from where y was fitted

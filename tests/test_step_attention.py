@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, BertForSequenceClassification
 
-from pf2lora_core import noise
-from pf2lora_core.adapters import TwoLevelModel
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.pf2lora import PF2LoRA, PF2LoRAParams
-from pf2lora_core.noise import TAPED_ATTENTION
+from pf2lora_core.training import dropout_tape as noise
+from pf2lora_core.training.adapters import TwoLevelModel
+from pf2lora_core.training.dropout_tape import TAPED_ATTENTION
 from tests.tiny_bert import make_tiny_bert
 
 CPU = torch.device("cpu")

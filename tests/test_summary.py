@@ -28,7 +28,7 @@ from pf2lora_core.summary import (
     format_client_table,
     majority_baselines,
 )
-from pf2lora_core.tasks import balanced_accuracy
+from pf2lora_core.training.tasks import balanced_accuracy
 
 # Three clients' label histograms over two labels. Pooled train = [10, 9]: the global majority is label 0.
 HISTS = [

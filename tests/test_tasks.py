@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pf2lora_core.tasks import accuracy, matthews_correlation
+from pf2lora_core.training.tasks import accuracy, matthews_correlation
 
 
 def test_accuracy() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.config.keys import COMMON
+from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
 
 
 class MLP(nn.Module):

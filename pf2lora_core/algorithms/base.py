@@ -10,13 +10,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.config.keys import COMMON, TRAIN_LOSS
 from pf2lora_core.federation.checks import Spec, check_structure
-from pf2lora_core.hypergrad import LossFn
-from pf2lora_core.noise import SeededLoss
-from pf2lora_core.runtime import derived_seed
+from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
+from pf2lora_core.training.dropout_tape import SeededLoss
+from pf2lora_core.training.hypergrad import LossFn
+from pf2lora_core.training.runtime import derived_seed
 
 StateDict = dict[str, Tensor]
 # (batch, params) -> loss of the batch with ``params`` substituted (None: the model's own)

@@ -69,10 +69,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
 from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
-from pf2lora_core.runtime import derived_seed
+from pf2lora_core.training.adapters import AdapterSpec
+from pf2lora_core.training.runtime import derived_seed
 
 GLOBAL_PHASE_LOSS = "global_phase_loss"
 LOCAL_PHASE_LOSS = "local_phase_loss"

@@ -24,9 +24,9 @@ Choices where the paper leaves the harness open:
 
 from __future__ import annotations
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.config.keys import COMMON, LORA_A
+from pf2lora_core.training.adapters import AdapterSpec
 
 
 class FFALoRA(Algorithm):

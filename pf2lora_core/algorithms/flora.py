@@ -32,12 +32,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 from pf2lora_core.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
 from pf2lora_core.config.keys import COMMON, LORA_A, PRIVATE
 from pf2lora_core.federation.checks import Spec, check_structure
+from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 
 BASE_WEIGHT = ".base_layer.weight"  # peft keeps the frozen weight of an adapted Linear here
 STACK_A, STACK_B = ".stack_A", ".stack_B"  # downlink keys: <module>.stack_A (R x d_in), .stack_B

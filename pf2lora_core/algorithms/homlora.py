@@ -8,9 +8,9 @@ baseline HOMLoRA (homogeneous rank).
 
 from __future__ import annotations
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.config.keys import COMMON
+from pf2lora_core.training.adapters import AdapterSpec
 
 
 class HOMLoRA(Algorithm):

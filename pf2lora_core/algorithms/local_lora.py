@@ -22,10 +22,10 @@ Choices:
 
 from __future__ import annotations
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams
 from pf2lora_core.algorithms.lowrank import is_lora
 from pf2lora_core.config.keys import COMMON, PRIVATE
+from pf2lora_core.training.adapters import AdapterSpec
 
 
 class LocalLoRA(Algorithm):

@@ -54,10 +54,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
 from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, TRAIN_LOSS
-from pf2lora_core.hypergrad import LossFn, _norm
+from pf2lora_core.training.adapters import AdapterSpec
+from pf2lora_core.training.hypergrad import LossFn, _norm
 
 FIRST_ORDER = "first_order"
 HESSIAN_FREE = "hessian_free"
@@ -116,7 +116,7 @@ def hvp_central(
     """``H_ww f(w) v`` by a central difference of gradients (the Hessian-free step of Per-FedAvg (HF)).
 
     ``(grad f(w + d v) - grad f(w - d v)) / (2 d)`` with ``d = eps / ||v||``: error O(d^2). This
-    is the Hessian of ``f`` in the parameters being trained, unlike ``pf2lora_core.hypergrad``,
+    is the Hessian of ``f`` in the parameters being trained, unlike ``pf2lora_core.training.hypergrad``,
     whose products are the mixed block ``H_xy`` of two levels.
     """
     norm = float(_norm(v))

@@ -2,7 +2,7 @@
 
 Every client k holds the common adapter x = (A, B) of rank r, averaged by the server, and a
 private adapter y_k = (C_k, D_k) of rank r~ that never leaves it. Each local step is the
-one-step-unrolled bilevel update of ``pf2lora_core.solver`` (docs/DESIGN.md, "The update rule"):
+one-step-unrolled bilevel update of ``pf2lora_core.training.solver`` (docs/DESIGN.md, "The update rule"):
 a step of size alpha on y (plain SGD with ``inner_step=sgd``, as in the paper; RMS-scaled per
 tensor by default, see the solver's docstring), the exact hypergradient of that unroll for x,
 AdamW on x with lr beta. The server averages x weighted by examples (FedAvg). A client's update
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pf2lora_core.adapters import AdapterSpec
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
 from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
-from pf2lora_core.hypergrad import EXACT_AD, HVP_METHODS, make_hvp
-from pf2lora_core.solver import INNER_STEPS, MODES, SGD, BilevelSolver, refit_lower_level
+from pf2lora_core.training.adapters import AdapterSpec
+from pf2lora_core.training.hypergrad import EXACT_AD, HVP_METHODS, make_hvp
+from pf2lora_core.training.solver import INNER_STEPS, MODES, SGD, BilevelSolver, refit_lower_level
 
 # dropout streams of the re-fit steps: apart from the bilevel steps' (0..K-1) of the same seed
 REFIT_SEED_OFFSET = 1 << 16

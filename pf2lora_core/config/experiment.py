@@ -30,9 +30,9 @@ from pf2lora_core.config.schema import (
 )
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
-from pf2lora_core.pooling import POOLINGS
-from pf2lora_core.tasks import METRICS, TASKS, generation_metrics_problem
 from pf2lora_core.tracking import TRACKERS
+from pf2lora_core.training.pooling import POOLINGS
+from pf2lora_core.training.tasks import METRICS, TASKS, generation_metrics_problem
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
@@ -266,7 +266,7 @@ def preflight(exp: Experiment, check_data: bool | None = None) -> Preflight:
     data loads and every client's partition has training and test examples. Config values
     (timeouts, rank lists, names) are already checked by ``parse``.
     """
-    from pf2lora_core.runtime import resolve_device
+    from pf2lora_core.training.runtime import resolve_device
 
     try:
         device = resolve_device(str(exp.cfg.device))
@@ -288,7 +288,7 @@ def model_problem(cfg: ModelConfig) -> str | None:
     """Why ``cfg`` cannot resolve to a model here, or None; never loads or converts weights."""
     import importlib.util
 
-    from pf2lora_core import models
+    from pf2lora_core.training import models
 
     if cfg.source == "path":
         where = Path(cfg.name).expanduser()

@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Iterable, Mapping
 
-from pf2lora_core.runtime import derived_seed
+from pf2lora_core.training.runtime import derived_seed
 
 log = logging.getLogger("pf2lora.server")
 SAMPLER_SALT = 7_501  # derives the node sampler's seed from the run's seed (any fixed number)

@@ -24,7 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from pf2lora_core.config.keys import COMMON, LEVELS, PRIVATE
-from pf2lora_core.noise import DropoutTape
+from pf2lora_core.training.dropout_tape import DropoutTape
 
 StateDict = dict[str, Tensor]
 
@@ -88,7 +88,7 @@ class TwoLevelModel:
         if len(self.specs) > 1:
             for module in self.lora_modules().values():
                 _fuse_active_adapters(module)
-        # dropout masks drawn once per local step and replayed in its later passes (noise.py)
+        # dropout masks drawn once per local step and replayed in its later passes (dropout_tape.py)
         self.dropout_tape = DropoutTape(self.model)
         head_names = _head_parameter_names(self.model, head_modules)
         # every parameter's level, fixed once: the names never change

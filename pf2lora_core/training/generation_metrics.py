@@ -188,7 +188,7 @@ def wordnet() -> Any:
 
 def _nltk_wordnet_dir(source: Path) -> Path:
     """``<cache>/nltk_data/corpora/wordnet``: ``source``'s files plus the missing ``lexnames``."""
-    from pf2lora_core.models import cache_root
+    from pf2lora_core.training.models import cache_root
 
     root = cache_root("") / "nltk_data" / "corpora" / "wordnet"
     if (root / "lexnames").is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from pf2lora_core.config.schema import ModelConfig
-from pf2lora_core.pooling import MEAN, use_mean_pooling
+from pf2lora_core.training.pooling import MEAN, use_mean_pooling
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def load_classifier(cfg: ModelConfig, num_labels: int) -> LoadedModel:
     _ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     heads = list(cfg.head_modules) or _new_modules(model, info["missing_keys"])
-    if cfg.pooling == MEAN:  # what the head reads (pf2lora_core.pooling)
+    if cfg.pooling == MEAN:  # what the head reads (pf2lora_core.training.pooling)
         use_mean_pooling(model)
     return LoadedModel(model, tokenizer, heads, target_modules(cfg, model))
 

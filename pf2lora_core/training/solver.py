@@ -39,9 +39,9 @@ the float64 test problem, at ``alpha`` in [0.01, 0.05], it is 4-52% off the true
 further off than dropping the second-order term altogether (0.2-35%); tests/test_hypergrad.py
 checks the exact one and that the shortcut differs.
 
-The HVP in ``h`` comes from ``pf2lora_core.hypergrad``. All passes of one step see the same
+The HVP in ``h`` comes from ``pf2lora_core.training.hypergrad``. All passes of one step see the same
 batch and the same dropout masks (the RNG is re-seeded per pass from one per-step seed), so
-``h`` is the exact derivative of one fixed stochastic objective (``pf2lora_core.noise``: the
+``h`` is the exact derivative of one fixed stochastic objective (``pf2lora_core.training.dropout_tape``: the
 masks are drawn once per step and replayed in the later passes).
 
 **Re-fit** (``refit_lower_level``; ``algorithm.refit_steps``, J = K by default, 0 = the paper's
@@ -84,8 +84,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pf2lora_core.hypergrad import Evaluator, GradPass, HvpMethod, LossFn, _norm, math_attention
-from pf2lora_core.precision import float32_required
+from pf2lora_core.training.hypergrad import Evaluator, GradPass, HvpMethod, LossFn, _norm, math_attention
+from pf2lora_core.training.precision import float32_required
 
 BILEVEL = "bilevel"
 JOINT = "joint"
@@ -361,7 +361,7 @@ def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager
     """bf16 autocast when asked (CUDA, and CPU, which torch's autocast supports too), else float32.
 
     Inside ``precision.float32_pass`` (the finite-difference passes) autocast is off whatever
-    ``bf16`` says; ``pf2lora_core.precision`` lists which pass runs in which precision.
+    ``bf16`` says; ``pf2lora_core.training.precision`` lists which pass runs in which precision.
     """
     if bf16 and device.type in ("cuda", "cpu") and not float32_required():
         return torch.autocast(device.type, dtype=torch.bfloat16)

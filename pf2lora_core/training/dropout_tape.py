@@ -1,6 +1,6 @@
 """One fixed random stream per local step: same dropout masks in every pass, drawn only once.
 
-The hypergradient differentiates one fixed stochastic objective per step (``pf2lora_core.solver``),
+The hypergradient differentiates one fixed stochastic objective per step (``pf2lora_core.training.solver``),
 so every pass of a step (inner gradient, outer gradient, HVP probes) must see the same dropout
 masks. ``SeededLoss`` re-seeds the global RNG before each pass, and ``DropoutTape`` records every
 mask of the step's first pass and replays it in the later ones.
@@ -46,7 +46,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pf2lora_core.hypergrad import LossFn
+from pf2lora_core.training.hypergrad import LossFn
 
 #: name of ``taped_attention`` in transformers' attention registry (masks are built as for SDPA)
 TAPED_ATTENTION = "pf2lora_taped"

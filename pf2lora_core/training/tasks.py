@@ -32,7 +32,7 @@ from pf2lora_core.data.columns import (
     TARGET,
 )
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
-from pf2lora_core.nlg_metrics import GENERATION_METRICS, perplexity, wordnet
+from pf2lora_core.training.generation_metrics import GENERATION_METRICS, perplexity, wordnet
 
 Batch = dict[str, Tensor]
 Around = Callable[[Batch], AbstractContextManager[Any]]

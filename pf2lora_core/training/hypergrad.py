@@ -31,11 +31,11 @@ runs under one SDPA backend, the math kernel (``math_attention``): flash / memor
 kernels implement neither double backward nor forward-mode AD, and passes of one step must not
 switch kernels, since each kernel has its own numerics and its own way of drawing attention
 dropout from the RNG. Models whose attention goes through transformers' attention interface run
-attention with live dropout in ``noise.taped_attention`` instead (eager, masks on the dropout tape),
+attention with live dropout in ``dropout_tape.taped_attention`` instead (eager, masks on the dropout tape),
 so their attention-dropout masks are equal across the passes by construction.
 
 Precision: under bf16 autocast the two ends of every finite difference run in float32
-(``precision.float32_pass``); see ``pf2lora_core.precision`` for which pass runs in which precision.
+(``precision.float32_pass``); see ``pf2lora_core.training.precision`` for which pass runs in which precision.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pf2lora_core.precision import float32_pass
+from pf2lora_core.training.precision import float32_pass
 
 log = logging.getLogger(__name__)
 
