@@ -13,9 +13,9 @@ import argparse
 import json
 import time
 
-from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ACCURACY, BALANCED_ACCURACY, COMMON
+from pf2lora_core.federation.client_runtime import ClientRuntime
 
 ARMS = {
     "mean": ["model.pooling=mean"],

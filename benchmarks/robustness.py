@@ -282,9 +282,9 @@ def jobs_for(setting: str, seeds: Sequence[int], log: RunLog | None = None) -> l
 # ------------------------------------------------------------------------------------- diagnose
 def diagnose(sizes: Sizes, rules: Sequence[tuple[str, float]], cache: Path = CACHE) -> list[dict]:
     """Relative lower-level step per local step of round 1, client 0, for each (rule, alpha)."""
-    from pf2lora_core.client import ClientRuntime
     from pf2lora_core.config import experiment
     from pf2lora_core.config.keys import COMMON
+    from pf2lora_core.federation.client_runtime import ClientRuntime
 
     rows = []
     for setting in ("rt2_s0.5", REVIEWS):

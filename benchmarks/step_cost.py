@@ -200,7 +200,7 @@ def run_call(
     module = arm.model.model
 
     def objective(batch: dict[str, Tensor], params: dict[str, Tensor] | None) -> Tensor:
-        return task.loss(module, batch, params)  # the client's objective (pf2lora_core.client)
+        return task.loss(module, batch, params)  # the client's objective (pf2lora_core.federation.client_runtime)
 
     ctx = LocalContext(model=arm.model, objective=objective, batches=stamped(), steps=steps, seed=0, device=device)
     arm.algorithm.train(ctx)

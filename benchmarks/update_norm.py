@@ -15,9 +15,9 @@ import statistics
 import numpy as np
 import torch
 
-from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config.experiment import load
 from pf2lora_core.federation.checks import update_norm, update_reference
+from pf2lora_core.federation.client_runtime import ClientRuntime
 
 
 def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[float]]:

@@ -1,4 +1,4 @@
-"""ClientApp: thin glue between Flower messages and ``pf2lora_core.client.ClientRuntime``.
+"""ClientApp: thin glue between Flower messages and ``pf2lora_core.federation.client_runtime.ClientRuntime``.
 
 The private level lives in ``context.state`` (fast, within a run) and is mirrored to disk
 (``PrivateStore``, atomic) so that a restarted process resumes from its last completed round. In
@@ -11,7 +11,7 @@ every message starts a fresh ClientApp process, and the identity query must not 
 imports on every node.
 
 The received config is the server's *request*. Before any work it is checked against this node's
-own policy (``pf2lora_core.policy``, from the node config): no interpolation is resolved, a
+own policy (``pf2lora_core.federation.node_policy``, from the node config): no interpolation is resolved, a
 request outside policy is refused naming the rule, and on a site the data, state and cache
 directories are the node's, never the server's. Every handler catches its own errors: details go
 to this SuperNode's log only; the reply carries an error code and a message without data values.
@@ -36,8 +36,7 @@ from pf2lora_core.config.keys import (
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
-from pf2lora_core.logs import quiet_libraries, stream_handler
-from pf2lora_core.policy import (
+from pf2lora_core.federation.node_policy import (
     ALLOW_FRESH_PRIVATE,
     CLIENT_FAILED,
     LABEL_HISTOGRAM,
@@ -51,7 +50,7 @@ from pf2lora_core.policy import (
     localize,
     reject_interpolation,
 )
-from pf2lora_core.protocol import (
+from pf2lora_core.federation.protocol import (
     CLIENT_KEY,
     CONFIG_YAML_KEY,
     DETAILS_KEY,
@@ -60,10 +59,11 @@ from pf2lora_core.protocol import (
     encode_details,
     flatten_eval,
 )
+from pf2lora_core.logs import quiet_libraries, stream_handler
 
 if TYPE_CHECKING:
-    from pf2lora_core.client import ClientRuntime
-    from pf2lora_core.state import PrivateState, PrivateStore
+    from pf2lora_core.federation.client_runtime import ClientRuntime
+    from pf2lora_core.federation.private_store import PrivateState, PrivateStore
 
 app = ClientApp()
 log = logging.getLogger("pf2lora.client")
@@ -123,8 +123,8 @@ def request(msg: Message, context: Context) -> tuple[NodePolicy, str, bool]:
 
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore, NodePolicy, bool]:
-    from pf2lora_core.client import runtime_for
-    from pf2lora_core.state import PrivateStore
+    from pf2lora_core.federation.client_runtime import runtime_for
+    from pf2lora_core.federation.private_store import PrivateStore
 
     policy, config_yaml, site = request(msg, context)
     runtime = runtime_for(config_yaml)
@@ -161,7 +161,7 @@ def _private(
     this client's reply was aggregated in an earlier round, a missing level is an error unless
     the node config allows a fresh start.
     """
-    from pf2lora_core.state import ROUND_META, STEPS_META, PrivateState, tensor_digest
+    from pf2lora_core.federation.private_store import ROUND_META, STEPS_META, PrivateState, tensor_digest
 
     if PRIVATE_STATE_KEY in context.state.array_records:
         meta = context.state[PRIVATE_META_KEY]
@@ -184,7 +184,7 @@ def _private(
 
 def _keep_private(context: Context, store: PrivateStore, state: PrivateState) -> None:
     """Mirror the private level to context.state and (atomically) to disk."""
-    from pf2lora_core.state import ROUND_META, STEPS_META
+    from pf2lora_core.federation.private_store import ROUND_META, STEPS_META
 
     context.state[PRIVATE_STATE_KEY] = ArrayRecord(state.tensors)
     context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
@@ -194,7 +194,7 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
-    from pf2lora_core.state import PrivateState
+    from pf2lora_core.federation.private_store import PrivateState
 
     runtime, client, store, policy, site = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
@@ -237,7 +237,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     private = _private(context, store, int(msg.content["config"][SERVER_ROUND_KEY]) + 1, msg, runtime.has_private)
     out = runtime.evaluate(client, common, private.tensors if private else None)
     if out.private is not None:  # the level as evaluated (re-fitted to this common level): what export writes
-        from pf2lora_core.state import PrivateState
+        from pf2lora_core.federation.private_store import PrivateState
 
         evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
         store.save_evaluated(PrivateState(out.private, evaluated_round, private.steps_total if private else 0))

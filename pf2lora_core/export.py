@@ -121,8 +121,8 @@ def export_run(
     the algorithm re-fits it to the common level before evaluating (PF2LoRA), the one it was
     evaluated with after that round.
     """
-    from pf2lora_core.client import build_model
-    from pf2lora_core.state import PrivateStore
+    from pf2lora_core.federation.client_runtime import build_model
+    from pf2lora_core.federation.private_store import PrivateStore
     from pf2lora_core.training.runtime import resolve_device
 
     config = run_dir / CONFIG_FILE

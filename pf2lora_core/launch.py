@@ -37,7 +37,7 @@ def federation_config(exp: Experiment) -> str:
     With ``resume=<run dir>``, the size of the run being continued (its recorded config).
     """
     if str(exp.cfg.resume):
-        from pf2lora_core.resume import recorded_experiment
+        from pf2lora_core.federation.resume import recorded_experiment
 
         try:
             exp, _ = recorded_experiment(Path(str(exp.cfg.resume)))

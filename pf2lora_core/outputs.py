@@ -23,7 +23,7 @@ from pf2lora_core.config.keys import (
     SUMMARY_FILE,
 )
 
-SERVER_STATE_DIR = "server_state"  # beside checkpoints/: the server's checkpoints (pf2lora_core.checkpoint)
+SERVER_STATE_DIR = "server_state"  # beside checkpoints/: the server's checkpoints (pf2lora_core.federation.checkpoint)
 
 
 class RunDirInUseError(ValueError):

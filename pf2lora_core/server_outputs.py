@@ -52,7 +52,7 @@ class ServerRunDir(RunDir):
 
 
 def _cpu_model(exp: Experiment) -> TwoLevelModel:
-    from pf2lora_core.client import build_model
+    from pf2lora_core.federation.client_runtime import build_model
     from pf2lora_core.training.runtime import resolve_device
 
     return build_model(exp, resolve_device("cpu"))[0]

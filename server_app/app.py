@@ -16,18 +16,18 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora_core import data
-from pf2lora_core.checkpoint import ServerCheckpoint
-from pf2lora_core.client import DEPLOYMENT, build_model
 from pf2lora_core.config.experiment import Experiment, load, preflight, split_overrides
 from pf2lora_core.config.keys import COMMON, PRIVATE
 from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.data.site import config_label_names
+from pf2lora_core.federation.checkpoint import ServerCheckpoint
+from pf2lora_core.federation.client_runtime import DEPLOYMENT, build_model
+from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
+from pf2lora_core.federation.protocol import CONFIG_YAML_KEY, RUN_KEY
+from pf2lora_core.federation.resume import load_resume
 from pf2lora_core.logs import quiet_libraries
 from pf2lora_core.outputs import RunDir, RunDirInUseError, new_run_dir
 from pf2lora_core.plots import write_run_plots
-from pf2lora_core.policy import LABEL_HISTOGRAM
-from pf2lora_core.protocol import CONFIG_YAML_KEY, RUN_KEY
-from pf2lora_core.resume import load_resume
 from pf2lora_core.server_outputs import ServerRunDir
 from pf2lora_core.summary import build_summary, format_client_table
 from pf2lora_core.training.runtime import seed_everything

@@ -4,7 +4,7 @@ Objective (PF2LoRA, docs/DESIGN.md, "Server averaging"): ``x <- sum_k n_k x_k / 
 common adapters ``x_k`` the clients return, ``n_k`` their trusted numbers of training examples;
 private adapters never reach the server. The rule itself is the algorithm's
 (``Algorithm.server_update``) or a robust one named by ``federation.aggregator``
-(``pf2lora_core.aggregation``); this class is the Flower glue around Flower-free parts:
+(``pf2lora_core.algorithms.aggregation``); this class is the Flower glue around Flower-free parts:
 
 - ``pf2lora_core.federation.nodes.NodeDirectory``: node id -> client binding (identity queries,
   node keys, back-off), and sampling by *client* with a seeded RNG (node ids differ per run);
@@ -15,7 +15,7 @@ private adapters never reach the server. The rule itself is the algorithm's
 A round completes with the replies that arrived within ``round_timeout_s`` when at least
 ``min_train_clients`` are valid; every missing reply is logged; rounds in which every client failed
 stop the run (``federation.max_failed_rounds``) with the first client's error; after every round
-the whole server state is checkpointed (``pf2lora_core.checkpoint``) so ``resume=<run dir>``
+the whole server state is checkpointed (``pf2lora_core.federation.checkpoint``) so ``resume=<run dir>``
 continues the run. ``start`` is Flower's loop with one change: it can begin after a checkpoint's
 round (Flower's ``Strategy.start`` always begins at round 1).
 """
@@ -36,9 +36,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from pf2lora_core.aggregation import MEAN, ROBUST
 from pf2lora_core.algorithms import Algorithm
-from pf2lora_core.checkpoint import (
+from pf2lora_core.algorithms.aggregation import MEAN, ROBUST
+from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS, VALIDATION
+from pf2lora_core.config.schema import FederationConfig
+from pf2lora_core.federation.checkpoint import (
     SERVER_STATE_DIR,
     ServerCheckpoint,
     algorithm_state,
@@ -46,10 +48,9 @@ from pf2lora_core.checkpoint import (
     restore_algorithm_state,
     restore_rng,
 )
-from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS, VALIDATION
-from pf2lora_core.config.schema import FederationConfig
 from pf2lora_core.federation.checks import truncate
 from pf2lora_core.federation.nodes import NodeDirectory
+from pf2lora_core.federation.protocol import CLIENT_KEY, TRAINED_BEFORE_KEY
 from pf2lora_core.federation.replies import (
     Reply,
     ReplyChecker,
@@ -60,7 +61,6 @@ from pf2lora_core.federation.replies import (
 from pf2lora_core.federation.rounds import STATS, RoundLog, trained_before
 from pf2lora_core.logs import progress
 from pf2lora_core.outputs import RunDir
-from pf2lora_core.protocol import CLIENT_KEY, TRAINED_BEFORE_KEY
 
 __all__ = ["CommonAdapterFedAvg", "ReplyRejectedError", "RoundLog", "RoundPlan", "RunFailedError"]
 
@@ -488,7 +488,7 @@ class CommonAdapterFedAvg(FedAvg):
 
     # --------------------------------------------------------------------------- checkpoint
     def checkpoint(self, server_round: int) -> ServerCheckpoint:
-        """Everything needed to continue after ``server_round`` (see ``pf2lora_core.checkpoint``)."""
+        """Everything needed to continue after ``server_round`` (see ``pf2lora_core.federation.checkpoint``)."""
         return ServerCheckpoint(
             round=server_round,
             state=self.state,

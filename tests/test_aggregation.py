@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.aggregation import weighted_mean
 
 
 def test_weighted_mean_hand_computed() -> None:
@@ -38,7 +38,7 @@ def test_weighted_mean_rejects_bad_input(states, weights, match) -> None:
 
 
 def test_robust_rules_hand_computed_and_key_order_free() -> None:
-    from pf2lora_core.aggregation import AGGREGATORS, ROBUST
+    from pf2lora_core.algorithms.aggregation import AGGREGATORS, ROBUST
 
     states = [{"w": torch.tensor([v, -v]), "b": torch.tensor([1.0])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
     assert torch.equal(ROBUST["median"](states, [1.0] * 5, 0.0)["w"], torch.tensor([3.0, -3.0]))

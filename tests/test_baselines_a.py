@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pf2lora_core.client import ClientRuntime, build_model
 from pf2lora_core.config.experiment import Experiment, load
 from pf2lora_core.config.keys import AUDIT_DIR, COMMON, EVAL_LOSS, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.federation.client_runtime import ClientRuntime, build_model
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny_bert import make_tiny_bert
 

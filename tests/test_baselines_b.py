@@ -28,10 +28,10 @@ from pf2lora_core.algorithms.perfedavg import (
     gradient,
     hvp_central,
 )
-from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import AUDIT_DIR, COMMON, METRICS_FILE, PRIVATE, SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.federation.client_runtime import ClientRuntime
 from pf2lora_core.training.adapters import TwoLevelModel
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny import randomize_adapters, two_level_mlp

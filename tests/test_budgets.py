@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 from pf2lora_core.algorithms import REGISTRY
 from pf2lora_core.algorithms.flora import redraw_lora_a
 from pf2lora_core.algorithms.perfedavg import slice_batch
-from pf2lora_core.client import ClientRuntime
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import BATCHES_SEEN, COMMON, EXAMPLES_SEEN, GRADIENT_PASSES, LORA_A, PRIVATE
-from pf2lora_core.data import client as data_client
+from pf2lora_core.data import splits as data_client
 from pf2lora_core.data.columns import LABELS
+from pf2lora_core.federation.client_runtime import ClientRuntime
 from tests.tiny_bert import make_tiny_bert
 
 K, BATCH, CLIENTS = 3, 8, 2

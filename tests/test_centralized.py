@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pf2lora_core import client as client_mod
 from pf2lora_core import data
 from pf2lora_core.algorithms import CentralizedLoRA, LocalContext
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import COMMON, METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.federation import client_runtime as client_mod
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny_bert import make_tiny_bert
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pf2lora_core import client as client_mod
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.state import PrivateState, PrivateStore
+from pf2lora_core.federation import client_runtime as client_mod
+from pf2lora_core.federation.private_store import PrivateState, PrivateStore
 from tests.tiny_bert import make_tiny_bert
 
 

@@ -27,7 +27,7 @@ from pf2lora_core.data import (
     partition_label_histograms,
     sources,
 )
-from pf2lora_core.data import client as client_module
+from pf2lora_core.data import splits as client_module
 from pf2lora_core.data.columns import LABEL, LABELS, MOVIE, TEST, TRAIN, VALIDATION
 
 

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from pf2lora_core.config.keys import METRICS_FILE, SUMMARY_FILE
-from pf2lora_core.state import PREVIOUS_FILE, PrivateStore, tensor_digest
+from pf2lora_core.federation.private_store import PREVIOUS_FILE, PrivateStore, tensor_digest
 from tests.sites import LABELS, MIXES, split_sizes, write_site
 from tests.tiny_bert import make_tiny_bert
 

@@ -16,7 +16,7 @@ from tests.flower_run import tiny_inprocess_run
 from tests.tiny import MLP
 
 if TYPE_CHECKING:
-    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.federation.client_runtime import ClientRuntime
 
 A, B, H = "m.lora_A.common.weight", "m.lora_B.common.weight", "head.weight"
 
@@ -97,8 +97,8 @@ def test_a_flora_round_on_a_tiny_decoder_merges_what_peft_computes(arch: str, tm
     c_attn is a Conv1D whose weight is stored transposed, which the merge must respect)."""
     from peft import LoraConfig
 
-    from pf2lora_core.client import ClientRuntime
     from pf2lora_core.config.experiment import load
+    from pf2lora_core.federation.client_runtime import ClientRuntime
     from tests.tiny_lm import make_tiny_lm
 
     model_dir = make_tiny_lm(tmp_path / arch, arch)

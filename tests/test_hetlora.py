@@ -93,8 +93,8 @@ def test_ranks_by_seed_are_deterministic_and_in_range() -> None:
 
 
 def test_client_trains_at_its_rank_and_may_prune(tmp_path) -> None:
-    from pf2lora_core.client import ClientRuntime
     from pf2lora_core.config.experiment import load
+    from pf2lora_core.federation.client_runtime import ClientRuntime
     from tests.tiny_bert import make_tiny_bert
 
     model = make_tiny_bert(tmp_path / "tiny-bert")

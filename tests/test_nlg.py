@@ -15,8 +15,8 @@ import torch
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import COMMON, PERPLEXITY, PRIVATE
 from pf2lora_core.config.schema import ConfigError, GenerationConfig, TaskConfig
-from pf2lora_core.data import client as data_client
 from pf2lora_core.data import load_examples
+from pf2lora_core.data import splits as data_client
 from pf2lora_core.data.columns import IGNORE_INDEX, INPUT_IDS, LABEL, LABELS, PROMPT, PROMPT_LENGTH, TARGET
 from pf2lora_core.data.partition import NaturalGroupPartitioner
 from pf2lora_core.data.sources import linearize_mr, linearize_triples, review_prompt, webnlg_rows
@@ -334,7 +334,7 @@ def test_config_errors_for_generation() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_two_level_lora_on_tiny_decoders(arch: str, tiny: dict[str, Path]) -> None:
     """PF2LoRA trains both levels of a GPT-2 / Llama decoder (default targets) and evaluates it."""
-    from pf2lora_core.client import ClientRuntime
+    from pf2lora_core.federation.client_runtime import ClientRuntime
 
     exp = load(lm_overrides(tiny[arch], "algorithm=pf2lora", "algorithm.inner_lr=0.5"))
     rt = ClientRuntime(exp)

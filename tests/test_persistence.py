@@ -14,11 +14,17 @@ from typing import Any
 import pytest
 import torch
 
-from pf2lora_core.checkpoint import SERVER_STATE_DIR, history_path, load_latest
 from pf2lora_core.config.keys import CONFIG_FILE, METRICS_FILE
+from pf2lora_core.federation.checkpoint import SERVER_STATE_DIR, history_path, load_latest
+from pf2lora_core.federation.private_store import (
+    PREVIOUS_FILE,
+    TORN_SUFFIX,
+    PrivateState,
+    PrivateStateLostError,
+    PrivateStore,
+)
+from pf2lora_core.federation.resume import load_resume
 from pf2lora_core.outputs import RunDirInUseError, new_run_dir, set_aside_run
-from pf2lora_core.resume import load_resume
-from pf2lora_core.state import PREVIOUS_FILE, TORN_SUFFIX, PrivateState, PrivateStateLostError, PrivateStore
 from tests.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,
     FakeGrid,

@@ -21,12 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
-from pf2lora_core import policy as P
-from pf2lora_core.client import build_model
 from pf2lora_core.config.experiment import Experiment, load
 from pf2lora_core.config.keys import ARRAYS_KEY, COMMON, NUM_EXAMPLES
+from pf2lora_core.federation import node_policy as P
+from pf2lora_core.federation.client_runtime import build_model
+from pf2lora_core.federation.protocol import CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY
 from pf2lora_core.outputs import RunDir, new_run_dir
-from pf2lora_core.protocol import CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY
 from tests.sites import LABELS, MIXES, split_sizes, write_site
 from tests.tiny_bert import make_tiny_bert
 

@@ -16,11 +16,11 @@ from flwr.app import ArrayRecord
 from torch import Tensor, nn
 from transformers import BertForSequenceClassification
 
-from pf2lora_core import client as client_mod
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ACCURACY, COMMON
+from pf2lora_core.federation import client_runtime as client_mod
 from pf2lora_core.training.adapters import TwoLevelModel
 from pf2lora_core.training.precision import configure_matmul_precision, float32_pass, float32_required
 from pf2lora_core.training.solver import autocast_context

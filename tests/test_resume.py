@@ -25,7 +25,9 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity
 
 from pf2lora_core.algorithms import REGISTRY
-from pf2lora_core.checkpoint import (
+from pf2lora_core.config.experiment import Experiment, load
+from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_FILE, METRICS_KEY, PERSONALIZED
+from pf2lora_core.federation.checkpoint import (
     SERVER_STATE_DIR,
     ServerCheckpoint,
     algorithm_state,
@@ -33,13 +35,11 @@ from pf2lora_core.checkpoint import (
     latest_checkpoint,
     restore_algorithm_state,
 )
-from pf2lora_core.config.experiment import Experiment, load
-from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_FILE, METRICS_KEY, PERSONALIZED
+from pf2lora_core.federation.private_store import PrivateState, PrivateStore
+from pf2lora_core.federation.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_eval
+from pf2lora_core.federation.resume import load_resume, truncate_metrics
 from pf2lora_core.launch import federation_config
 from pf2lora_core.outputs import RunDir, new_run_dir
-from pf2lora_core.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_eval
-from pf2lora_core.resume import load_resume, truncate_metrics
-from pf2lora_core.state import PrivateState, PrivateStore
 from pf2lora_core.training.runtime import derived_seed
 from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 

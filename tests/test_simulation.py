@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from pf2lora_core.config.keys import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.federation.private_store import PrivateStore
 from pf2lora_core.launch import launched_processes
-from pf2lora_core.state import PrivateStore
 from tests.flower_run import tiny_demo_run
 
 CLIENTS, ROUNDS, STEPS = 3, 2, 2
@@ -177,11 +177,11 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from pf2lora_core.client import ClientRuntime
     from pf2lora_core.config.experiment import from_yaml
     from pf2lora_core.config.keys import COMMON
     from pf2lora_core.export import POOLING_NOTE
     from pf2lora_core.export import main as export_main
+    from pf2lora_core.federation.client_runtime import ClientRuntime
     from pf2lora_core.training.pooling import use_mean_pooling
 
     run, tmp = simulation["run"], simulation["tmp"]

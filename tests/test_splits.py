@@ -10,9 +10,9 @@ import pytest
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.schema import ConfigError, PartitionConfig
 from pf2lora_core.data import PARTITIONERS
-from pf2lora_core.data import client as client_module
-from pf2lora_core.data.client import _client_rows, _pooled, train_val_test
+from pf2lora_core.data import splits as client_module
 from pf2lora_core.data.columns import LABEL, MOVIE
+from pf2lora_core.data.splits import _client_rows, _pooled, train_val_test
 from tests.test_data import make_task
 
 PARTITIONS = {

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.aggregation import weighted_mean
 from pf2lora_core.config.keys import COMMON, TRAIN_LOSS
 from pf2lora_core.federation.checks import Spec, check_structure
 from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import LocalContext, StateDict
 from pf2lora_core.algorithms.lowrank import RankedLoRA, RankedParams, is_lora, lora_pairs, truncate
 from pf2lora_core.config.keys import COMMON

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
 from pf2lora_core.config.keys import COMMON, LORA_A, PRIVATE

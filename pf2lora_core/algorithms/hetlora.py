@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pf2lora_core.aggregation import weighted_mean
+from pf2lora_core.algorithms.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import LocalContext, StateDict
 from pf2lora_core.algorithms.lowrank import (
     RankedLoRA,

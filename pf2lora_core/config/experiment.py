@@ -14,8 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pf2lora_core.aggregation import AGGREGATORS
 from pf2lora_core.algorithms import Algorithm, algorithm_class
+from pf2lora_core.algorithms.aggregation import AGGREGATORS
 from pf2lora_core.config.keys import HEAD_LEVELS
 from pf2lora_core.config.schema import (
     ConfigError,

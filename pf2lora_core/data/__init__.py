@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pf2lora_core.data.client import (
+from pf2lora_core.data.partition import PARTITIONERS, SSplitPartitioner, make_partitioner
+from pf2lora_core.data.sources import (
+    SOURCES,
+    default_metric,
+    label_names,
+    load_examples,
+    resolve_text_columns,
+)
+from pf2lora_core.data.splits import (
     Batches,
     ClientSplit,
     CountedBatches,
@@ -13,14 +21,6 @@ from pf2lora_core.data.client import (
     partition_label_histograms,
     pooled_train,
     task_label_names,
-)
-from pf2lora_core.data.partition import PARTITIONERS, SSplitPartitioner, make_partitioner
-from pf2lora_core.data.sources import (
-    SOURCES,
-    default_metric,
-    label_names,
-    load_examples,
-    resolve_text_columns,
 )
 
 __all__ = [

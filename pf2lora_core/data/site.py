@@ -16,7 +16,9 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pf2lora_core.config.schema import ConfigError, TaskConfig
-from pf2lora_core.data.client import (
+from pf2lora_core.data.columns import LABEL
+from pf2lora_core.data.sources import CAUSAL_LM, NO_LABEL, load_examples
+from pf2lora_core.data.splits import (
     ClientSplit,
     _cached,
     _freeze,
@@ -25,8 +27,6 @@ from pf2lora_core.data.client import (
     _tokenizer_key,
     train_val_test,
 )
-from pf2lora_core.data.columns import LABEL
-from pf2lora_core.data.sources import CAUSAL_LM, NO_LABEL, load_examples
 
 SITE_CACHE: dict[Hashable, ClientSplit] = {}
 

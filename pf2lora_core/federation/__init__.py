@@ -1,5 +1,9 @@
-"""What a federated run is made of, free of Flower: reply checks, the node directory, the round record.
+"""What a federated run is made of, free of Flower.
 
-The Flower strategy (``server_app.strategy``) hands these plain data (node ids, decoded metrics,
-array specs) and acts on what they decide; each is unit-tested here without a Flower message.
+A client's side: ``client_runtime`` (load levels, train a round, evaluate), ``private_store`` (its
+private level on disk, by round), ``node_policy`` (what a SuperNode agrees to do). The contract:
+``protocol`` (message keys and the metric encoding). The server's side: ``checks`` and ``replies``
+(a reply becomes a typed reply or a rejection), ``nodes`` (node id -> client, sampling), ``rounds``
+(the round record), ``checkpoint`` and ``resume``. The Flower apps (``server_app``, ``client_app``)
+hand these plain data and act on what they decide.
 """

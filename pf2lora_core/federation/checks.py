@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from pf2lora_core.policy import LABEL_HISTOGRAM
+from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
 
 Spec = tuple[tuple[int, ...], np.dtype]
 

@@ -42,8 +42,8 @@ from pf2lora_core.federation.checks import (
     update_norm,
     update_reference,
 )
-from pf2lora_core.policy import LABEL_HISTOGRAM
-from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY, split_metrics
+from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
+from pf2lora_core.federation.protocol import CLIENT_KEY, DETAILS_KEY, split_metrics
 
 log = logging.getLogger("pf2lora.server")
 TRAIN, EVALUATE = "train", "evaluate"

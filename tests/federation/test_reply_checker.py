@@ -10,8 +10,8 @@ import pytest
 from pf2lora_core.algorithms.base import Algorithm
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, NUM_VALIDATION, TRAIN_LOSS
 from pf2lora_core.federation.checks import check_structure
+from pf2lora_core.federation.protocol import CLIENT_KEY, DETAILS_KEY
 from pf2lora_core.federation.replies import Reply, ReplyChecker, ReplyLimits, ReplyRejectedError, rejection_reason
-from pf2lora_core.protocol import CLIENT_KEY, DETAILS_KEY
 
 SENT = {"a.lora_A.common.weight": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 

@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from pf2lora_core.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, load_latest
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import METRICS_FILE
+from pf2lora_core.federation.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, load_latest
 from pf2lora_core.outputs import RunDir, atomic_write_bytes
 
 log = logging.getLogger("pf2lora.server")

@@ -214,7 +214,9 @@ def encode(obj: Any, tensors: dict[str, Tensor]) -> Any:
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode(v, tensors) for k, v in obj.items()}
         return {"__dict__": [[encode(k, tensors), encode(v, tensors)] for k, v in obj.items()]}
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__} without pickle; add it to pf2lora_core.checkpoint")
+    raise TypeError(
+        f"cannot checkpoint a {type(obj).__name__} without pickle; add it to pf2lora_core.federation.checkpoint"
+    )
 
 
 def decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
