@@ -46,14 +46,14 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# `flwr run .` through pf2lora_core.launch: the simulation size (num-supernodes, CPUs per client) read
+# `flwr run .` through pf2lora_core.tools.launch: the simulation size (num-supernodes, CPUs per client) read
 # from the Hydra config, a SuperLink of this run's own (fresh ports, FLWR_HOME above), the console
 # live, and every process the run started stopped when it ends or on Ctrl-C / SIGTERM.
 # OVERRIDES="algorithm=homlora" etc. selects another experiment; ENGINE=inprocess runs it without Flower's
 # SuperLink and Ray (same apps, same run directory, same numbers at the same thread count).
 demo: install
 ifeq ($(ENGINE),flower)
-	$(PY) -m pf2lora_core.launch demo $(OVERRIDES)
+	$(PY) -m pf2lora_core.tools.launch demo $(OVERRIDES)
 else ifeq ($(ENGINE),inprocess)
 	$(PY) -m server_app.inprocess $(OVERRIDES)
 else
@@ -95,7 +95,7 @@ floors:
 	  $(FLOOR_TESTS) -k "not through_flower"
 
 stop-superlink:
-	-$(PY) -m pf2lora_core.launch stop-superlink
+	-$(PY) -m pf2lora_core.tools.launch stop-superlink
 
 clean: stop-superlink
 	rm -rf outputs .state .flwr_home

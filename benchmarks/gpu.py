@@ -15,7 +15,7 @@ one JSON line on stdout (human-readable tables go to stderr):
   the same dtype (``peak_tflops``), and MFU is reported against each.
 - ``flwr``: a real ``flwr run`` of the demo (8 clients, 2 rounds) with every client on the GPU
   (``federation.client_gpus=0.125``), and the same run on the CPU of that machine: seconds per
-  round and their ratio. Started through ``pf2lora_core.launch.flwr_run`` (own SuperLink ports and
+  round and their ratio. Started through ``pf2lora_core.tools.launch.flwr_run`` (own SuperLink ports and
   FLWR_HOME, SuperLink stopped afterwards); any process left by a run (Ray's, found by that run's own
   FLWR_HOME in its environment) is stopped by PID.
 - ``client_memory``: one demo client's peak GPU memory over a local round and an evaluation
@@ -346,7 +346,7 @@ def flwr_part(
     if missing:
         return {"skipped": f"not installed here: {', '.join(missing)} (the demo's runtime, data and model)"}
     from pf2lora_core.config.experiment import load
-    from pf2lora_core.launch import federation_config, flwr_run
+    from pf2lora_core.tools.launch import federation_config, flwr_run
 
     out: dict[str, Any] = {"clients": clients, "rounds": sizes.flwr_rounds}
     for name in runs:

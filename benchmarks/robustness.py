@@ -113,7 +113,7 @@ def ladders(setting: str) -> dict[str, Ladder]:
     """PF2LoRA: its defaults and ``inner_lr`` x3 steps; HOMLoRA: ``lr`` x2 steps around its tuned value."""
     pf2 = "pf2lora_lm" if setting == REVIEWS else PF2
     if setting.startswith("synthetic"):
-        from pf2lora_core.synthetic import SyntheticConfig
+        from pf2lora_core.tools.synthetic import SyntheticConfig
 
         center = str(SyntheticConfig().lr)  # the task's own HOMLoRA lr
     else:
@@ -160,7 +160,7 @@ def synthetic_result(overrides: Sequence[str], large: bool, seed: int) -> dict[s
     as a share of where the client started (``M = 0``): scale-free, so a gap reads in points as for
     accuracy, whatever the task's dimension and singular values.
     """
-    from pf2lora_core import synthetic
+    from pf2lora_core.tools import synthetic
 
     cfg = synthetic.SyntheticConfig(seed=seed, algorithms=[], output_dir="/tmp")
     if large:  # the other sizes of issue 13
@@ -267,7 +267,7 @@ def setting_line(setting: str, log: RunLog, seeds: Sequence[int]) -> dict[str, A
 def _sizes_of(setting: str, sizes: Sizes) -> dict[str, int]:
     """The run size a setting's line reports: the synthetic task keeps its own rounds and steps."""
     if setting.startswith("synthetic"):
-        from pf2lora_core.synthetic import SyntheticConfig
+        from pf2lora_core.tools.synthetic import SyntheticConfig
 
         cfg = SyntheticConfig()
         return {"clients": len(cfg.true_ranks), "rounds": cfg.rounds, "local_steps": cfg.local_steps}

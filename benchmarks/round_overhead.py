@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from pf2lora_core.config.keys import METRICS_FILE
-from pf2lora_core.launch import flwr_run
+from pf2lora_core.tools.launch import flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -59,7 +59,7 @@ from pf2lora_core.federation.protocol import (
     encode_details,
     flatten_eval,
 )
-from pf2lora_core.logs import quiet_libraries, stream_handler
+from pf2lora_core.run.console import quiet_libraries, stream_handler
 
 if TYPE_CHECKING:
     from pf2lora_core.federation.client_runtime import ClientRuntime

@@ -172,7 +172,7 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
     """
     from client_app.app import app as client_app
     from pf2lora_core.config.experiment import load, split_overrides
-    from pf2lora_core.launch import join_overrides
+    from pf2lora_core.tools.launch import join_overrides
     from server_app.app import serve
 
     items = split_overrides(overrides) if isinstance(overrides, str) else list(overrides)
@@ -198,7 +198,7 @@ def run(overrides: list[str] | str = (), run_id: int | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m server_app.inprocess [hydra overrides]``: ``make demo ENGINE=inprocess``."""
     from pf2lora_core.config.schema import ConfigError
-    from pf2lora_core.launch import sigterm_as_interrupt
+    from pf2lora_core.tools.launch import sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():

@@ -59,8 +59,8 @@ from pf2lora_core.federation.replies import (
     rejection_reason,
 )
 from pf2lora_core.federation.rounds import STATS, RoundLog, trained_before
-from pf2lora_core.logs import progress
-from pf2lora_core.outputs import RunDir
+from pf2lora_core.run.console import progress
+from pf2lora_core.run.run_dir import RunDir
 
 __all__ = ["CommonAdapterFedAvg", "ReplyRejectedError", "RoundLog", "RoundPlan", "RunFailedError"]
 

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from pf2lora_core.config.keys import SUMMARY_FILE
-from pf2lora_core.launch import LAUNCH_MARK, flwr_run
+from pf2lora_core.tools.launch import LAUNCH_MARK, flwr_run
 from tests.tiny_bert import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def tiny_overrides(tmp_path: Path, model: Path, clients: int, overrides: str) ->
 
 
 def tiny_demo_run(tmp_path: Path, overrides: str, clients: int = 2) -> tuple[Path, str, str]:
-    """What `make demo OVERRIDES=...` runs (``python -m pf2lora_core.launch demo``), in a subprocess.
+    """What `make demo OVERRIDES=...` runs (``python -m pf2lora_core.tools.launch demo``), in a subprocess.
 
     Returns (run directory, the console as the user sees it, the launch mark of its processes).
     """
@@ -34,7 +34,7 @@ def tiny_demo_run(tmp_path: Path, overrides: str, clients: int = 2) -> tuple[Pat
     cmd = [
         sys.executable,
         "-m",
-        "pf2lora_core.launch",
+        "pf2lora_core.tools.launch",
         "demo",
         *tiny_overrides(tmp_path, model, clients, overrides).split(),
     ]

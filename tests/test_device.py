@@ -9,7 +9,7 @@ import torch
 
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.launch import federation_config
+from pf2lora_core.tools.launch import federation_config
 from pf2lora_core.training.runtime import resolve_device, simulation_gpu_problem
 
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 from pf2lora_core.algorithms import algorithm_class
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.export import ExportError, common_checkpoint, export_problem, save_adapter
+from pf2lora_core.run.export import ExportError, common_checkpoint, export_problem, save_adapter
 from tests.tiny import MLP, randomize_adapters, two_level_mlp
 
 

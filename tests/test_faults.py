@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_FILE
-from pf2lora_core.outputs import new_run_dir
+from pf2lora_core.run.run_dir import new_run_dir
 from pf2lora_core.training.runtime import derived_seed
 from tests.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,

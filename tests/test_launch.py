@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.launch import (
+from pf2lora_core.tools.launch import (
     LAUNCH_MARK,
     LOCAL_PORT_VARS,
     LaunchError,
@@ -107,7 +107,7 @@ def test_a_sweep_stopped_by_sigterm_stops_its_job_and_every_process_of_it(tmp_pa
     model = make_tiny_bert(tmp_path / "tiny-bert")
     mark = uuid.uuid4().hex
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", LAUNCH_MARK: mark}
-    cmd = [sys.executable, "-m", "pf2lora_core.sweep", "-m", "model.source=path", f"model.name={model}",
+    cmd = [sys.executable, "-m", "pf2lora_core.tools.sweep", "-m", "model.source=path", f"model.name={model}",
            "federation.num_clients=2", "task.max_examples=160", "rounds=200", f"output_dir={tmp_path / 'out'}",
            "seed=0"]  # fmt: skip
     sweep = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, text=True,

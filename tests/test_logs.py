@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pf2lora_core.logs import CurrentStream, detach_absl_stream, progress, quiet_libraries, stream_handler
+from pf2lora_core.run.console import CurrentStream, detach_absl_stream, progress, quiet_libraries, stream_handler
 from pf2lora_core.training.generation_metrics import rouge_l
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pf2lora_core.analysis.report import build_report
 from pf2lora_core.config.keys import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, PERPLEXITY, REPORT_CSV, SUMMARY_FILE
-from pf2lora_core.report import build_report
 from tests.flower_run import tiny_inprocess_run
 from tests.tiny_lm import make_tiny_lm
 

@@ -24,7 +24,7 @@ from pf2lora_core.federation.private_store import (
     PrivateStore,
 )
 from pf2lora_core.federation.resume import load_resume
-from pf2lora_core.outputs import RunDirInUseError, new_run_dir, set_aside_run
+from pf2lora_core.run.run_dir import RunDirInUseError, new_run_dir, set_aside_run
 from tests.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,
     FakeGrid,

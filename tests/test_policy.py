@@ -26,7 +26,7 @@ from pf2lora_core.config.keys import ARRAYS_KEY, COMMON, NUM_EXAMPLES
 from pf2lora_core.federation import node_policy as P
 from pf2lora_core.federation.client_runtime import build_model
 from pf2lora_core.federation.protocol import CONFIG_YAML_KEY, DETAILS_KEY, RUN_KEY
-from pf2lora_core.outputs import RunDir, new_run_dir
+from pf2lora_core.run.run_dir import RunDir, new_run_dir
 from tests.sites import LABELS, MIXES, split_sizes, write_site
 from tests.tiny_bert import make_tiny_bert
 

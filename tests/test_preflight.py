@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.launch import main as launch_main
+from pf2lora_core.tools.launch import main as launch_main
 
 LATE_FAILURES = {
     "model path that does not exist": ("model.source=path model.name=/nonexistent", "model.name"),

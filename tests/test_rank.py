@@ -56,7 +56,7 @@ def test_rank_report_mean_over_modules() -> None:
 
 def test_flower_runs_and_the_synthetic_task_share_one_threshold() -> None:
     from pf2lora_core.config.experiment import compose
-    from pf2lora_core.synthetic import SyntheticConfig
+    from pf2lora_core.tools.synthetic import SyntheticConfig
     from pf2lora_core.training.rank import DEFAULT_THRESHOLD
 
     assert float(compose([]).rank_threshold) == DEFAULT_THRESHOLD == SyntheticConfig().threshold

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from pf2lora_core.analysis.loading import ReportError, parse_overrides, split_overrides
+from pf2lora_core.analysis.report import build_report, main
 from pf2lora_core.config.keys import FAILED_FILE, JOB_FILE, METRICS_FILE, PLOTS_DIR, REPORT_CSV, SUMMARY_FILE
-from pf2lora_core.report import build_report, main
 from tests.markdown import row_of
 
 # Personalized mean per (algorithm, partition.s) and seed; every other number follows from it below.

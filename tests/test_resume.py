@@ -38,8 +38,8 @@ from pf2lora_core.federation.checkpoint import (
 from pf2lora_core.federation.private_store import PrivateState, PrivateStore
 from pf2lora_core.federation.protocol import CLIENT_KEY, CONFIG_YAML_KEY, RUN_KEY, flatten_eval
 from pf2lora_core.federation.resume import load_resume, truncate_metrics
-from pf2lora_core.launch import federation_config
-from pf2lora_core.outputs import RunDir, new_run_dir
+from pf2lora_core.run.run_dir import RunDir, new_run_dir
+from pf2lora_core.tools.launch import federation_config
 from pf2lora_core.training.runtime import derived_seed
 from server_app.strategy import CommonAdapterFedAvg, RoundPlan
 

@@ -25,7 +25,7 @@ from pf2lora_core.algorithms.aggregation import ROBUST
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.checks import clip_update, update_norm, update_reference
 from pf2lora_core.federation.protocol import CLIENT_KEY, DETAILS_KEY
-from pf2lora_core.outputs import new_run_dir
+from pf2lora_core.run.run_dir import new_run_dir
 from server_app.strategy import CommonAdapterFedAvg, RunFailedError
 from tests.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,

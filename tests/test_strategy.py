@@ -15,7 +15,7 @@ from pf2lora_core.algorithms import HOMLoRA, LoRAParams
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.protocol import CLIENT_KEY
-from pf2lora_core.outputs import RunDir, new_run_dir
+from pf2lora_core.run.run_dir import RunDir, new_run_dir
 from server_app.strategy import CommonAdapterFedAvg, RoundLog, RoundPlan
 
 NODES = (1, 2, 5)  # node ids; each node is the client with the same partition id here

@@ -20,7 +20,7 @@ from pf2lora_core.config.keys import (
     VALIDATION,
     VALIDATION_GLOBAL,
 )
-from pf2lora_core.summary import (
+from pf2lora_core.run.summary import (
     BASELINES,
     CLIENT_MAJORITY,
     GLOBAL_MAJORITY,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pf2lora_core.config.keys import FAILED_FILE, JOB_FILE, JOB_LOG_FILE, REPORT_CSV, REPORT_MD, SUMMARY_FILE
-from pf2lora_core.sweep import expand, experiment_overrides, main, slug
+from pf2lora_core.tools.sweep import expand, experiment_overrides, main, slug
 from tests.tiny_bert import make_tiny_bert
 
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -51,7 +51,7 @@ def test_an_invalid_override_fails_before_any_work(
 def test_an_app_flower_cannot_package_fails_before_any_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pf2lora_core import launch
+    from pf2lora_core.tools import launch
 
     monkeypatch.setattr(launch, "fab_comma_paths", lambda app_dir: ["results/lr=0.1,seed=0/summary.json"])
     assert main(["-m", f"output_dir={tmp_path}", "algorithm=homlora,pf2lora"]) == 2
@@ -137,7 +137,7 @@ class FakeFlower:
 
 def test_single_run_mode_runs_once_then_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     fake = FakeFlower()
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", fake)
     args = [f"output_dir={tmp_path}", "algorithm=homlora", "rounds=1"]
     assert main(args) == 0 and main(args) == 0
     out = capsys.readouterr().out
@@ -153,7 +153,7 @@ def test_single_run_mode_runs_once_then_skips(tmp_path: Path, monkeypatch: pytes
 def test_failures_and_timeouts_are_recorded_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower(fail_when="partition.s=0.5"))
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", FakeFlower(fail_when="partition.s=0.5"))
     sweep = tmp_path / "sweep"
     args = ["-m", f"hydra.sweep.dir={sweep}", "algorithm=homlora", "partition.s=0.5,0.9", "sweep.job_timeout_s=5"]
     assert main(args) == 1
@@ -162,7 +162,7 @@ def test_failures_and_timeouts_are_recorded_and_the_sweep_goes_on(
     failed = json.loads((sweep / "algorithm=homlora,partition.s=0.5" / FAILED_FILE).read_text())
     assert failed["error"] == "ValueError: boom in the app" and "Traceback" in failed["log_tail"]
     assert (sweep / REPORT_MD).exists() and "boom" in (sweep / REPORT_MD).read_text()
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower(timeout=True))
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", FakeFlower(timeout=True))
     assert main(args) == 1  # the failed job is retried (and times out now); the finished one is skipped
     out = capsys.readouterr().out
     assert "timed out after 5 s" in out and "skipped (finished before)" in out
@@ -172,7 +172,7 @@ def test_failures_and_timeouts_are_recorded_and_the_sweep_goes_on(
 
 def test_deployment_jobs_are_submitted_to_the_named_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeFlower()
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", fake)
     assert main([f"output_dir={tmp_path}", "federation=deployment", "federation.connection=lab"]) == 0
     _, federation, home, connection, _ = fake.calls[0]
     assert connection == "lab" and federation is None and home is None
@@ -181,7 +181,7 @@ def test_deployment_jobs_are_submitted_to_the_named_connection(tmp_path: Path, m
 def test_glob_expands_through_hydras_sweeper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """``algorithm='glob(*)'`` (it crashed when the sweep expanded overrides itself): one job per option."""
     fake = FakeFlower()
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", fake)
     options = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "algorithm").glob("*.yaml"))
     assert main(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "algorithm=glob(*)", "rounds=1"]) == 0
     assert f"[{len(options)}/{len(options)}] done in" in capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_glob_expands_through_hydras_sweeper(tmp_path: Path, monkeypatch: pytest
 def test_sweeper_params_are_swept_and_every_job_keeps_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", FakeFlower())
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", FakeFlower())
     sweep = tmp_path / "sweep"
     args = ["-m", f"hydra.sweep.dir={sweep}", "algorithm=homlora", "++hydra.sweeper.params={partition.s:'0.5,0.9'}"]
     assert main(args) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pf2lora_core.synthetic import SyntheticConfig, make_clients, run
+from pf2lora_core.tools.synthetic import SyntheticConfig, make_clients, run
 
 # 100 of the default 200 rounds: every rank is already exact (seeds 0..4), in a few seconds.
 BUDGET = {"rounds": 100, "seed": 0}
@@ -98,7 +98,7 @@ def test_make_clients_rejects_ranks_outside_the_range(true_ranks: list[int]) -> 
     ],
 )
 def test_hetlora_ranks_follow_rank(rank: int, private_rank: int, true_ranks: list[int], dim: int, assigned) -> None:
-    from pf2lora_core.synthetic import check_ranks
+    from pf2lora_core.tools.synthetic import check_ranks
 
     cfg = SyntheticConfig(rank=rank, private_rank=private_rank, true_ranks=true_ranks, dim=dim, samples=max(64, dim))
     check_ranks(cfg)
@@ -107,7 +107,7 @@ def test_hetlora_ranks_follow_rank(rank: int, private_rank: int, true_ranks: lis
 
 
 def test_bad_hetlora_ranks_are_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from pf2lora_core.synthetic import main
+    from pf2lora_core.tools.synthetic import main
 
     with pytest.raises(SystemExit):
         main(["--hetlora-ranks", "1,2", "--rounds", "1"])
@@ -116,7 +116,7 @@ def test_bad_hetlora_ranks_are_one_clear_error(capsys: pytest.CaptureFixture[str
 
 def test_hetlora_does_not_collapse_below_r_minus_private_rank(tmp_path: Path) -> None:
     """Self-pruning stops at r - r~ (it reached rank 1 with a floor of 1: losses 11-17)."""
-    from pf2lora_core.synthetic import make_clients, train_federated
+    from pf2lora_core.tools.synthetic import make_clients, train_federated
 
     cfg = SyntheticConfig(
         rank=10, private_rank=3, true_ranks=[8, 9, 11, 12], dim=64, rounds=30, algorithms=["hetlora"],

@@ -9,7 +9,7 @@ import pytest
 
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.schema import TrackingConfig
-from pf2lora_core.tracking import TRACKERS, make_tracker, scalars
+from pf2lora_core.run.tracking import TRACKERS, make_tracker, scalars
 
 CONFIG = "name: demo\nseed: 3\nfederation:\n  num_clients: 2\n"
 ROUNDS = [

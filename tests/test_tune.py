@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pf2lora_core.config.keys import JOB_LOG_FILE, SUMMARY_FILE
-from pf2lora_core.tune import TUNE_CSV, TUNE_JSON, TUNE_MD, main
+from pf2lora_core.tools.tune import TUNE_CSV, TUNE_JSON, TUNE_MD, main
 
 FAST = ["task.max_examples=160", "federation.num_clients=2", "rounds=1", "local_steps=1"]
 
@@ -54,7 +54,7 @@ def test_two_trials_per_algorithm_through_optuna_choose_on_validation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake = FakeTrials()
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", fake)
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", fake)
     out = tmp_path / "tune"
     args = ["--algorithms", "pf2lora,homlora", "--trials", "2", "--final-seeds", "7,8", "--out", str(out),
             *FAST, "sweep.seeds=[0,1]"]  # fmt: skip
@@ -117,7 +117,7 @@ def test_runs_without_validation_stop_tuning_with_a_clear_error(
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
         return subprocess.CompletedProcess([], 0, "", "")
 
-    monkeypatch.setattr("pf2lora_core.sweep.flwr_run", no_validation)
+    monkeypatch.setattr("pf2lora_core.tools.sweep.flwr_run", no_validation)
     args = ["--algorithms", "homlora", "--trials", "1", "--out", str(tmp_path), *FAST, "sweep.seeds=[0]"]
     assert main(args) == 2
     err = capsys.readouterr().err

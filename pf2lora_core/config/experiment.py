@@ -30,7 +30,7 @@ from pf2lora_core.config.schema import (
 )
 from pf2lora_core.data.partition import PARTITIONERS
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION
-from pf2lora_core.tracking import TRACKERS
+from pf2lora_core.run.tracking import TRACKERS
 from pf2lora_core.training.pooling import POOLINGS
 from pf2lora_core.training.tasks import METRICS, TASKS, generation_metrics_problem
 

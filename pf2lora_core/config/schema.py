@@ -114,7 +114,7 @@ class SweepConfig:
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking of the ServerApp (conf/tracking/, pf2lora_core/tracking.py)."""
+    """Experiment tracking of the ServerApp (conf/tracking/, pf2lora_core/run/tracking.py)."""
 
     kind: str = MISSING  # none | tensorboard | mlflow
     dir: str = MISSING  # under the run directory: event files / MLflow file store

@@ -39,8 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pf2lora_core.outputs import SERVER_STATE_DIR as SERVER_STATE_DIR  # re-exported: its old home
-from pf2lora_core.outputs import atomic_save_tensors, atomic_write_bytes
+from pf2lora_core.run.run_dir import SERVER_STATE_DIR as SERVER_STATE_DIR  # re-exported: its old home
+from pf2lora_core.run.run_dir import atomic_save_tensors, atomic_write_bytes
 
 CHECKPOINT_GLOB = "round_*.safetensors"
 _ROUND = re.compile(r"^round_(\d+)\.safetensors$")

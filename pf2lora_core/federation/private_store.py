@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pf2lora_core.outputs import atomic_save_tensors, fsync_dir
+from pf2lora_core.run.run_dir import atomic_save_tensors, fsync_dir
 
 log = logging.getLogger("pf2lora.client.state")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

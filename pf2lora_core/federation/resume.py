@@ -15,7 +15,7 @@ from pathlib import Path
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import METRICS_FILE
 from pf2lora_core.federation.checkpoint import SERVER_STATE_DIR, ServerCheckpoint, load_latest
-from pf2lora_core.outputs import RunDir, atomic_write_bytes
+from pf2lora_core.run.run_dir import RunDir, atomic_write_bytes
 
 log = logging.getLogger("pf2lora.server")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pf2lora_core.config.keys import COMPUTE_SECONDS, EVAL_KINDS, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.checks import truncate
-from pf2lora_core.summary import evaluation_blocks
+from pf2lora_core.run.summary import evaluation_blocks
 
 STATS = ("mean", "weighted_mean", "worst")  # of a metric over clients (outputs.aggregate_metric)
 

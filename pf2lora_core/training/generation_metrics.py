@@ -108,7 +108,7 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> f
     """Mean over hypotheses of the best ROUGE-L F1 against their references (0-100)."""
     from rouge_score import rouge_scorer
 
-    from pf2lora_core.logs import detach_absl_stream
+    from pf2lora_core.run.console import detach_absl_stream
 
     detach_absl_stream()  # rouge-score imported absl, whose handler would hold (and close) our stderr
     _check(hypotheses, references)

@@ -74,8 +74,8 @@ from pf2lora_core.algorithms.base import LoRAParams
 from pf2lora_core.algorithms.hetlora import HETLoRAParams
 from pf2lora_core.algorithms.pf2lora import PF2LoRAParams
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.outputs import RunDir, new_run_dir
-from pf2lora_core.plots import rank_spectra
+from pf2lora_core.run.plots import rank_spectra
+from pf2lora_core.run.run_dir import RunDir, new_run_dir
 from pf2lora_core.training.adapters import StateDict, TwoLevelModel
 from pf2lora_core.training.rank import DEFAULT_THRESHOLD, entropy_rank, private_energy, singular_values, threshold_rank
 from pf2lora_core.training.solver import INNER_STEPS

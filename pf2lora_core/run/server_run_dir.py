@@ -12,9 +12,9 @@ from torch import Tensor
 from pf2lora_core.config.experiment import Experiment
 from pf2lora_core.config.keys import COMMON
 from pf2lora_core.config.schema import TrackingConfig
-from pf2lora_core.export import export_problem, save_adapter
-from pf2lora_core.outputs import RunDir
-from pf2lora_core.tracking import Tracker, make_tracker
+from pf2lora_core.run.export import export_problem, save_adapter
+from pf2lora_core.run.run_dir import RunDir
+from pf2lora_core.run.tracking import Tracker, make_tracker
 from pf2lora_core.training.adapters import TwoLevelModel
 
 

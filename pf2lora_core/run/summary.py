@@ -28,7 +28,7 @@ from pf2lora_core.config.keys import (
 )
 from pf2lora_core.data.columns import TEST, TRAIN
 from pf2lora_core.data.sources import CLASSIFICATION
-from pf2lora_core.outputs import aggregate_metric
+from pf2lora_core.run.run_dir import aggregate_metric
 
 CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split
 GLOBAL_MAJORITY = "global_majority"  # every client predicts the majority label of all train splits pooled

@@ -29,7 +29,7 @@ from pf2lora_core.algorithms import Algorithm
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import CHECKPOINTS_DIR, COMMON, CONFIG_FILE, PRIVATE
 from pf2lora_core.data.sources import CLASSIFICATION
-from pf2lora_core.logs import quiet_libraries
+from pf2lora_core.run.console import quiet_libraries
 from pf2lora_core.training.adapters import TwoLevelModel
 from pf2lora_core.training.pooling import MEAN
 

@@ -55,8 +55,8 @@ from pf2lora_core.config.keys import (
     VALIDATION,
 )
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
-from pf2lora_core.outputs import atomic_write_bytes, set_aside_run
+from pf2lora_core.run.run_dir import atomic_write_bytes, set_aside_run
+from pf2lora_core.tools.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
 from pf2lora_core.training.models import resolve_model
 
 # Overrides that steer the sweep itself, not the experiment: never part of a job's identity.
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(sweep_dir: Path, sweep: DictConfig) -> None:
-    from pf2lora_core.report import build_report
+    from pf2lora_core.analysis.report import build_report
 
     try:
         path = build_report(sweep_dir, x_key=str(sweep.report_x) or None, at=str(sweep.report_at) or None)

@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pf2lora_core import sweep
 from pf2lora_core.analysis.loading import (
     PRIORS,
     ReportError,
@@ -51,8 +50,9 @@ from pf2lora_core.analysis.tables import cell, markdown_table
 from pf2lora_core.config.experiment import conf_dir
 from pf2lora_core.config.keys import SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.launch import sigterm_as_interrupt
-from pf2lora_core.outputs import atomic_write_bytes
+from pf2lora_core.run.run_dir import atomic_write_bytes
+from pf2lora_core.tools import sweep
+from pf2lora_core.tools.launch import sigterm_as_interrupt
 
 # The comparison of issue 12: PF2LoRA against the baselines a reviewer asks for.
 DEFAULT_ALGORITHMS = ("pf2lora", "homlora", "fedsa_lora", "feddpa", "perfedavg", "hetlora", "local")

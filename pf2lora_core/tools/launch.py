@@ -1,9 +1,9 @@
 """Launching `flwr run`: the simulation size from the Hydra config, a private SuperLink, nothing left running.
 
-``python -m pf2lora_core.launch federation-config [hydra overrides]`` prints the
+``python -m pf2lora_core.tools.launch federation-config [hydra overrides]`` prints the
 ``--federation-config`` value for ``flwr run`` (``num-supernodes=8 client-resources-num-cpus=1
 ...``), so the simulation size comes from the one Hydra tree (``federation.num_clients``,
-``client_cpus``, ``client_gpus``) instead of being repeated by hand. ``python -m pf2lora_core.launch
+``client_cpus``, ``client_gpus``) instead of being repeated by hand. ``python -m pf2lora_core.tools.launch
 demo [hydra overrides]`` runs an experiment as ``make demo`` does (see :func:`demo`);
 ``stop-superlink`` stops the local SuperLink of ``$FLWR_HOME``.
 """
@@ -387,7 +387,10 @@ def join_overrides(overrides: list[str]) -> str:
     return " ".join(f'"{o}"' if any(c.isspace() for c in o) else o for o in overrides)
 
 
-USAGE = "usage: python -m pf2lora_core.launch {demo [overrides...] | federation-config [overrides...] | stop-superlink}"
+USAGE = (
+    "usage: python -m pf2lora_core.tools.launch "
+    "{demo [overrides...] | federation-config [overrides...] | stop-superlink}"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
