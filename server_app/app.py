@@ -25,10 +25,10 @@ from pf2lora_core.federation.client_runtime import DEPLOYMENT, build_model
 from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
 from pf2lora_core.federation.protocol import CONFIG_YAML_KEY, RUN_KEY
 from pf2lora_core.federation.resume import load_resume
+from pf2lora_core.federation.server_run_dir import ServerRunDir
 from pf2lora_core.run.console import quiet_libraries
 from pf2lora_core.run.plots import write_run_plots
 from pf2lora_core.run.run_dir import RunDir, RunDirInUseError, new_run_dir
-from pf2lora_core.run.server_run_dir import ServerRunDir
 from pf2lora_core.run.summary import build_summary, format_client_table
 from pf2lora_core.training.runtime import seed_everything
 from server_app.strategy import CommonAdapterFedAvg, RoundPlan

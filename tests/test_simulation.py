@@ -181,7 +181,7 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
     from pf2lora_core.config.keys import COMMON
     from pf2lora_core.federation.client_runtime import ClientRuntime
     from pf2lora_core.run.export import POOLING_NOTE
-    from pf2lora_core.run.export import main as export_main
+    from pf2lora_core.tools.export import main as export_main
     from pf2lora_core.training.pooling import use_mean_pooling
 
     run, tmp = simulation["run"], simulation["tmp"]

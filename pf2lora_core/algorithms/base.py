@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from pf2lora_core.algorithms.aggregation import weighted_mean
+from pf2lora_core.algorithms.uplink import Spec, check_structure
 from pf2lora_core.config.keys import COMMON, TRAIN_LOSS
-from pf2lora_core.federation.checks import Spec, check_structure
 from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
 from pf2lora_core.training.dropout_tape import SeededLoss
 from pf2lora_core.training.hypergrad import LossFn

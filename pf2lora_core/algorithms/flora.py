@@ -35,8 +35,8 @@ from torch import Tensor
 from pf2lora_core.algorithms.aggregation import weighted_mean
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, StateDict
 from pf2lora_core.algorithms.lowrank import is_lora, lora_pairs
+from pf2lora_core.algorithms.uplink import Spec, check_structure
 from pf2lora_core.config.keys import COMMON, LORA_A, PRIVATE
-from pf2lora_core.federation.checks import Spec, check_structure
 from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel, merge_into_base
 
 BASE_WEIGHT = ".base_layer.weight"  # peft keeps the frozen weight of an adapted Linear here

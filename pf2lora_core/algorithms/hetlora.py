@@ -41,8 +41,8 @@ from pf2lora_core.algorithms.lowrank import (
     rank_of,
     truncate,
 )
+from pf2lora_core.algorithms.uplink import Spec
 from pf2lora_core.config.keys import COMMON
-from pf2lora_core.federation.checks import Spec
 
 
 @dataclass

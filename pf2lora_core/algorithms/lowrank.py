@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from pf2lora_core.algorithms.base import Algorithm, LoRAParams
+from pf2lora_core.algorithms.uplink import Spec
 from pf2lora_core.config.keys import COMMON, LORA_A, LORA_B
-from pf2lora_core.federation.checks import Spec
 from pf2lora_core.training.adapters import AdapterSpec, TwoLevelModel
 
 StateDict = dict[str, Tensor]

@@ -12,26 +12,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+# the uplink's structure check lives with the algorithms (each says what a valid uplink is); re-exported
+from pf2lora_core.algorithms.uplink import Spec
+from pf2lora_core.algorithms.uplink import check_structure as check_structure
 from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
-
-Spec = tuple[tuple[int, ...], np.dtype]
-
-
-def check_structure(declared: Mapping[str, Spec], expected: Mapping[str, Spec]) -> str | None:
-    """Keys, shapes and dtypes of a reply against what the server sent."""
-    missing = sorted(set(expected) - set(declared))
-    if missing:
-        return f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}"
-    extra = sorted(set(declared) - set(expected))
-    if extra:
-        return f"unexpected keys {extra[:3]}{' ...' if len(extra) > 3 else ''}"
-    for name, (shape, dtype) in expected.items():
-        got_shape, got_dtype = declared[name]
-        if tuple(got_shape) != tuple(shape):
-            return f"{name}: shape {tuple(got_shape)}, expected {tuple(shape)}"
-        if np.dtype(got_dtype) != np.dtype(dtype):
-            return f"{name}: dtype {np.dtype(got_dtype)}, expected {np.dtype(dtype)}"
-    return None
 
 
 def check_values(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pf2lora_core.config.experiment import Experiment
 from pf2lora_core.config.keys import (
     ACCURACY,
     BALANCED_ACCURACY,
@@ -32,6 +31,10 @@ from pf2lora_core.run.run_dir import aggregate_metric
 
 CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split
 GLOBAL_MAJORITY = "global_majority"  # every client predicts the majority label of all train splits pooled
+
+
+if TYPE_CHECKING:
+    from pf2lora_core.config.experiment import Experiment
 
 
 def aggregate_block(results: Sequence[Mapping[str, float]], weights: Sequence[float], metric: str) -> dict[str, Any]:
