@@ -83,8 +83,9 @@ robustness: install
 # test modules that exercise transformers and peft directly (fast ones, plus the tiny-decoder FLoRA round).
 FLOORS_VENV ?= /tmp/pf2lora-floors
 FLOOR_PINS := "transformers==4.56.0" "peft==0.16.0"
-FLOOR_TESTS := tests/test_adapters.py tests/test_flora.py tests/test_hypergrad.py tests/test_tasks.py \
-  tests/test_solver.py tests/test_noise.py tests/test_baselines_a.py tests/test_nlg.py tests/test_export.py
+FLOOR_TESTS := tests/training/test_adapters.py tests/training/test_hypergrad.py tests/training/test_tasks.py \
+  tests/training/test_solver.py tests/training/test_dropout_tape.py tests/training/test_generation_metrics.py \
+  tests/algorithms/test_flora.py tests/algorithms/test_baselines_a.py tests/run/test_export.py
 floors:
 	rm -rf $(FLOORS_VENV) && python3 -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/pip install -q --upgrade pip

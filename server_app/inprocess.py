@@ -19,7 +19,7 @@ ServerApp's ``main``) on this grid and returns its run directory. It is what ``m
 ENGINE=inprocess``, ``python -m server_app.inprocess [overrides]``, the benchmarks that write
 ``results/`` and the algorithm round tests use: a run costs its compute, not a Flower and Ray
 start-up (about 45 s on 2 cores). With the same seed and the same number of torch threads it
-writes the same ``summary.json`` numbers as ``flwr run`` (``tests/test_inprocess.py``).
+writes the same ``summary.json`` numbers as ``flwr run`` (``tests/e2e/test_inprocess.py``).
 """
 
 from __future__ import annotations

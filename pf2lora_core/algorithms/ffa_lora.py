@@ -11,7 +11,7 @@ Choices where the paper leaves the harness open:
 - ``A`` is frozen by ``assign_level`` returning None: it is not trainable, not in any level and
   therefore never sent, not even in the first round. It is the same on every client and on the
   server because ``pf2lora_core.federation.client_runtime.build_model`` seeds every process with the run seed right
-  before peft creates the adapters (tested in ``tests/test_baselines_a.py``).
+  before peft creates the adapters (tested in ``tests/algorithms/test_baselines_a.py``).
 - Local update: ``K`` AdamW steps (lr beta) on ``B`` and, when ``model.head_level=common``, the
   head; the server averages them weighted by examples (FedAvg), as for HOMLoRA.
 - Scale: the paper notes that with only ``B`` trained, the scaling ``alpha / r`` and the

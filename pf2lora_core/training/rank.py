@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 # The relative threshold of the threshold rank, the same in Flower runs (``rank_threshold`` in
-# conf/config.yaml, checked equal by tests/test_rank.py) and in the synthetic task. The synthetic
+# conf/config.yaml, checked equal by tests/training/test_rank.py) and in the synthetic task. The synthetic
 # task, where the truth is known, recovers every planted rank at any threshold in [0.02, 0.5]
 # (planted singular values are >= 0.67 sigma_1, the trained residual < 0.01 sigma_1); 0.05 sits
 # well inside that range.

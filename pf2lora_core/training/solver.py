@@ -36,7 +36,7 @@ below is symmetric, so the term is one HVP along the vector ``J_phi^T grad_y f(x
 
 Treating the scale as a constant (``J = P I``) would be the common shortcut; it is not used: on
 the float64 test problem, at ``alpha`` in [0.01, 0.05], it is 4-52% off the true hypergradient,
-further off than dropping the second-order term altogether (0.2-35%); tests/test_hypergrad.py
+further off than dropping the second-order term altogether (0.2-35%); tests/training/test_hypergrad.py
 checks the exact one and that the shortcut differs.
 
 The HVP in ``h`` comes from ``pf2lora_core.training.hypergrad``. All passes of one step see the same

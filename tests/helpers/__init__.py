@@ -1,0 +1,1 @@
+"""Test helpers (tiny models, fake sites, run launchers, table parsing), kept apart from the tests."""
