@@ -17,8 +17,9 @@ from pf2lora_core.config.keys import SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
 from server_app import inprocess
 from server_app.inprocess import InProcessGrid, server_identity
-from tests.helpers.flower_run import tiny_flower_run, tiny_overrides
-from tests.helpers.tiny_bert import make_tiny_bert
+from tests.helpers.flower_run import E2E_CLIENTS as CLIENTS
+from tests.helpers.flower_run import E2E_OVERRIDES as OVERRIDES
+from tests.helpers.flower_run import tiny_overrides
 
 RUN_ID = 4242
 
@@ -97,21 +98,19 @@ def _numbers(summary: dict) -> dict:
     }
 
 
-@pytest.mark.slow  # one flwr run (~45 s with its SuperLink and Ray start-up) against the same run in process
-def test_inprocess_and_flwr_run_write_the_same_summary(tmp_path: Path) -> None:
-    """Same seed, one torch thread on both sides (flwr run's clients get one CPU each): same numbers."""
-    model = make_tiny_bert(tmp_path / "tiny-bert")
-    overrides = "rounds=2 local_steps=2 eval_every=1"
-    flower_dir, _ = tiny_flower_run(tmp_path / "flower", overrides, model=model)
+@pytest.mark.slow  # shares the e2e tests' one flwr run (tests/e2e/conftest.py), then the same run in process
+def test_inprocess_and_flwr_run_write_the_same_summary(simulation: dict, tmp_path: Path) -> None:
+    """Same experiment, same seed, one torch thread on both sides (flwr run's clients get one CPU each)."""
+    model = simulation["tmp"] / "tiny-bert"  # the flwr run's own tiny model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local_dir = inprocess.run(tiny_overrides(tmp_path / "local", model, 2, overrides))
+        local_dir = inprocess.run(tiny_overrides(tmp_path, model, CLIENTS, OVERRIDES))
     finally:
         torch.set_num_threads(threads)
-    flower = json.loads((flower_dir / SUMMARY_FILE).read_text())
+    flower = json.loads((simulation["run"] / SUMMARY_FILE).read_text())
     local = json.loads((local_dir / SUMMARY_FILE).read_text())
     assert not math.isnan(local["personalized"]["mean"])
     assert _numbers(local) == _numbers(flower)
     rounds = [json.loads(line) for line in (local_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients_trained"] == 2 for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients_trained"] == CLIENTS for r in rounds)

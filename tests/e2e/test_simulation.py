@@ -22,23 +22,11 @@ from safetensors.torch import load_file
 from pf2lora_core.config.keys import AUDIT_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from pf2lora_core.federation.private_store import PrivateStore
 from pf2lora_core.tools.launch import launched_processes
-from tests.helpers.flower_run import tiny_demo_run
-
-CLIENTS, ROUNDS, STEPS = 3, 2, 2
+from tests.helpers.flower_run import E2E_CLIENTS as CLIENTS
+from tests.helpers.flower_run import E2E_ROUNDS as ROUNDS
+from tests.helpers.flower_run import E2E_STEPS as STEPS
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def simulation(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("sim")
-    overrides = (
-        f"rounds={ROUNDS} local_steps={STEPS} federation.audit_replies=true federation.min_train_clients=2 "
-        "tracking=tensorboard"
-    )
-    run_dir, log, mark = tiny_demo_run(tmp, overrides, clients=CLIENTS)
-    state_dir = tmp / "state"
-    return {"run": run_dir, "state": state_dir, "log": log, "mark": mark, "tmp": tmp}
 
 
 def test_run_directory_contract(simulation: dict) -> None:

@@ -14,6 +14,12 @@ from tests.helpers.tiny_bert import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# the end-to-end tests' shared run (tests/e2e/conftest.py): 3 clients, 2 rounds x 2 steps, audited, tracked
+E2E_CLIENTS, E2E_ROUNDS, E2E_STEPS = 3, 2, 2
+E2E_OVERRIDES = (
+    f"rounds={E2E_ROUNDS} local_steps={E2E_STEPS} federation.audit_replies=true federation.min_train_clients=2 "
+    "tracking=tensorboard"
+)
 
 
 def tiny_overrides(tmp_path: Path, model: Path, clients: int, overrides: str) -> str:
