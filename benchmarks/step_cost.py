@@ -113,10 +113,20 @@ SMOKE_FACTOR = 3.0  # every timed step of a method within this factor of its med
 
 
 def shipped_params(name: str, steps: int) -> LoRAParams:
-    """``conf/algorithm/<name>.yaml`` as the product resolves it, for rounds of ``steps`` local steps."""
-    from pf2lora_core import experiment
+    """``conf/algorithm/<name>.yaml`` as the product resolves it, for rounds of ``steps`` local steps.
 
-    return experiment.load([f"algorithm={name}", f"local_steps={steps}"]).algorithm.params
+    Read with OmegaConf and built by the product's own builder, without Hydra (which the GPU
+    device image lacks, ``benchmarks/gpu_device.sh``); the file is the whole algorithm section of
+    the default experiment (``config.yaml`` overrides none of it), and its interpolations
+    (``${.lr}``, ``${local_steps}``) resolve as in a composed config.
+    """
+    from omegaconf import OmegaConf
+
+    from pf2lora_core.experiment import _build_algorithm, conf_dir
+
+    section = OmegaConf.load(conf_dir() / "algorithm" / f"{name}.yaml")
+    root = OmegaConf.create({"local_steps": steps, "algorithm": section})
+    return _build_algorithm(root.algorithm).params
 
 
 def pf2lora_params(steps: int, **overrides: object) -> PF2LoRAParams:

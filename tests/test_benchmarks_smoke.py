@@ -49,3 +49,11 @@ def test_smoke(name: str) -> None:
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, log
     assert lines and lines[-1].startswith(f"SMOKE {name}: ok"), log
+
+
+@pytest.mark.parametrize("name", ["pf2lora", "homlora"])
+def test_step_cost_benchmarks_the_shipped_configuration(name: str) -> None:
+    from benchmarks.step_cost import shipped_params
+    from pf2lora_core.experiment import load
+
+    assert shipped_params(name, 7) == load([f"algorithm={name}", "local_steps=7"]).algorithm.params
