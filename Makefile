@@ -17,7 +17,7 @@ OVERRIDES ?=
 # and ClientApp in this process (server_app/inprocess.py), no SuperLink or Ray start-up
 ENGINE ?= flower
 
-.PHONY: install test lint demo demo-nlg synthetic results robustness stop-superlink clean floors
+.PHONY: install test lint demo demo-nlg synthetic results robustness bench-smoke stop-superlink clean floors
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -78,6 +78,11 @@ results: install
 # (results/robustness/lines.jsonl, table in results/robustness/README.md); shares results/runs.jsonl.
 robustness: install
 	$(PY) -m benchmarks.robustness --workers 2
+
+# Every benchmark's --smoke run (tiny sizes, then checks that its numbers mean something; about 3 min
+# on 2 cores): tests/benchmarks/test_benchmarks_smoke.py alone. `make test` runs it too. Writes nothing into results/.
+bench-smoke: install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=0 tests/benchmarks/test_benchmarks_smoke.py
 
 # The lowest versions pyproject.toml allows, in a throwaway venv (not this checkout's), running the
 # test modules that exercise transformers and peft directly (fast ones, plus the tiny-decoder FLoRA round).

