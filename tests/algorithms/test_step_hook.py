@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from tests.test_baselines_b import _batches, _objective
+from tests.algorithms.test_baselines_b import _batches, _objective
 
 from pf2lora_core.algorithms import REGISTRY, LocalContext
 from pf2lora_core.algorithms.feddpa import FedDPA
