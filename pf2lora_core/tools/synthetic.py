@@ -257,7 +257,16 @@ def _objective(module: nn.Module) -> Objective:
 def train_federated(
     name: str, cfg: SyntheticConfig, w0: Tensor, clients: list[ClientData], on_round: RoundCallback | None = None
 ) -> list[dict]:
-    """Rounds of full-batch local training + example-weighted averaging of the common level."""
+    """Rounds of full-batch local training + example-weighted averaging of the common level.
+
+    Its own small loop, not the in-process engine (``server_app.inprocess``): the task is a bare
+    ``nn.Linear`` on in-memory tensors, which no ClientApp can load (the apps build a Hugging Face
+    model and tokenized data from the Hydra tree), it runs hundreds of rounds of a tiny full-batch
+    step, where one message round trip through the apps (config parse, record copies, checkpoint,
+    metrics line) would cost more than the step, and ``pf2lora_core`` cannot import the engine (it is
+    Flower). What it shares with the apps is what decides the numbers: the same ``Algorithm``
+    objects, ``downlink`` / ``receive`` / ``train`` / ``uplink`` / ``server_update``.
+    """
     torch.manual_seed(cfg.seed)  # peft's initialisation of both levels
     algorithm = _algorithm(name, cfg, cfg.lr)  # one object: it keeps server-side state (HETLoRA's ranks)
     common_spec, private_spec = algorithm.adapters()
