@@ -6,13 +6,13 @@ import itertools
 
 import pytest
 import torch
-from tests.algorithms.test_baselines_b import _batches, _objective
 
 from pf2lora_core.algorithms import REGISTRY, LocalContext
 from pf2lora_core.algorithms.feddpa import FedDPA
 from pf2lora_core.config.experiment import _build_algorithm, compose
 from pf2lora_core.config.keys import COMMON
 from pf2lora_core.training.adapters import TwoLevelModel
+from tests.algorithms.test_baselines_b import _batches, _objective
 from tests.helpers.tiny import MLP
 
 STEPS = 3
