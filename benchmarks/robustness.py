@@ -81,7 +81,7 @@ SYNTHETIC_METRIC = "neg_excess_loss_share"
 
 # ------------------------------------------------------------------------------------- grids
 def algorithm_defaults(name: str) -> dict:
-    from pf2lora_core.config.schema import experiment
+    from pf2lora_core.config import experiment
 
     return dict(experiment.compose([f"algorithm={name}"]).algorithm)
 
@@ -284,7 +284,7 @@ def jobs_for(setting: str, seeds: Sequence[int], log: RunLog | None = None) -> l
 def diagnose(sizes: Sizes, rules: Sequence[tuple[str, float]], cache: Path = CACHE) -> list[dict]:
     """Relative lower-level step per local step of round 1, client 0, for each (rule, alpha)."""
     from pf2lora_core.config.keys import COMMON
-    from pf2lora_core.config.schema import experiment
+    from pf2lora_core.config import experiment
     from pf2lora_core.federation.client_runtime import ClientRuntime
 
     rows = []
