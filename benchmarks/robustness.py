@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -283,8 +284,8 @@ def jobs_for(setting: str, seeds: Sequence[int], log: RunLog | None = None) -> l
 # ------------------------------------------------------------------------------------- diagnose
 def diagnose(sizes: Sizes, rules: Sequence[tuple[str, float]], cache: Path = CACHE) -> list[dict]:
     """Relative lower-level step per local step of round 1, client 0, for each (rule, alpha)."""
-    from pf2lora_core.config.keys import COMMON
     from pf2lora_core.config import experiment
+    from pf2lora_core.config.keys import COMMON
     from pf2lora_core.federation.client_runtime import ClientRuntime
 
     rows = []
@@ -387,7 +388,8 @@ def smoke(cache: Path) -> int:
         checks.require([w["setting"] for w in written if w] == list(SMOKE_SETTINGS), "one line per setting written")
         table = (out.parent / "README.md").read_text(encoding="utf-8")
         for name in SMOKE_SETTINGS:
-            checks.require(f"| {name} |" in table and "not run" not in table, f"README row of {name}")
+            row = re.search(rf"^\|\s*{re.escape(name)}\s*\|", table, flags=re.M)  # tabulate pads the cells
+            checks.require(row is not None and "not run" not in table, f"README row of {name}")
     checks.require(fingerprint() == before, "results/ untouched")
     return checks.finish()
 
