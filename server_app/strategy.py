@@ -22,6 +22,7 @@ round (Flower's ``Strategy.start`` always begins at round 1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -55,14 +56,13 @@ from pf2lora_core.federation.replies import (
     Reply,
     ReplyChecker,
     ReplyLimits,
-    ReplyRejectedError,
     rejection_reason,
 )
 from pf2lora_core.federation.rounds import STATS, RoundLog, trained_before
 from pf2lora_core.run.console import progress
 from pf2lora_core.run.run_dir import RunDir
 
-__all__ = ["CommonAdapterFedAvg", "ReplyRejectedError", "RoundLog", "RoundPlan", "RunFailedError"]
+__all__ = ["CommonAdapterFedAvg", "RoundLog", "RoundPlan", "RunFailedError"]
 
 log = logging.getLogger("pf2lora.server")
 SERVER_ROUND_KEY = "server-round"  # Flower's key for the round in train / evaluate configs
@@ -212,7 +212,7 @@ class CommonAdapterFedAvg(FedAvg):
         """
         if not self.state:
             self.start_state(initial_arrays.to_torch_state_dict(), self.clients)
-        self.plan = RoundPlan(num_rounds, self.plan.eval_every, self.plan.metric, self.plan.seed, self.plan.config_yaml)
+        self.plan = dataclasses.replace(self.plan, num_rounds=num_rounds)
         self.round_timeout_s = timeout
         return self.run_rounds(grid, train_config or ConfigRecord(), first_round, evaluate_config)
 
