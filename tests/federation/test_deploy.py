@@ -216,8 +216,11 @@ def first_run(deployment: Deployment) -> dict:
     dep.procs.stop(f"supernode_{VICTIM}")  # killed during round 1, before its training reply went out
     # Restart it once the server has seen it go: a node back online under the same id before that
     # would leave its lost reply awaited until federation.round_timeout_s (see the README).
-    seen = (f"excluded reply from client {VICTIM} ", "round 1/2 done")
-    wait_for(lambda: any(x in dep.procs.text("run_1") for x in seen), 120, "the server to notice", dep.procs)
+    # The server notices through the SuperLink's NODE_UNAVAILABLE reply (two missed 30 s heartbeats) or,
+    # when the killed node's reply was half pushed, through federation.round_timeout_s (120 s after the
+    # round began); on a loaded 2-core machine either can take more than two minutes after the kill.
+    seen = (f"excluded reply from client {VICTIM} ", f": client {VICTIM} (node ", "round 1/2 done")
+    wait_for(lambda: any(x in dep.procs.text("run_1") for x in seen), RUN_TIMEOUT_S, "the server to notice", dep.procs)
     metrics = run_dir / METRICS_FILE
     finished_before_kill = metrics.exists() and bool(metrics.read_text().strip())
     round_1_bytes = victim_file.read_bytes()
