@@ -32,7 +32,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from pf2lora_core.config.keys import METRICS_FILE, SUMMARY_FILE
+from pf2lora_core.config.keys import (
+    ACCURACY,
+    FLOPS_PER_CLIENT_ROUND,
+    GLOBAL,
+    METRICS_FILE,
+    PERSONALIZED,
+    SUMMARY_FILE,
+    VALIDATION,
+    VALIDATION_GLOBAL,
+)
+from pf2lora_core.run.records import Rank, RoundRecord, Summary, json_number, read_metrics
+from pf2lora_core.run.summary import CLIENT_MAJORITY, GLOBAL_MAJORITY
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "pf2lora"
@@ -126,37 +137,42 @@ def run(setting: str, overrides: Sequence[str], sizes: Sizes, seed: int, cache: 
         items = [*setting_overrides(setting, cache), *sizes.overrides(setting), *overrides, f"seed={seed}", *where]
         with contextlib.redirect_stdout(io.StringIO()):  # the run's client table: the row below holds it
             run_dir = inprocess.run(items)
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-        first = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()[0])
+        summary = Summary.read(run_dir / SUMMARY_FILE)
+        first = read_metrics(run_dir / METRICS_FILE)[0]
     return row(summary, first, time.perf_counter() - t0)
 
 
-def row(summary: Mapping[str, Any], first_round: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-    """A benchmark row from a run's ``summary.json`` and its first ``metrics.jsonl`` line (for the FLOPs of a round)."""
-    metric = summary["personalized"]["metric"]
-    clients = sorted(summary["clients"], key=lambda c: c["client"])
+def row(summary: Summary, first_round: RoundRecord, seconds: float) -> dict[str, Any]:
+    """A benchmark row from a run's ``summary.json`` and its first ``metrics.jsonl`` line (for the FLOPs of a round).
 
-    def per_client(kind: str, key: str = metric) -> list[float | None]:
-        return [(c.get(kind) or {}).get(key) for c in clients]
+    Per-client lists are in client order; a value a client lacks is None (JSON null)."""
+    metric = summary.metric
+    clients = sorted(summary.clients, key=lambda c: c.client)
 
-    flops = summary["cost"].get("flops_per_client_round")
+    def per_client(kind: str) -> list[float | None]:
+        return [json_number(c.value(kind, metric)) for c in clients]
+
+    def per_rank(get: Callable[[Rank], float | None]) -> list[float | None]:
+        return [json_number(get(c.rank)) for c in clients]
+
+    flops = summary.cost.get(FLOPS_PER_CLIENT_ROUND)
     out: dict[str, Any] = {
         "metric": metric,
-        "test": per_client("personalized"),
-        "test_global": per_client("global"),
-        "validation": per_client("validation"),
-        "validation_global": per_client("validation_global"),
-        "rank": per_client("rank", "effective"),
-        "entropy_rank": per_client("rank", "entropy"),
-        "private_energy": per_client("rank", "private_energy"),
-        "examples_per_round": summary["cost"].get("examples_per_round") or 0.0,
+        "test": per_client(PERSONALIZED),
+        "test_global": per_client(GLOBAL),
+        "validation": per_client(VALIDATION),
+        "validation_global": per_client(VALIDATION_GLOBAL),
+        "rank": per_rank(lambda r: r.effective),
+        "entropy_rank": per_rank(lambda r: r.entropy),
+        "private_energy": per_rank(lambda r: r.private_energy),
+        "examples_per_round": summary.cost.get("examples_per_round") or 0.0,
         # every training client of a round (one for the pooled reference), as the clients counted round 1
-        "flops_per_round": (flops or 0.0) * int(first_round.get("clients_trained", 0)),
+        "flops_per_round": (flops or 0.0) * first_round.clients_trained,
         "seconds": seconds,
     }
-    if all(c.get("baselines") for c in clients):  # label priors (classification only)
-        for name in ("client_majority", "global_majority"):
-            out[name] = [c["baselines"][name]["accuracy"] for c in clients]
+    if all(c.baselines for c in clients):  # label priors (classification only)
+        for name in (CLIENT_MAJORITY, GLOBAL_MAJORITY):
+            out[name] = [json_number(((c.baselines or {}).get(name) or {}).get(ACCURACY)) for c in clients]
     return out
 
 

@@ -73,6 +73,7 @@ from pf2lora_core.algorithms.homlora import HOMLoRA
 from pf2lora_core.algorithms.pf2lora import PF2LoRA
 from pf2lora_core.config.keys import ACCURACY, COMMON, PERPLEXITY, PRIVATE
 from pf2lora_core.config.schema import GenerationConfig, ModelConfig
+from pf2lora_core.run.records import read_metrics
 from pf2lora_core.training.adapters import TwoLevelModel
 from pf2lora_core.training.cost import count_flops
 from pf2lora_core.training.models import LoadedModel, load_causal_lm, load_classifier
@@ -401,10 +402,7 @@ def flwr_part(
 
 
 def _round_seconds(metrics: Path) -> list[float]:
-    if not metrics.exists():
-        return []
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [round(float(r["seconds"]), 2) for r in rows if "seconds" in r]
+    return [round(r.seconds, 2) for r in read_metrics(metrics)]
 
 
 # ------------------------------------------------------------------------------------- main

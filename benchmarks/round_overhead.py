@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from pf2lora_core.config.keys import METRICS_FILE
+from pf2lora_core.run.records import read_metrics
 from pf2lora_core.tools.launch import flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +40,11 @@ def measure(clients: int, rounds: int, steps: int, extra: str) -> dict:
         if proc.returncode != 0 or not (run_dir / METRICS_FILE).exists():
             sys.stderr.write((proc.stdout + proc.stderr)[-3000:])
             raise SystemExit("the simulation failed")
-        records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+        records = read_metrics(run_dir / METRICS_FILE)
     steady = records[1:] if len(records) > 1 else records
-    wall = sum(r["seconds"] for r in steady)
-    compute = sum(r["client_compute_s"] for r in steady)
-    return {"rounds": [(r["round"], round(r["seconds"], 2), round(r["client_compute_s"], 2)) for r in records],
+    wall = sum(r.seconds for r in steady)
+    compute = sum(r.client_compute_s for r in steady)
+    return {"rounds": [(r.round, round(r.seconds, 2), round(r.client_compute_s, 2)) for r in records],
             "wall_s": wall, "compute_s": compute, "round_overhead": wall / compute}  # fmt: skip
 
 

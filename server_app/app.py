@@ -28,6 +28,7 @@ from pf2lora_core.federation.resume import load_resume
 from pf2lora_core.federation.server_run_dir import ServerRunDir
 from pf2lora_core.run.console import quiet_libraries
 from pf2lora_core.run.plots import write_run_plots
+from pf2lora_core.run.records import Summary
 from pf2lora_core.run.run_dir import RunDir, RunDirInUseError, new_run_dir
 from pf2lora_core.run.summary import build_summary, format_client_table
 from pf2lora_core.training.runtime import seed_everything
@@ -115,7 +116,7 @@ def run_experiment(
     run: RunDir,
     checkpoint: ServerCheckpoint | None = None,
     known_examples: dict[int, tuple[int, int]] | None = None,
-) -> dict:
+) -> Summary:
     """Run all rounds (after ``checkpoint``'s, when given) on ``grid``; write summary and plots.
 
     ``known_examples``: every client's (train, test) sizes where the server knows them

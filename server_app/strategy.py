@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ from pf2lora_core.federation.replies import (
     ReplyLimits,
     rejection_reason,
 )
-from pf2lora_core.federation.rounds import STATS, RoundLog, trained_before
+from pf2lora_core.federation.rounds import RoundLog, trained_before
 from pf2lora_core.run.console import progress
+from pf2lora_core.run.records import STATS, RoundRecord
 from pf2lora_core.run.run_dir import RunDir
 
 __all__ = ["CommonAdapterFedAvg", "RoundLog", "RoundPlan", "RunFailedError"]
@@ -149,7 +151,7 @@ class CommonAdapterFedAvg(FedAvg):
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # node id -> arrays sent this round
         self.outbox: dict[int, Message] = {}  # node id -> message sent (Flower sets its id on push)
         self.latest_eval: dict[int, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.query_config = ConfigRecord()  # what a node needs to answer its identity query (set by start)
         self.t0 = time.time()
         self.elapsed_before = 0.0  # seconds of the rounds run before a resume
@@ -247,7 +249,7 @@ class CommonAdapterFedAvg(FedAvg):
             self.failed_rounds = 0
             return
         self.failed_rounds += 1
-        never = not any(h.get("aggregated") for h in self.history)
+        never = not any(h.aggregated for h in self.history)
         if self.failed_rounds < self.fed.max_failed_rounds and not never:
             return
         first = (cur.rejected or cur.missing or [{"client": "no client", "reason": "no client was sampled"}])[0]
@@ -414,17 +416,17 @@ class CommonAdapterFedAvg(FedAvg):
         self.checkpoint(server_round).save(self.run.path / SERVER_STATE_DIR)
         log.info(
             "round %d/%d done in %.1fs | %s | train loss %.4f | %s | rejected %d", server_round, self.plan.num_rounds,
-            record["seconds"], progress(record["elapsed"], server_round, self.plan.num_rounds),
-            _nan(record.get(TRAIN_LOSS)), self._eval_line(record), len(record["rejected"]),
+            record.seconds, progress(record.elapsed, server_round, self.plan.num_rounds),
+            _nan(record.train_loss), self._eval_line(record), len(record.rejected),
         )  # fmt: skip
-        if PERSONALIZED not in record:
+        if not record.evaluated:
             return None
         return MetricRecord(
-            {f"{kind}.{stat}": float(record[kind][stat]) for kind in (PERSONALIZED, GLOBAL) for stat in STATS}
+            {f"{kind}.{stat}": getattr(record.kinds[kind], stat) for kind in (PERSONALIZED, GLOBAL) for stat in STATS}
         )
 
     # -------------------------------------------------------------------------- the round's record
-    def _record_round(self) -> dict[str, Any]:
+    def _record_round(self) -> RoundRecord:
         """The current round's metrics.jsonl line, appended to the history and the run directory."""
         assert self.current is not None
         record = self.current.record(self.elapsed_before + time.time() - self.t0, self.plan.metric)
@@ -478,12 +480,12 @@ class CommonAdapterFedAvg(FedAvg):
         tensors = {f"{ARRAYS_KEY}/{k}": torch.from_numpy(np.array(a)) for k, a in (arrays or {}).items()}
         self.run.audit(server_round, f"{kind}_node{node}", tensors, info)
 
-    def _eval_line(self, record: dict[str, Any]) -> str:
+    def _eval_line(self, record: RoundRecord) -> str:
         """The log's evaluation part: a round that did not evaluate says so, not ``nan``."""
-        if PERSONALIZED not in record:
+        if not record.evaluated:
             return "not evaluated"
-        pers, glob = _nan(record[PERSONALIZED].get("mean")), _nan(record[GLOBAL].get("mean"))
-        val = _nan(record.get(VALIDATION, {}).get("mean"))
+        pers, glob = record.kinds[PERSONALIZED].mean, record.kinds[GLOBAL].mean
+        val = record.kinds[VALIDATION].mean if VALIDATION in record.kinds else float("nan")
         return f"personalized {self.plan.metric} {pers:.4f} | global {glob:.4f} | validation {val:.4f}"
 
     # --------------------------------------------------------------------------- checkpoint
@@ -508,7 +510,8 @@ class CommonAdapterFedAvg(FedAvg):
         self.latest_eval = dict(ckpt.latest_eval)
         self.nodes.sampler.setstate(ckpt.sampler)
         restore_rng(ckpt.rng)
-        self.elapsed_before = float(self.history[-1].get("elapsed", 0.0)) if self.history else 0.0
+        last = self.history[-1].elapsed if self.history else 0.0
+        self.elapsed_before = last if math.isfinite(last) else 0.0
 
 
 def query_partition_ids(grid: Grid, nodes: list[int], shared: ConfigRecord, timeout: float) -> dict[int, int]:

@@ -11,6 +11,7 @@ read as a job of its own. ``QUANTITIES`` names the per-run numbers read from eac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -20,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora_core.config.keys import (
-    BASELINES,
     FAILED_FILE,
+    FLOPS_PER_CLIENT_ROUND,
     FLOPS_PER_STEP,
-    GLOBAL,
     JOB_FILE,
     LOWER_IS_BETTER,
     METRICS_FILE,
@@ -31,6 +31,7 @@ from pf2lora_core.config.keys import (
     SUMMARY_FILE,
     VALIDATION,
 )
+from pf2lora_core.run.records import Cost, RecordError, Summary, read_metrics
 
 # Override keys that never form a group of their own: the algorithm is a group's name, and the
 # seeds of a group are what its mean and standard deviation are taken over.
@@ -213,104 +214,87 @@ def _failure_reason(path: Path) -> str:
 def _load_run(path: Path, name: str, overrides: dict[str, str]) -> Run | Problem:
     # One malformed summary must not take the whole report down: it is listed as incomplete.
     try:
-        summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
-        summary = _with_round_flops(summary, path / "config.yaml")
+        summary = with_round_flops(Summary.read(path / SUMMARY_FILE), path / "config.yaml")
         return run_from_summary(name, overrides, summary, read_round_curve(path / METRICS_FILE))
-    except _BAD_JSON as e:
-        return Problem(name, overrides, f"{SUMMARY_FILE} malformed ({type(e).__name__}: {e})", failed=False)
+    except RecordError as e:
+        return Problem(name, overrides, f"{SUMMARY_FILE} malformed ({e})", failed=False)
 
 
-def run_from_summary(job: str, overrides: dict[str, str], summary: Mapping[str, Any], rounds: dict[int, float]) -> Run:
-    """Read a ``summary.json`` (fields of ``summary.build_summary``); raises on malformed fields."""
-    metric = str(summary[PERSONALIZED]["metric"])
-    clients = summary.get("clients") or []
+def run_from_summary(job: str, overrides: dict[str, str], summary: Summary, rounds: dict[int, float]) -> Run:
+    """What the report reads of one run's ``summary.json``."""
+    metric = summary.metric
     return Run(
         job=job,
         overrides=overrides,
-        algorithm=str(summary[ALGORITHM_KEY]),
+        algorithm=summary.algorithm,
         metric=metric,
-        values=_run_values(summary, _client_ranks(clients)),
-        clients={int(c["client"]): _num((c.get(PERSONALIZED) or {}).get(metric)) for c in clients},
-        spectra={int(c["client"]): s for c in clients if (s := _module_mean_spectrum(c))},
+        values=_run_values(summary),
+        clients={c.client: c.value(PERSONALIZED, metric) for c in summary.clients},
+        spectra={c.client: s for c in summary.clients if (s := c.rank.mean_spectrum())},
         rounds=rounds,
     )
 
 
-def _with_round_flops(summary: dict[str, Any], config_path: Path) -> dict[str, Any]:
+def with_round_flops(summary: Summary, config_path: Path) -> Summary:
     """``cost.flops_per_round`` filled in where the summary lacks it: FLOPs of one client's round
     (``flops_per_client_round``, else ``flops_per_local_step`` x ``local_steps``) x clients trained
     per round (``ceil(num_clients x fraction_train)``), read from the run's config."""
-    cost = summary.get("cost") or {}
-    per_client = cost.get("flops_per_client_round")
+    cost = summary.cost
+    per_client, per_step = cost.get(FLOPS_PER_CLIENT_ROUND), cost.get(FLOPS_PER_STEP)
     if cost.get("flops_per_round") is not None or not config_path.is_file():
         return summary
-    if per_client is None and cost.get(FLOPS_PER_STEP) is None:
+    if per_client is None and per_step is None:
         return summary
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(config_path)
-    fed = cfg.get("federation") or {}
     try:
+        cfg = OmegaConf.load(config_path)
+        fed = cfg.get("federation") or {}
         clients = math.ceil(int(fed["num_clients"]) * float(fed.get("fraction_train", 1.0)))
-        client_round = (
-            float(per_client) if per_client is not None else float(cost[FLOPS_PER_STEP]) * int(cfg["local_steps"])
-        )
-        per_round = client_round * clients
-    except (KeyError, TypeError, ValueError):
-        return summary
-    return {**summary, "cost": {**cost, "flops_per_round": per_round}}
+        client_round = float(per_client) if per_client is not None else float(per_step) * int(cfg["local_steps"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return summary  # a config without these keys: the report shows no FLOPs per round
+    return dataclasses.replace(summary, cost=Cost({**cost.values, "flops_per_round": client_round * clients}))
 
 
-def validation_mean(summary: Mapping[str, Any]) -> float:
+def validation_mean(summary: Summary) -> float:
     """The number anything is chosen on: ``validation.mean`` of a ``summary.json``.
 
     That is the mean over clients of the personalized validation metric (the global one for
     methods without personalization). Raises ``ValueError`` saying what is missing.
     """
-    block = summary.get(VALIDATION)
-    if not isinstance(block, Mapping) or block.get("mean") is None:
+    block = summary.validation
+    if block is None or not math.isfinite(block.mean):
         raise ValueError(
             f"{SUMMARY_FILE} has no '{VALIDATION}.mean': the run has no per-client validation split "
             "(task.val_fraction > 0, written since issue 12); tuning chooses on validation only"
         )
-    return float(block["mean"])
+    return block.mean
 
 
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
-def _baseline(summary: Mapping[str, Any], key: str) -> float:
-    """A prior accuracy: a number, or a block with ``mean`` / ``accuracy`` (read defensively)."""
-    value = (summary.get(BASELINES) or {}).get(key)
-    if isinstance(value, Mapping):
-        value = value.get("mean", value.get("accuracy"))
-    return _num(value)
-
-
-def _run_values(summary: Mapping[str, Any], ranks: list[float]) -> dict[str, float]:
-    pers, glob = summary[PERSONALIZED], summary.get(GLOBAL) or {}
-    comm, cost = summary.get("communication") or {}, summary.get("cost") or {}
-    val = summary.get(VALIDATION) or {}
+def _run_values(summary: Summary) -> dict[str, float]:
+    pers, comm, cost = summary.personalized, summary.communication, summary.cost
+    baselines = summary.baselines or {}
     return {
-        "validation": _num(val.get("mean")) if isinstance(val, Mapping) else math.nan,
-        "personalized": _num(pers.get("mean")),
-        "personalized_weighted": _num(pers.get("weighted_mean")),
-        "personalized_worst": _num(pers.get("worst")),
-        "personalized_balanced": _num((pers.get("balanced_accuracy") or {}).get("mean")),
-        "global": _num(glob.get("mean")),
-        **{k: _num(comm.get(k)) for k in ("params_common", "params_private")},
-        **{k: _num(comm.get(k)) for k in ("bytes_up_per_round", "bytes_down_per_round")},
+        "validation": summary.validation.mean if summary.validation else math.nan,
+        "personalized": pers.mean,
+        "personalized_weighted": pers.weighted_mean,
+        "personalized_worst": pers.worst,
+        "personalized_balanced": pers.balanced.mean if pers.balanced else math.nan,
+        "global": summary.global_.mean,
+        "params_common": float(comm.params_common),
+        "params_private": float(comm.params_private),
+        "bytes_up_per_round": comm.bytes_up_per_round,
+        "bytes_down_per_round": comm.bytes_down_per_round,
         **{k: _num(cost.get(k)) for k in ("seconds_per_round", FLOPS_PER_STEP)},
         **{k: _num(cost.get(k)) for k in ("examples_per_round", "gradient_passes_per_round", "flops_per_round")},
-        **_rank_spread(ranks),
-        **{q.name: _baseline(summary, q.name) for q in PRIORS},
+        **_rank_spread([c.rank.effective for c in summary.clients if math.isfinite(c.rank.effective)]),
+        **{q.name: baselines[q.name].mean if q.name in baselines else math.nan for q in PRIORS},
     }
-
-
-def _client_ranks(clients: Sequence[Mapping[str, Any]]) -> list[float]:
-    ranks = [(c.get("rank") or {}).get("effective") for c in clients]
-    return [float(r) for r in ranks if r is not None]
 
 
 def _rank_spread(ranks: Sequence[float]) -> dict[str, float]:
@@ -325,26 +309,15 @@ def _rank_spread(ranks: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _module_mean_spectrum(client: Mapping[str, Any]) -> list[float]:
-    """Singular values averaged over modules, index by index (up to the shortest module's)."""
-    modules = ((client.get("rank") or {}).get("modules") or {}).values()
-    spectra = [[float(s) for s in m["singular_values"]] for m in modules if m.get("singular_values")]
-    # strict=False: modules may keep different numbers of singular values; the common prefix is averaged.
-    return [statistics.fmean(col) for col in zip(*spectra, strict=False)] if spectra else []
-
-
 def read_round_curve(path: Path) -> dict[int, float]:
-    """Round -> personalized mean from ``metrics.jsonl``; rounds without evaluation are absent."""
-    if not path.is_file():
+    """Round -> personalized mean from ``metrics.jsonl``; rounds without evaluation are absent.
+
+    A malformed file gives no curve (the report still has the run's summary)."""
+    try:
+        records = read_metrics(path)
+    except RecordError:
         return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            out[int(record["round"])] = _num(record[PERSONALIZED]["mean"])
-        except _BAD_JSON:
-            continue  # a record without evaluation, or a last line cut off by a killed run
-    return out
+    return {r.round: r.kinds[PERSONALIZED].mean for r in records if r.evaluated}
 
 
 def _num(value: Any) -> float:

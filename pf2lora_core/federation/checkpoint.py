@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from pf2lora_core.run.records import RoundRecord
 from pf2lora_core.run.run_dir import SERVER_STATE_DIR as SERVER_STATE_DIR  # re-exported: its old home
 from pf2lora_core.run.run_dir import atomic_save_tensors, atomic_write_bytes
 
@@ -70,7 +71,7 @@ class ServerCheckpoint:
     round: int
     state: dict[str, Tensor]  # the algorithm's server state
     algorithm: dict[str, Any]  # the algorithm object's server-side attributes
-    history: list[dict[str, Any]]  # metrics.jsonl records of rounds 1..round
+    history: list[RoundRecord]  # metrics.jsonl records of rounds 1..round
     latest_eval: dict[int, dict[str, Any]]  # client -> its latest evaluation entry
     sampler: Any  # random.Random.getstate() of the strategy's node sampler
     rng: dict[str, Any] = field(default_factory=dict)  # process RNG states (capture_rng)
@@ -83,7 +84,10 @@ class ServerCheckpoint:
         """
         tensors: dict[str, Tensor] = {STATE_PREFIX + k: v.detach().cpu().clone() for k, v in self.state.items()}
         history = json.dumps(
-            {"history": encode(self.history, tensors), "latest_eval": encode(self.latest_eval, tensors)}
+            {
+                "history": encode([h.to_json() for h in self.history], tensors),
+                "latest_eval": encode(self.latest_eval, tensors),
+            }
         )
         path = checkpoint_path(state_dir, self.round)
         atomic_write_bytes(history_path(path), history.encode())
@@ -128,7 +132,10 @@ class ServerCheckpoint:
             round=int(body["round"]),
             state={k: tensors[STATE_PREFIX + k] for k in body["state_keys"]},
             algorithm=decode(body["algorithm"], tensors),
-            history=decode(hist["history"], tensors),
+            history=[
+                RoundRecord.from_json(h, f"{hist_file}: history[{i}]")
+                for i, h in enumerate(decode(hist["history"], tensors))
+            ],
             latest_eval=decode(hist["latest_eval"], tensors),
             sampler=decode(body["sampler"], tensors),
             rng=decode(body["rng"], tensors),

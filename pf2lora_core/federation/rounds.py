@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pf2lora_core.config.keys import COMPUTE_SECONDS, EVAL_KINDS, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.federation.checks import truncate
+from pf2lora_core.run.records import RoundRecord
 from pf2lora_core.run.summary import evaluation_blocks
-
-STATS = ("mean", "weighted_mean", "worst")  # of a metric over clients (outputs.aggregate_metric)
 
 
 @dataclass
@@ -42,36 +41,33 @@ class RoundLog:
         losses = [v[TRAIN_LOSS] for v in self.train.values()]
         return sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights) if weights else None
 
-    def record(self, elapsed: float, metric: str) -> dict[str, Any]:
+    def record(self, elapsed: float, metric: str) -> RoundRecord:
         """The metrics.jsonl line of this round; ``elapsed``: the run's seconds so far."""
-        record: dict[str, Any] = {
-            "round": self.round,
-            "seconds": time.time() - self.started,
-            "elapsed": elapsed,
-            TRAIN_LOSS: self.train_loss(),
-            "clients_trained": len(self.train),
-            "aggregated": self.aggregated,
-            "rejected": self.rejected,
-            "missing": self.missing,  # sampled clients that did not reply in time (or at all)
-            # serialised arrays of this round's training messages, all clients together
-            "bytes_down": self.bytes_down,
-            "bytes_up": self.bytes_up,
-            "train": {str(c): v for c, v in sorted(self.train.items())},
+        evaluated = bool(self.evaluation)
+        return RoundRecord(
+            round=self.round,
+            seconds=time.time() - self.started,
+            elapsed=elapsed,
+            train_loss=self.train_loss(),
+            clients_trained=len(self.train),
+            aggregated=self.aggregated,
+            rejected=self.rejected,
+            missing=self.missing,
+            bytes_down=self.bytes_down,
+            bytes_up=self.bytes_up,
+            train=dict(sorted(self.train.items())),
             # the clients' own work this round (train + evaluate), for the round-overhead ratio
-            "client_compute_s": sum(v.get(COMPUTE_SECONDS, 0.0) for v in self.train.values())
+            client_compute_s=sum(v.get(COMPUTE_SECONDS, 0.0) for v in self.train.values())
             + sum(e.get(COMPUTE_SECONDS, 0.0) for e in self.evaluation.values()),
-        }
-        if self.evaluation:
             # personalized / global on test, validation / validation_global on the validation split
-            record.update(evaluation_blocks(self.evaluation, metric))
-            record["clients"] = {
-                str(c): {**{kind: e.get(kind, {}) for kind in EVAL_KINDS}, "rank": e["rank"].get("effective")}
+            kinds=evaluation_blocks(self.evaluation, metric) if evaluated else {},
+            clients={
+                c: {**{kind: e.get(kind, {}) for kind in EVAL_KINDS}, "rank": e["rank"].get("effective")}
                 for c, e in sorted(self.evaluation.items())
-            }
-        return record
+            },
+        )
 
 
-def trained_before(history: Sequence[Mapping[str, Any]], client: int) -> int:
+def trained_before(history: Sequence[RoundRecord], client: int) -> int:
     """The last round in ``history`` whose aggregate included ``client``'s reply; 0 = never."""
-    rounds = [int(h["round"]) for h in history if h.get("aggregated") and str(client) in h.get("train", {})]
-    return max(rounds, default=0)
+    return max((h.round for h in history if h.aggregated and client in h.train), default=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -13,6 +12,7 @@ from pf2lora_core.config.experiment import Experiment
 from pf2lora_core.config.keys import COMMON
 from pf2lora_core.config.schema import TrackingConfig
 from pf2lora_core.run.export import export_problem, save_adapter
+from pf2lora_core.run.records import RoundRecord, Summary
 from pf2lora_core.run.run_dir import RunDir
 from pf2lora_core.run.tracking import Tracker, make_tracker
 from pf2lora_core.training.adapters import TwoLevelModel
@@ -35,11 +35,11 @@ class ServerRunDir(RunDir):
         # built now, before the run seeds its RNGs (building seeds them), on CPU: only for saving
         self._model: TwoLevelModel | None = _cpu_model(exp) if self.peft_problem is None else None
 
-    def append_metrics(self, record: Mapping[str, Any]) -> None:
+    def append_metrics(self, record: RoundRecord) -> None:
         super().append_metrics(record)
         self.tracker.log_round(record)
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
+    def write_summary(self, summary: Summary) -> None:
         super().write_summary(summary)
         self.tracker.log_summary(summary)
 

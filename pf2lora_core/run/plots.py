@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,22 +14,24 @@ import datasets
 import matplotlib.pyplot as plt
 from flwr_datasets.partitioner import Partitioner
 
-from pf2lora_core.config.keys import GLOBAL, PERSONALIZED, TRAIN_LOSS
+from pf2lora_core.config.keys import GLOBAL, PERSONALIZED
+from pf2lora_core.run.records import RoundRecord, Summary
 
 LABEL = "label"  # the label column of the partitions label_distributions plots
 
 
-def round_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
+def round_curves(history: Sequence[RoundRecord], path: Path) -> None:
     """Train loss and mean personalized / global metric per round."""
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    rounds = [r["round"] for r in history]
-    ax_loss.plot(rounds, [r.get(TRAIN_LOSS) or float("nan") for r in history], marker="o")
+    rounds = [r.round for r in history]
+    ax_loss.plot(rounds, [float("nan") if r.train_loss is None else r.train_loss for r in history], marker="o")
     ax_loss.set(xlabel="round", ylabel="train loss (weighted)", title="training")
-    evald = [r for r in history if PERSONALIZED in r]
+    evald = [r for r in history if r.evaluated]
     for kind in (PERSONALIZED, GLOBAL):
-        ax_metric.plot([r["round"] for r in evald], [r[kind]["mean"] for r in evald], marker="o", label=f"{kind} mean")
-        ax_metric.plot([r["round"] for r in evald], [r[kind]["worst"] for r in evald], ls="--", label=f"{kind} worst")
-    metric = evald[0][PERSONALIZED]["metric"] if evald else ""
+        xs = [r.round for r in evald]
+        ax_metric.plot(xs, [r.kinds[kind].mean for r in evald], marker="o", label=f"{kind} mean")
+        ax_metric.plot(xs, [r.kinds[kind].worst for r in evald], ls="--", label=f"{kind} worst")
+    metric = evald[0].kinds[PERSONALIZED].metric if evald else ""
     ax_metric.set(xlabel="round", ylabel=metric, title="evaluation")
     ax_metric.legend()
     fig.tight_layout()
@@ -36,17 +39,17 @@ def round_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def client_bars(summary: Mapping[str, Any], path: Path) -> None:
-    """Personalized and global metric per client."""
-    metric = summary[PERSONALIZED]["metric"]
-    clients = summary["clients"]
+def client_bars(summary: Summary, path: Path) -> None:
+    """Personalized and global metric per client (a client without the value: no bar)."""
+    metric, clients = summary.metric, summary.clients
     xs = range(len(clients))
     fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.7), 4))
     w = 0.4
-    ax.bar([x - w / 2 for x in xs], [c[PERSONALIZED].get(metric, 0) or 0 for c in clients], w, label=PERSONALIZED)
-    ax.bar([x + w / 2 for x in xs], [c[GLOBAL].get(metric, 0) or 0 for c in clients], w, label=GLOBAL)
-    ax.set_xticks(list(xs), [str(c["client"]) for c in clients])
-    ax.set(xlabel="client", ylabel=metric, title=f"{summary['algorithm']}: per-client {metric}")
+    for kind, shift in ((PERSONALIZED, -w / 2), (GLOBAL, w / 2)):
+        values = [c.value(kind, metric) for c in clients]
+        ax.bar([x + shift for x in xs], [v if math.isfinite(v) else 0.0 for v in values], w, label=kind)
+    ax.set_xticks(list(xs), [str(c.client) for c in clients])
+    ax.set(xlabel="client", ylabel=metric, title=f"{summary.algorithm}: per-client {metric}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -71,21 +74,20 @@ def rank_spectra(
     plt.close(fig)
 
 
-def write_run_plots(run: Any, history: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+def write_run_plots(run: Any, history: Sequence[RoundRecord], summary: Summary) -> None:
     """All plots of a federated run into ``run.plots``."""
     if history:
         round_curves(history, run.plots / "rounds.png")
-    if summary["clients"]:
+    if summary.clients:
         client_bars(summary, run.plots / "clients.png")
         spectra = {}
-        for c in summary["clients"]:
-            modules = c["rank"].get("modules", {})
-            if modules:
-                first = sorted(modules)[0]
-                spectra[f"client {c['client']}"] = modules[first]["singular_values"]
+        for c in summary.clients:
+            if c.rank.modules:
+                first = sorted(c.rank.modules)[0]
+                spectra[f"client {c.client}"] = list(c.rank.modules[first].singular_values)
         if spectra:
             rank_spectra(spectra, run.plots / "rank_spectra.png", "update spectrum (first adapted module)")
-    hists = summary.get("label_histograms") or []
+    hists = summary.label_histograms
     if hists and all(h and any(sum(v) for v in h.values()) for h in hists):
         names = [f"label {i}" for i in range(len(next(iter(hists[0].values()))))]
         label_distributions(hists, names, run.plots / "label_distribution.png")

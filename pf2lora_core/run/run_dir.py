@@ -22,6 +22,7 @@ from pf2lora_core.config.keys import (
     PLOTS_DIR,
     SUMMARY_FILE,
 )
+from pf2lora_core.run.records import RoundRecord, Summary
 
 SERVER_STATE_DIR = "server_state"  # beside checkpoints/: the server's checkpoints (pf2lora_core.federation.checkpoint)
 
@@ -138,12 +139,20 @@ class RunDir:
     def write_config(self, yaml_text: str) -> None:
         atomic_write_bytes(self.path / CONFIG_FILE, yaml_text.encode())
 
-    def append_metrics(self, record: Mapping[str, Any]) -> None:
+    def append_metrics(self, record: RoundRecord) -> None:
+        self.append_metrics_json(record.to_json())
+
+    def write_summary(self, summary: Summary) -> None:
+        self.write_summary_json(summary.to_json())
+
+    def append_metrics_json(self, record: Mapping[str, Any]) -> None:
+        """A metrics.jsonl line of another shape (the synthetic task's); a federated run's is a RoundRecord."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
             fh.flush()
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
+    def write_summary_json(self, summary: Mapping[str, Any]) -> None:
+        """A summary.json of another shape (the synthetic task's); a federated run's is a Summary."""
         atomic_write_bytes(self.path / SUMMARY_FILE, json.dumps(_jsonable(summary), indent=2).encode())
 
     def save_common(self, round_: int, tensors: Mapping[str, Tensor]) -> Path:

@@ -10,7 +10,6 @@ import numpy as np
 from pf2lora_core.config.keys import (
     ACCURACY,
     BALANCED_ACCURACY,
-    BASELINES,
     BATCHES_SEEN,
     COMMON,
     EVAL_KINDS,
@@ -27,6 +26,16 @@ from pf2lora_core.config.keys import (
 )
 from pf2lora_core.data.columns import TEST, TRAIN
 from pf2lora_core.data.sources import CLASSIFICATION
+from pf2lora_core.run.records import (
+    Aggregate,
+    ClientResult,
+    Communication,
+    Cost,
+    Rank,
+    RoundRecord,
+    Stats,
+    Summary,
+)
 from pf2lora_core.run.run_dir import aggregate_metric
 
 CLIENT_MAJORITY = "client_majority"  # each client predicts the majority label of its own train split
@@ -37,19 +46,20 @@ if TYPE_CHECKING:
     from pf2lora_core.config.experiment import Experiment
 
 
-def aggregate_block(results: Sequence[Mapping[str, float]], weights: Sequence[float], metric: str) -> dict[str, Any]:
+def aggregate_block(results: Sequence[Mapping[str, float]], weights: Sequence[float], metric: str) -> Aggregate:
     """``{metric, mean, weighted_mean, worst}`` of the clients' ``metric`` (NaNs skipped).
 
     Where the clients report balanced accuracy (classification), the block also carries
     ``balanced_accuracy: {mean, weighted_mean, worst}``: every evaluated kind has the same shape.
     """
-    block: dict[str, Any] = {"metric": metric, **aggregate_metric([_get(r, metric) for r in results], weights, metric)}
+    stats = Stats(**aggregate_metric([_get(r, metric) for r in results], weights, metric))
+    balanced = None
     if any(BALANCED_ACCURACY in r for r in results):
-        block[BALANCED_ACCURACY] = aggregate_metric([_get(r, BALANCED_ACCURACY) for r in results], weights)
-    return block
+        balanced = Stats(**aggregate_metric([_get(r, BALANCED_ACCURACY) for r in results], weights))
+    return Aggregate(metric, stats, balanced)
 
 
-def evaluation_blocks(evaluation: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
+def evaluation_blocks(evaluation: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, Aggregate]:
     """One aggregate block per evaluated kind (``EVAL_KINDS``) of a round's (or the latest) evaluations.
 
     ``personalized`` / ``global`` are weighted by the test rows, ``validation`` /
@@ -106,12 +116,12 @@ def _constant_scores(test: np.ndarray, label: int) -> dict[str, float]:
 
 def build_summary(
     exp: Experiment,
-    history: Sequence[Mapping[str, Any]],
+    history: Sequence[RoundRecord],
     latest_eval: Mapping[int, Mapping[str, Any]],
-    label_hists: Sequence[Mapping[str, list[int]]],
+    label_hists: Sequence[Mapping[str, list[int]] | None],
     params: Mapping[str, int],
     seconds_total: float,
-) -> dict[str, Any]:
+) -> Summary:
     """Final per-client results (each client's latest evaluation) and their aggregates."""
     metric = exp.task.metric
     num_train = _latest_num_train(history)
@@ -120,59 +130,59 @@ def build_summary(
     clients = []
     for c in sorted(latest_eval):
         e = latest_eval[c]
+        hist = label_hists[c] if c < len(label_hists) else None
         clients.append(
-            {
-                "client": c,
-                "num_train": num_train.get(c),
-                "num_validation": e.get(NUM_VALIDATION),
-                "num_test": e.get(NUM_EXAMPLES),
-                **{kind: e.get(kind) or {} for kind in EVAL_KINDS},
-                "rank": e.get("rank", {}),
-                "label_histogram": label_hists[c] if c < len(label_hists) else None,
-                BASELINES: baselines[c] if c < len(baselines) else None,
-            }
+            ClientResult(
+                client=c,
+                num_train=num_train.get(c),
+                num_validation=e.get(NUM_VALIDATION),
+                num_test=e.get(NUM_EXAMPLES),
+                results={kind: {k: _get(e[kind], k) for k in e[kind]} for kind in EVAL_KINDS if e.get(kind)},
+                rank=Rank.from_json(e.get("rank") or {}, f"client {c}'s rank"),
+                label_histogram=None if hist is None else {s: list(v) for s, v in hist.items()},
+                baselines=baselines[c] if c < len(baselines) else None,
+            )
         )
-    weights = [cl["num_test"] or 0 for cl in clients]
+    weights = [cl.num_test or 0 for cl in clients]
     rounds_done = len(history)
-    up = [r["bytes_up"] for r in history]
-    down = [r["bytes_down"] for r in history]
-    return {
-        "algorithm": exp.algorithm.name,
-        "task": exp.task.name,
-        "model": exp.model.name,
-        "seed": exp.seed,
-        "num_clients": exp.federation.num_clients,
-        "rounds": rounds_done,
-        "partition": {k: v for k, v in vars(exp.partition).items()},
-        "clients": clients,
-        # personalized / global: test split; validation / validation_global: the same models on the
-        # validation split (what any choice reads)
-        **evaluation_blocks({cl["client"]: _eval_entry(cl) for cl in clients}, metric),
-        # constant predictors on the same test splits (classification; None otherwise)
-        BASELINES: _baseline_blocks(clients, weights) if classification else None,
-        "label_histograms": list(label_hists),
-        "rejected": [dict(rej, round=r["round"]) for r in history for rej in r["rejected"]],
-        "communication": {
-            "params_common": params.get(COMMON, 0),
-            "params_private": params.get(PRIVATE, 0),
-            "bytes_up_per_round": sum(up) / max(len(up), 1),
-            "bytes_down_per_round": sum(down) / max(len(down), 1),
-        },
-        "cost": {
-            "seconds_total": seconds_total,
-            "seconds_per_round": seconds_total / max(rounds_done, 1),
-            # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
-            FLOPS_PER_STEP: _mean_train_metric(history, FLOPS_PER_STEP),
-            FLOPS_PER_CLIENT_ROUND: _mean_train_metric(history, FLOPS_PER_CLIENT_ROUND),
-            # what local training consumed: summed over a round's clients, mean over rounds ...
-            "examples_per_round": _per_round_total(history, EXAMPLES_SEEN),
-            "gradient_passes_per_round": _per_round_total(history, GRADIENT_PASSES),
-            # ... and per client and round (the equal-budget check: K batches of task.batch_size)
-            "examples_per_client_round": _mean_train_metric(history, EXAMPLES_SEEN),
-            "batches_per_client_round": _mean_train_metric(history, BATCHES_SEEN),
-            "gradient_passes_per_client_round": _mean_train_metric(history, GRADIENT_PASSES),
-        },
-    }
+    up = [r.bytes_up for r in history]
+    down = [r.bytes_down for r in history]
+    return Summary(
+        algorithm=exp.algorithm.name,
+        task=exp.task.name,
+        model=exp.model.name,
+        seed=exp.seed,
+        num_clients=exp.federation.num_clients,
+        rounds=rounds_done,
+        partition=dict(vars(exp.partition)),
+        clients=clients,
+        kinds=evaluation_blocks({cl.client: _eval_entry(cl) for cl in clients}, metric),
+        baselines=_baseline_blocks(clients, weights) if classification else None,
+        label_histograms=[None if h is None else {s: list(v) for s, v in h.items()} for h in label_hists],
+        rejected=[dict(rej, round=r.round) for r in history for rej in r.rejected],
+        communication=Communication(
+            params_common=params.get(COMMON, 0),
+            params_private=params.get(PRIVATE, 0),
+            bytes_up_per_round=sum(up) / max(len(up), 1),
+            bytes_down_per_round=sum(down) / max(len(down), 1),
+        ),
+        cost=Cost(
+            {
+                "seconds_total": seconds_total,
+                "seconds_per_round": seconds_total / max(rounds_done, 1),
+                # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
+                FLOPS_PER_STEP: _mean_train_metric(history, FLOPS_PER_STEP),
+                FLOPS_PER_CLIENT_ROUND: _mean_train_metric(history, FLOPS_PER_CLIENT_ROUND),
+                # what local training consumed: summed over a round's clients, mean over rounds ...
+                "examples_per_round": _per_round_total(history, EXAMPLES_SEEN),
+                "gradient_passes_per_round": _per_round_total(history, GRADIENT_PASSES),
+                # ... and per client and round (the equal-budget check: K batches of task.batch_size)
+                "examples_per_client_round": _mean_train_metric(history, EXAMPLES_SEEN),
+                "batches_per_client_round": _mean_train_metric(history, BATCHES_SEEN),
+                "gradient_passes_per_client_round": _mean_train_metric(history, GRADIENT_PASSES),
+            }
+        ),
+    )
 
 
 def _get(results: Mapping[str, Any], key: str) -> float:
@@ -180,40 +190,40 @@ def _get(results: Mapping[str, Any], key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _eval_entry(client: Mapping[str, Any]) -> dict[str, Any]:
+def _eval_entry(client: ClientResult) -> dict[str, Any]:
     """A summary client row in the shape of one evaluation reply (for ``evaluation_blocks``)."""
-    counts = {NUM_EXAMPLES: client["num_test"], NUM_VALIDATION: client["num_validation"]}
-    return {**{kind: client[kind] for kind in EVAL_KINDS}, **counts}
+    counts = {NUM_EXAMPLES: client.num_test, NUM_VALIDATION: client.num_validation}
+    return {**{kind: client.results.get(kind, {}) for kind in EVAL_KINDS}, **counts}
 
 
-def _baseline_blocks(clients: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+def _baseline_blocks(clients: Sequence[ClientResult], weights: Sequence[float]) -> dict[str, Aggregate]:
     """``{client_majority, global_majority}``: aggregate blocks over the summarised clients."""
-    rows = [cl[BASELINES] or {} for cl in clients]
+    rows = [cl.baselines or {} for cl in clients]
     return {
         name: aggregate_block([r.get(name) or {} for r in rows], weights, ACCURACY)
         for name in (CLIENT_MAJORITY, GLOBAL_MAJORITY)
     }
 
 
-def _per_round_total(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    totals = [sum(m[key] for m in r["train"].values() if key in m) for r in history if r.get("train")]
+def _per_round_total(history: Sequence[RoundRecord], key: str) -> float | None:
+    totals = [r.train_total(key) or 0.0 for r in history if r.train]
     return sum(totals) / len(totals) if totals else None
 
 
-def _mean_train_metric(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    values = [m[key] for r in history for m in r.get("train", {}).values() if key in m]
+def _mean_train_metric(history: Sequence[RoundRecord], key: str) -> float | None:
+    values = [m[key] for r in history for m in r.train.values() if key in m]
     return sum(values) / len(values) if values else None
 
 
-def _latest_num_train(history: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+def _latest_num_train(history: Sequence[RoundRecord]) -> dict[int, int]:
     out: dict[int, int] = {}
     for record in history:
-        for c, metrics in record.get("train", {}).items():
-            out[int(c)] = int(metrics[NUM_EXAMPLES])
+        for c, metrics in record.train.items():
+            out[c] = int(metrics[NUM_EXAMPLES])
     return out
 
 
-def format_client_table(summary: Mapping[str, Any]) -> str:
+def format_client_table(summary: Summary) -> str:
     """Plain-text table: one row per client, then mean / weighted mean / worst, then the baselines.
 
     Columns: test-split ``personalized`` and ``global``, the personalized model on ``validation``,
@@ -222,43 +232,41 @@ def format_client_table(summary: Mapping[str, Any]) -> str:
     as the scale-free entropy rank (``ent.rank``; ``rank.effective`` in summary.json is the 5%-threshold
     count) and the private level's share of its energy (``private``; ``-`` without a private level).
     """
-    metric = summary[PERSONALIZED]["metric"]
+    metric = summary.metric
     head = (
         f"{'client':>6} {'train':>6} {'val':>4} {'test':>5} {'personalized':>13} {'global':>8} "
         f"{'validation':>10} {'bal.acc':>7} {'client maj.':>11} {'ent.rank':>8} {'private':>7}"
     )
-    lines = [f"{summary['algorithm']} on {summary['task']} ({metric})", head, "-" * len(head)]
-    for c in summary["clients"]:
-        maj = (c.get(BASELINES) or {}).get(CLIENT_MAJORITY) or {}
+    lines = [f"{summary.algorithm} on {summary.task} ({metric})", head, "-" * len(head)]
+    for c in summary.clients:
+        maj = (c.baselines or {}).get(CLIENT_MAJORITY) or {}
         lines.append(
-            f"{c['client']:>6} {c['num_train'] or 0:>6} {c.get('num_validation') or 0:>4} {c['num_test'] or 0:>5} "
-            f"{_fmt(c[PERSONALIZED].get(metric)):>13} {_fmt(c[GLOBAL].get(metric)):>8} "
-            f"{_fmt((c.get(VALIDATION) or {}).get(metric)):>10} {_fmt(c[PERSONALIZED].get(BALANCED_ACCURACY)):>7} "
-            f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c['rank'].get('entropy'), 2):>8} "
-            f"{_fmt(c['rank'].get('private_energy'), 2):>7}"
+            f"{c.client:>6} {c.num_train or 0:>6} {c.num_validation or 0:>4} {c.num_test or 0:>5} "
+            f"{_fmt(c.value(PERSONALIZED, metric)):>13} {_fmt(c.value(GLOBAL, metric)):>8} "
+            f"{_fmt(c.value(VALIDATION, metric)):>10} {_fmt(c.value(PERSONALIZED, BALANCED_ACCURACY)):>7} "
+            f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c.rank.entropy, 2):>8} {_fmt(c.rank.private_energy, 2):>7}"
         )
     lines.append("-" * len(head))
+    none = Aggregate(metric)
+    pers, glob, val = summary.personalized, summary.global_, summary.validation or none
     for agg in ("mean", "weighted_mean", "worst"):
+        balanced = getattr(pers.balanced, agg) if pers.balanced else None
         lines.append(
-            f"{agg:>18} {_fmt(summary[PERSONALIZED][agg]):>13} {_fmt(summary[GLOBAL][agg]):>8} "
-            f"{_fmt((summary.get(VALIDATION) or {}).get(agg)):>10} "
-            f"{_fmt((summary[PERSONALIZED].get(BALANCED_ACCURACY) or {}).get(agg)):>7}"
+            f"{agg:>18} {_fmt(getattr(pers, agg)):>13} {_fmt(getattr(glob, agg)):>8} "
+            f"{_fmt(getattr(val, agg)):>10} {_fmt(balanced):>7}"
         )
-    baselines = summary.get(BASELINES) or {}
-    for name in (CLIENT_MAJORITY, GLOBAL_MAJORITY):
-        if name in baselines:
-            b = baselines[name]
-            lines.append(
-                f"{name} accuracy: mean {_fmt(b['mean'])}, weighted {_fmt(b['weighted_mean'])}, "
-                f"worst {_fmt(b['worst'])} (balanced {_fmt((b.get(BALANCED_ACCURACY) or {}).get('mean'))})"
-            )
-    cost = summary["cost"]
-    lines.append(f"{cost['seconds_total']:.1f} s total, {cost['seconds_per_round']:.1f} s per round")
+    for name, b in (summary.baselines or {}).items():
+        lines.append(
+            f"{name} accuracy: mean {_fmt(b.mean)}, weighted {_fmt(b.weighted_mean)}, "
+            f"worst {_fmt(b.worst)} (balanced {_fmt(b.balanced.mean if b.balanced else None)})"
+        )
+    cost = summary.cost
+    lines.append(f"{cost.get('seconds_total') or 0:.1f} s total, {cost.get('seconds_per_round') or 0:.1f} s per round")
     if cost.get("examples_per_client_round") is not None:
         lines.append(
-            f"per client and round: {cost['examples_per_client_round']:.0f} examples in "
-            f"{cost['batches_per_client_round']:.0f} batches, "
-            f"{cost['gradient_passes_per_client_round']:.0f} gradient passes"
+            f"per client and round: {cost.get('examples_per_client_round'):.0f} examples in "
+            f"{cost.get('batches_per_client_round'):.0f} batches, "
+            f"{cost.get('gradient_passes_per_client_round'):.0f} gradient passes"
         )
     return "\n".join(lines)
 

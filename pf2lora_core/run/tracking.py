@@ -18,7 +18,9 @@ from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
+from pf2lora_core.config.keys import SUMMARY_FILE
 from pf2lora_core.config.schema import TrackingConfig
+from pf2lora_core.run.records import RoundRecord, Summary
 
 
 class Tracker(Protocol):
@@ -26,9 +28,9 @@ class Tracker(Protocol):
 
     def log_config(self, yaml_text: str) -> None: ...
 
-    def log_round(self, record: Mapping[str, Any]) -> None: ...
+    def log_round(self, record: RoundRecord) -> None: ...
 
-    def log_summary(self, summary: Mapping[str, Any]) -> None: ...
+    def log_summary(self, summary: Summary) -> None: ...
 
     def close(self) -> None: ...
 
@@ -56,10 +58,10 @@ class NoTracker:
     def log_config(self, yaml_text: str) -> None:
         pass
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         pass
 
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
+    def log_summary(self, summary: Summary) -> None:
         pass
 
     def close(self) -> None:
@@ -78,16 +80,17 @@ class TensorBoardTracker:
     def log_config(self, yaml_text: str) -> None:
         self.writer.add_text("config", f"```\n{yaml_text}\n```")
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        self.step = int(record["round"])
-        for name, value in scalars(record):
+    def log_round(self, record: RoundRecord) -> None:
+        self.step = record.round
+        for name, value in scalars(record.to_json()):
             if name != "round":
                 self.writer.add_scalar(name, value, self.step)
         self.writer.flush()
 
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        self.writer.add_text("summary", f"```\n{json.dumps(summary, indent=2, default=str)}\n```")
-        for name, value in scalars(_summary_numbers(summary), "summary/"):
+    def log_summary(self, summary: Summary) -> None:
+        data = summary.to_json()
+        self.writer.add_text("summary", f"```\n{json.dumps(data, indent=2, default=str)}\n```")
+        for name, value in scalars(_summary_numbers(data), "summary/"):
             self.writer.add_scalar(name, value, self.step)
         self.writer.flush()
 
@@ -119,16 +122,17 @@ class MLflowTracker:
             self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in items[start : start + 100]])
         self.client.log_text(self.run_id, yaml_text, "config.yaml")
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        step = int(record["round"])
-        for name, value in scalars(record):
+    def log_round(self, record: RoundRecord) -> None:
+        step = record.round
+        for name, value in scalars(record.to_json()):
             if name != "round":
                 self.client.log_metric(self.run_id, name, value, step=step)
 
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        for name, value in scalars(_summary_numbers(summary), "summary/"):
+    def log_summary(self, summary: Summary) -> None:
+        data = summary.to_json()
+        for name, value in scalars(_summary_numbers(data), "summary/"):
             self.client.log_metric(self.run_id, name, value)
-        self.client.log_dict(self.run_id, json.loads(json.dumps(summary, default=str)), "summary.json")
+        self.client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), SUMMARY_FILE)
         self.status = "FINISHED"
 
     def close(self) -> None:

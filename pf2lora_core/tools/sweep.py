@@ -55,6 +55,7 @@ from pf2lora_core.config.keys import (
     VALIDATION,
 )
 from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.run.records import RecordError, Summary
 from pf2lora_core.run.run_dir import atomic_write_bytes, set_aside_run
 from pf2lora_core.tools.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
 from pf2lora_core.training.models import resolve_model
@@ -186,7 +187,7 @@ class JobResult:
     status: str  # done | skipped | failed
     seconds: float = 0.0
     error: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Summary | None = None  # None: failed, or its summary.json is malformed
 
 
 def run_job(overrides: Sequence[str], job_dir: Path, flwr_home: Path, timeout: float) -> JobResult:
@@ -196,7 +197,7 @@ def run_job(overrides: Sequence[str], job_dir: Path, flwr_home: Path, timeout: f
     summary_path = job_dir / SUMMARY_FILE
     if summary_path.exists():
         _write_json(job_dir / JOB_FILE, {"overrides": ident, "status": "done"})
-        return JobResult("skipped", summary=_read_json(summary_path))
+        return JobResult("skipped", summary=_read_summary(summary_path))
     (job_dir / FAILED_FILE).unlink(missing_ok=True)  # a retry: forget the previous failure
     set_aside_run(job_dir)  # the failed attempt's run files move to attempt-<time>/ (a run_dir must be fresh)
     _write_json(job_dir / JOB_FILE, {"overrides": ident, "status": "running"})
@@ -217,7 +218,7 @@ def run_job(overrides: Sequence[str], job_dir: Path, flwr_home: Path, timeout: f
     except Exception as err:  # anything else in this job must not stop the sweep
         return _failed(job_dir, ident, f"{type(err).__name__}: {err}", "")
     _write_json(job_dir / JOB_FILE, {"overrides": ident, "status": "done"})
-    return JobResult("done", time.perf_counter() - start, summary=_read_json(summary_path))
+    return JobResult("done", time.perf_counter() - start, summary=_read_summary(summary_path))
 
 
 def _launch(
@@ -287,11 +288,11 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_summary(path: Path) -> Summary | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        return Summary.read(path)
+    except RecordError:
+        return None  # the report lists the job as malformed, saying which field
 
 
 # ------------------------------------------------------------------------------ Hydra entry
@@ -327,9 +328,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _score(summary: dict[str, Any], kind: str) -> str:
-    mean = (summary.get(kind) or {}).get("mean")
-    return f"{kind} mean {mean:.4f}" if isinstance(mean, (int, float)) and math.isfinite(mean) else ""
+def _score(summary: Summary | None, kind: str) -> str:
+    block = summary.kinds.get(kind) if summary is not None else None
+    return f"{kind} mean {block.mean:.4f}" if block is not None and math.isfinite(block.mean) else ""
 
 
 def _progress(index: int, overrides: Sequence[str], results: Sequence[JobResult]) -> str:
@@ -358,6 +359,8 @@ def job_objective(results: Sequence[JobResult]) -> float:
     values = []
     for r in results:
         try:
+            if r.summary is None:
+                return math.nan
             values.append(validation_mean(r.summary))
         except ValueError:
             return math.nan

@@ -367,7 +367,7 @@ def run(cfg: SyntheticConfig) -> tuple[Path, dict]:
         t = time.time()
 
         def log(rnd: int, losses: list[float], name: str = name) -> None:
-            run_dir.append_metrics({"algorithm": name, "round": rnd + 1, "beta": cfg.beta(rnd), "losses": losses})
+            run_dir.append_metrics_json({"algorithm": name, "round": rnd + 1, "beta": cfg.beta(rnd), "losses": losses})
 
         results = train_federated(name, cfg, w0, clients, log)
         summary["algorithms"][name] = {"clients": results, "seconds": time.time() - t}
@@ -379,7 +379,7 @@ def run(cfg: SyntheticConfig) -> tuple[Path, dict]:
             true_ranks={label: r["true_rank"] for label, r in labels.items()},
         )
     summary["cost"] = {"seconds_total": time.time() - t0}
-    run_dir.write_summary(summary)
+    run_dir.write_summary_json(summary)
     return run_dir.path, summary
 
 

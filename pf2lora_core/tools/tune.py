@@ -50,6 +50,7 @@ from pf2lora_core.analysis.tables import cell, markdown_table
 from pf2lora_core.config.experiment import conf_dir
 from pf2lora_core.config.keys import SUMMARY_FILE
 from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.run.records import RecordError, Summary
 from pf2lora_core.run.run_dir import atomic_write_bytes
 from pf2lora_core.tools import sweep
 from pf2lora_core.tools.launch import sigterm_as_interrupt
@@ -154,11 +155,11 @@ def _missing_validation(trial_dir: Path) -> str:
     """Why a finished run has no validation number, read from one of its summaries."""
     for path in sorted(trial_dir.glob(f"*/*/{SUMMARY_FILE}")):
         try:
-            validation_mean(json.loads(path.read_text()))
+            validation_mean(Summary.read(path))
+        except RecordError:
+            continue  # a torn summary says nothing about validation; the next may
         except ValueError as err:
             return f": {err}"
-        except OSError:
-            continue
     return f" (see failed.json and job.log under {trial_dir})"
 
 

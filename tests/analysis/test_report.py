@@ -57,7 +57,10 @@ def _summary(algorithm: str, s: float, seed: int) -> dict[str, Any]:
             "balanced_accuracy": {"mean": 0.5},
         },
         "validation": {"metric": "accuracy", "mean": mean - 0.02, "weighted_mean": mean, "worst": mean - 0.1},
-        "baselines": {"client_majority": CLIENT_MAJORITY[seed], "global_majority": 0.55},
+        "baselines": {
+            "client_majority": {"metric": "accuracy", "mean": CLIENT_MAJORITY[seed]},
+            "global_majority": {"metric": "accuracy", "mean": 0.55},
+        },
         "global": {
             "metric": "accuracy",
             "mean": mean - 0.1 if has_global else None,

@@ -270,7 +270,7 @@ def test_fuzzed_replies_never_crash_and_never_move_the_aggregate(tmp_path: Path)
         assert torch.equal(fuzzed.state[key], clean.state[key]), key
     assert fuzzed.latest_eval == clean.latest_eval
     records = [json.loads(line) for line in (fuzzed.run.path / METRICS_FILE).read_text().splitlines()]
-    for record, reference in zip(records, clean.history, strict=True):
+    for record, reference in zip(records, [h.to_json() for h in clean.history], strict=True):
         rnd = record["round"]
         expected = sorted(m for p, r, m in grid.applied if r == rnd)
         eval_errors = [m for m in record["missing"] if m["phase"] == "evaluation" and "client error" in m["reason"]]
@@ -347,8 +347,8 @@ def test_num_examples_in_deployment_is_held_to_the_first_declared(tmp_path: Path
         _inflate(answer(m, ph, rnd, c)) if (ph, rnd, c) == (MessageType.TRAIN, 2, 1) else answer(m, ph, rnd, c)
     )
     strategy.run_rounds(grid, shared(exp, strategy.run.path))
-    assert strategy.history[0]["rejected"] == []
-    assert "exceeds the 15 examples" in strategy.history[1]["rejected"][0]["reason"]
+    assert strategy.history[0].rejected == []
+    assert "exceeds the 15 examples" in strategy.history[1].rejected[0]["reason"]
 
 
 def _inflate(content: RecordDict) -> RecordDict:
@@ -545,7 +545,7 @@ def test_failed_rounds_after_success_stop_after_max_failed_rounds(tmp_path: Path
         RunFailedError, match=r"round 3: every client failed in 2 round\(s\) in a row .*no training reply"
     ):
         strategy.run_rounds(grid, shared(exp, strategy.run.path))
-    assert [h["round"] for h in strategy.history] == [1, 2, 3]
+    assert [h.round for h in strategy.history] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------ audit, blocks
@@ -596,7 +596,7 @@ def test_start_returns_flowers_result(tmp_path: Path) -> None:
                             train_config=shared(exp, strategy.run.path))  # fmt: skip
     assert isinstance(result, Result) and sorted(result.train_metrics_clientapp) == [1, 2]
     assert result.evaluate_metrics_clientapp[2]["personalized.mean"] == pytest.approx(
-        strategy.history[1]["personalized"]["mean"]
+        strategy.history[1].kinds["personalized"].mean
     )
     for key, value in result.arrays.to_torch_state_dict().items():
         assert torch.equal(value, strategy.state[key])
@@ -611,4 +611,4 @@ def test_stray_node_at_start_is_ignored_not_fatal(tmp_path: Path, caplog: Any) -
         strategy.run_rounds(FakeGrid({**NODES, 5555: 99}), shared(exp, strategy.run.path))
     assert sorted(strategy.clients.values()) == [0, 1, 2, 3] and 5555 not in strategy.clients
     assert "node 5555 claims partition 99, outside [0, num_clients=4)" in caplog.text
-    assert strategy.history[0]["clients_trained"] == 4
+    assert strategy.history[0].clients_trained == 4

@@ -321,7 +321,7 @@ def test_in_process_deployment_each_site_on_its_own_file(setup: Setup, tmp_path:
     share = {P.SHARE_DATA_STATS: True}
     grid = SiteGrid({100 + k: context(setup.node_config(k, **share), 100 + k) for k in range(3)}, [])
     summary = run_experiment(grid, exp, RunDir(new_run_dir("", "", str(tmp_path / "run"))))
-    for k, client in enumerate(summary["clients"]):
+    for k, client in enumerate(summary.to_json()["clients"]):
         hists = split_sizes(MIXES[k])  # stratified: each label gives its share
         assert client["label_histogram"] == hists, (k, client)
         assert client["num_train"] == sum(hists["train"]) and client["num_test"] == sum(hists["test"])

@@ -222,7 +222,7 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tmp_path: Path, algorit
     assert len({tuple(c for p, r, c in after_round_1 if p == MessageType.TRAIN and r == n) for n in (2, 3)}) == 2
     lines = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2, 3]
-    assert [x["train"] for x in lines] == [x["train"] for x in whole.history]
+    assert [x["train"] for x in lines] == [x.to_json()["train"] for x in whole.history]
 
 
 def test_checkpoint_round_trips_every_algorithms_server_state(tmp_path: Path) -> None:
@@ -403,5 +403,7 @@ def test_app_resumed_after_a_kill_ends_bitwise_equal(tmp_path: Path) -> None:
     name = "checkpoints/common_round_0002.safetensors"
     assert_bitwise_equal(load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "killed" / name)))
     reference = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert [c["personalized"] for c in summary["clients"]] == [c["personalized"] for c in reference["clients"]]
+    assert [c["personalized"] for c in summary.to_json()["clients"]] == [
+        c["personalized"] for c in reference["clients"]
+    ]
     assert [json.loads(x)["round"] for x in (tmp_path / "killed" / METRICS_FILE).read_text().splitlines()] == [1, 2]

@@ -9,6 +9,7 @@ from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import (
     ACCURACY,
     BALANCED_ACCURACY,
+    BASELINES,
     BATCHES_SEEN,
     EVAL_LOSS,
     EXAMPLES_SEEN,
@@ -20,8 +21,8 @@ from pf2lora_core.config.keys import (
     VALIDATION,
     VALIDATION_GLOBAL,
 )
+from pf2lora_core.run.records import RoundRecord, Summary
 from pf2lora_core.run.summary import (
-    BASELINES,
     CLIENT_MAJORITY,
     GLOBAL_MAJORITY,
     build_summary,
@@ -56,9 +57,10 @@ def test_baselines_with_histograms_missing_from_sites_that_did_not_opt_in() -> N
     exp = load(["federation.num_clients=3"])
     latest = {c: {NUM_EXAMPLES: 4, PERSONALIZED: _results(0.5), GLOBAL: _results(0.5), "rank": {}} for c in range(3)}
     summary = build_summary(exp, [], latest, [HISTS[0], None, HISTS[2]], {"common": 7}, seconds_total=1.0)
-    assert summary["clients"][1]["baselines"] is None
-    assert summary["baselines"]["client_majority"]["mean"] == pytest.approx((3 / 4 + 1 / 4) / 2)
-    format_client_table(summary)  # prints without the missing numbers
+    written = summary.to_json()
+    assert written["clients"][1]["baselines"] is None
+    assert written["baselines"]["client_majority"]["mean"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert "client_majority accuracy: mean 0.5000" in format_client_table(summary)  # the missing site skipped
 
 
 def test_balanced_accuracy_by_hand() -> None:
@@ -71,7 +73,7 @@ def _results(acc: float) -> dict[str, float]:
     return {ACCURACY: acc, BALANCED_ACCURACY: acc / 2, EVAL_LOSS: 1 - acc}
 
 
-def _summary() -> dict:
+def _summary() -> Summary:
     exp = load(["federation.num_clients=3"])
     history = [
         {"round": 1, "bytes_up": 10, "bytes_down": 20, "rejected": [],
@@ -80,6 +82,7 @@ def _summary() -> dict:
         {"round": 2, "bytes_up": 10, "bytes_down": 20, "rejected": [],
          "train": {"0": {NUM_EXAMPLES: 5, EXAMPLES_SEEN: 80, BATCHES_SEEN: 5, GRADIENT_PASSES: 15}}},
     ]  # fmt: skip
+    history = [RoundRecord.from_json(h) for h in history]
     latest = {
         c: {NUM_EXAMPLES: 4, NUM_VALIDATION: 1 + c, PERSONALIZED: _results(0.5 + 0.1 * c), GLOBAL: _results(0.5),
             VALIDATION: _results(0.6 + 0.1 * c), VALIDATION_GLOBAL: _results(0.4), "rank": {}}
@@ -89,7 +92,7 @@ def _summary() -> dict:
 
 
 def test_summary_baselines_validation_and_cost() -> None:
-    s = _summary()
+    s = _summary().to_json()  # as written to summary.json
     assert s[BASELINES][CLIENT_MAJORITY]["metric"] == ACCURACY
     assert s[BASELINES][CLIENT_MAJORITY]["mean"] == pytest.approx(2 / 3)
     assert s[BASELINES][CLIENT_MAJORITY]["worst"] == 0.25
@@ -118,3 +121,8 @@ def test_console_table_shows_the_prior() -> None:
     assert "client_majority accuracy: mean 0.6667" in table
     assert "global_majority accuracy: mean 0.3333" in table
     assert "80 examples in 5 batches, 15 gradient passes" in table
+
+
+def test_summary_round_trips_through_its_json() -> None:
+    summary = _summary()
+    assert Summary.from_json(summary.to_json()).to_json() == summary.to_json()

@@ -9,6 +9,7 @@ import pytest
 
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.schema import TrackingConfig
+from pf2lora_core.run.records import RoundRecord, Summary
 from pf2lora_core.run.tracking import TRACKERS, make_tracker, scalars
 
 CONFIG = "name: demo\nseed: 3\nfederation:\n  num_clients: 2\n"
@@ -25,7 +26,12 @@ ROUNDS = [
     }
     for r in (1, 2)
 ]
-SUMMARY = {"algorithm": "pf2lora", "personalized": {"metric": "accuracy", "mean": 0.66}, "cost": {"seconds_total": 9.0}}
+SUMMARY = {
+    "algorithm": "pf2lora",
+    "personalized": {"metric": "accuracy", "mean": 0.66},
+    "global": {"metric": "accuracy", "mean": 0.6},
+    "cost": {"seconds_total": 9.0},
+}
 
 
 def _track(kind: str, run_dir: Path, **options: str) -> None:
@@ -33,8 +39,8 @@ def _track(kind: str, run_dir: Path, **options: str) -> None:
     tracker = make_tracker(cfg, run_dir, "run-1")
     tracker.log_config(CONFIG)
     for record in ROUNDS:
-        tracker.log_round(record)
-    tracker.log_summary(SUMMARY)
+        tracker.log_round(RoundRecord.from_json(record))
+    tracker.log_summary(Summary.from_json(SUMMARY))
     tracker.close()
 
 
