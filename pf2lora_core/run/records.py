@@ -3,8 +3,8 @@
 The run writes these and every reader (the sweep report, tuning, plots, tracking, the federated
 benchmark) reads them back through ``from_json``, so a key is spelled in one place and a file that
 is torn, hand-edited or of another shape fails with one ``RecordError`` naming the file and the
-field, instead of a ``KeyError`` deep inside a plot. The JSON shapes are those of docs/DESIGN.md,
-"summary.json"; fields added later (``validation_global``, ``baselines``) are optional so files
+field, instead of a ``KeyError`` deep inside a plot. The JSON shapes are those of
+docs/DESIGN.md, "summary.json"; fields added later (``validation_global``, ``baselines``) are optional so files
 written by earlier versions still load. A metric the run could not compute is JSON ``null`` on disk
 and NaN in memory.
 """
