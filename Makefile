@@ -17,7 +17,7 @@ OVERRIDES ?=
 # and ClientApp in this process (server_app/inprocess.py), no SuperLink or Ray start-up
 ENGINE ?= flower
 
-.PHONY: install test lint demo demo-nlg synthetic results robustness bench-smoke stop-superlink clean floors
+.PHONY: install test lint demo demo-nlg synthetic results robustness bench-smoke fuzz-deep stop-superlink clean floors
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,6 +81,11 @@ robustness: install
 
 # Every benchmark's --smoke run (tiny sizes, then checks that its numbers mean something; about 3 min
 # on 2 cores): tests/benchmarks/test_benchmarks_smoke.py alone. `make test` runs it too. Writes nothing into results/.
+# The property-based fuzz suite (tests/fuzz/) with Hypothesis' "deep" profile: 2000 random examples per
+# property instead of the 60 fixed ones `make test` runs.
+fuzz-deep: install
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+
 bench-smoke: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=0 tests/benchmarks/test_benchmarks_smoke.py
 
