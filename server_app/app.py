@@ -18,9 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora_core import data
 from pf2lora_core.config.experiment import Experiment, load, preflight, split_overrides
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.config.schema import ConfigError
+from pf2lora_core.config.schema import AUTO_NORM, ConfigError, FederationConfig
 from pf2lora_core.data.site import config_label_names
+from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.federation.checkpoint import ServerCheckpoint
+from pf2lora_core.federation.checks import resolved_federation
 from pf2lora_core.federation.client_runtime import DEPLOYMENT, build_model
 from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
 from pf2lora_core.federation.protocol import CONFIG_YAML_KEY, RUN_KEY
@@ -130,10 +132,12 @@ def run_experiment(
     seed_everything(exp.seed)
     random.seed(exp.seed)  # the seeded global RNG (the strategy samples with its own, see NodeDirectory)
     model, _ = build_model(exp, device=_cpu())
+    num_labels = int(getattr(model.model.config, "num_labels", 0)) if exp.task.kind == CLASSIFICATION else 0
     initial = model.export(COMMON)
     params = {level: model.num_parameters(level) for level in (COMMON, PRIVATE) if level in model.levels}
     del model
-    plan = RoundPlan(exp.rounds, int(exp.cfg.eval_every), exp.task.metric, exp.seed, exp.to_yaml())
+    fed = resolved_update_norm(exp, fed, params.get(COMMON, 0))
+    plan = RoundPlan(exp.rounds, int(exp.cfg.eval_every), exp.task.metric, exp.seed, exp.to_yaml(), num_labels or None)
     strategy = CommonAdapterFedAvg(
         algorithm=exp.algorithm, run=run, federation=fed, plan=plan, known_examples=known_examples
     )
@@ -152,8 +156,27 @@ def run_experiment(
     hists = site_histograms(strategy.latest_eval, fed.num_clients) if deployment else pooled_histograms(exp)
     summary = build_summary(exp, strategy.history, strategy.latest_eval, hists, params, seconds)
     run.write_summary(summary)
-    write_run_plots(run, strategy.history, summary)
+    try:
+        write_run_plots(run, strategy.history, summary)
+    except Exception as err:  # the plots are a view of files already written: never lose the run over them
+        log.warning(
+            "plots not written (%s: %s); summary.json and metrics.jsonl hold every number", type(err).__name__, err
+        )
     return summary
+
+
+def resolved_update_norm(exp: Experiment, fed: FederationConfig, common_params: int) -> FederationConfig:
+    """``federation.max_update_norm=auto`` as the number it means for this run (logged once)."""
+    if fed.max_update_norm != AUTO_NORM:
+        return fed
+    resolved = resolved_federation(fed, exp.algorithm.params.lr, exp.local_steps, common_params)
+    bound = resolved.max_update_norm
+    log.info(
+        "federation.max_update_norm=auto: %.4g (lr %g, %d local steps, %d common parameters; "
+        "5x the honest norm measured on the default setting, scaled)",
+        bound, exp.algorithm.params.lr, exp.local_steps, common_params,
+    )  # fmt: skip
+    return resolved
 
 
 def pooled_histograms(exp: Experiment) -> list[dict[str, list[int]]]:

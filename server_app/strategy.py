@@ -57,7 +57,9 @@ from pf2lora_core.federation.replies import (
     Reply,
     ReplyChecker,
     ReplyLimits,
+    ReplyRejectedError,
     rejection_reason,
+    stale_reason,
 )
 from pf2lora_core.federation.rounds import RoundLog, trained_before
 from pf2lora_core.run.console import progress
@@ -84,6 +86,7 @@ class RoundPlan:
     metric: str = "accuracy"
     seed: int = 0
     config_yaml: str = ""
+    num_labels: int | None = None  # the classification head's size (a shared label histogram's length)
 
     def evaluates(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
@@ -143,7 +146,12 @@ class CommonAdapterFedAvg(FedAvg):
         self.algorithm, self.run, self.fed, self.plan = algorithm, run, federation, plan
         self.nodes = NodeDirectory(federation.num_clients, plan.seed, federation.node_keys, federation.rebind_clients)
         self.checker = ReplyChecker(
-            ReplyLimits.of(federation), plan.metric, algorithm.check_uplink, known_examples, algorithm.pooled_training
+            ReplyLimits.of(federation),
+            plan.metric,
+            algorithm.check_uplink,
+            known_examples,
+            algorithm.pooled_training,
+            plan.num_labels,
         )
         self.current: RoundLog | None = None
         self.state: dict[str, torch.Tensor] = {}  # the algorithm's server state (set by start_state)
@@ -338,12 +346,17 @@ class CommonAdapterFedAvg(FedAvg):
             try:
                 node = self._source(msg)
                 replied.add(node)
+                self._check_answers(msg)
                 reply = reply_data(msg)
                 audit = functools.partial(self._audit, server_round, "train", node, msg)
-                accepted = self.checker.train(
-                    reply, self.clients.get(reply.node), self.sent.get(reply.node), self.fresh, set(valid),
-                    audit if self.fed.audit_replies else None,
-                )  # fmt: skip
+                started = time.perf_counter()
+                try:
+                    accepted = self.checker.train(
+                        reply, self.clients.get(reply.node), self.sent.get(reply.node), self.fresh, set(valid),
+                        audit if self.fed.audit_replies else None,
+                    )  # fmt: skip
+                finally:
+                    cur.check_s += time.perf_counter() - started
             except Exception as err:  # every reply is a candidate, never a crash
                 self._reject(server_round, msg, rejection_reason(err))
                 continue
@@ -400,10 +413,15 @@ class CommonAdapterFedAvg(FedAvg):
                     log.warning("round %d: evaluation failed on %s: %s", server_round, self.nodes.label(node), reason)
                     cur.missing.append({"client": self.nodes.label(node), "phase": "evaluation", "reason": reason})
                     continue
+                self._check_answers(msg)
                 reply = reply_data(msg)
-                accepted = self.checker.evaluate(
-                    reply, self.clients.get(reply.node), reply.node in self.sent, set(cur.evaluation)
-                )
+                started = time.perf_counter()
+                try:
+                    accepted = self.checker.evaluate(
+                        reply, self.clients.get(reply.node), reply.node in self.sent, set(cur.evaluation)
+                    )
+                finally:
+                    cur.check_s += time.perf_counter() - started
                 self._audit(server_round, "evaluate", reply.node, msg)
             except Exception as err:  # every reply is a candidate, never a crash
                 self._reject(server_round, msg, rejection_reason(err), phase="evaluation")
@@ -457,6 +475,16 @@ class CommonAdapterFedAvg(FedAvg):
                 if sent.metadata.message_id == reply_to:
                     return node
         return int(msg.metadata.src_node_id)
+
+    def _check_answers(self, msg: Message) -> None:
+        """A reply counts only for the message this round sent to its node (not a replayed or stale one)."""
+        if msg.has_error():
+            return  # the SuperLink's errors come on a node's behalf; _source maps them by reply_to
+        sent_ids = {node: m.metadata.message_id for node, m in self.outbox.items()}
+        reply_to = str(getattr(msg.metadata, "reply_to_message_id", "") or "")
+        reason = stale_reason(int(msg.metadata.src_node_id), reply_to, sent_ids)
+        if reason is not None:
+            raise ReplyRejectedError(reason)
 
     def _log_missing(self, server_round: int, phase: str, replied: set[int]) -> None:
         """Log (and record) every node sent a message this round that did not reply in time."""

@@ -18,6 +18,7 @@ from pf2lora_core.algorithms import Algorithm, algorithm_class
 from pf2lora_core.algorithms.aggregation import AGGREGATORS
 from pf2lora_core.config.keys import HEAD_LEVELS
 from pf2lora_core.config.schema import (
+    AUTO_NORM,
     ConfigError,
     ExperimentConfig,
     FederationConfig,
@@ -208,7 +209,12 @@ def _check_values(c: ExperimentConfig) -> None:
         "federation.min_train_clients",
         f"must be in [1, num_clients={fed.num_clients}]",
     )
-    check(fed.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = off)")
+    norm = fed.max_update_norm
+    check(
+        norm == AUTO_NORM or (isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm >= 0),
+        "federation.max_update_norm",
+        f"must be a number >= 0 (0 = off) or '{AUTO_NORM}', got {norm!r}",
+    )
     check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
     check(fed.wait_for_nodes_s >= 0, "federation.wait_for_nodes_s", f"must be >= 0, got {fed.wait_for_nodes_s}")
     check(fed.max_num_examples >= 1, "federation.max_num_examples", "must be >= 1")
@@ -253,9 +259,9 @@ def _check_algorithm_fits(algorithm: Algorithm, c: ExperimentConfig) -> None:
 
 @dataclass
 class Preflight:
-    """What preflight found: every client's numbers of train and test examples (simulation only)."""
+    """What preflight found: every client's numbers of train, test and validation examples (simulation only)."""
 
-    sizes: dict[int, tuple[int, int]]
+    sizes: dict[int, tuple[int, int, int]]
 
 
 def preflight(exp: Experiment, check_data: bool | None = None) -> Preflight:
@@ -306,8 +312,8 @@ def model_problem(cfg: ModelConfig) -> str | None:
     return f"model.source={cfg.source!r}: choose one of {sorted(models.LOADERS)}"
 
 
-def _partition_sizes(exp: Experiment) -> dict[int, tuple[int, int]]:
-    """Every client's (train, test) sizes; ConfigError if the data does not load or a split is empty."""
+def _partition_sizes(exp: Experiment) -> dict[int, tuple[int, int, int]]:
+    """Every client's (train, test, validation) sizes; ConfigError if the data does not load or a split is empty."""
     from pf2lora_core import data
 
     n = exp.federation.num_clients
@@ -318,8 +324,10 @@ def _partition_sizes(exp: Experiment) -> dict[int, tuple[int, int]]:
     except Exception as err:  # a missing file, an unknown dataset, a partitioner that cannot deal
         raise ConfigError(f"invalid configuration: task / partition: the data does not load or partition "
                           f"({type(err).__name__}: {str(err)[:300]})") from None  # fmt: skip
-    sizes = {k: (int(sum(h["train"])), int(sum(h["test"]))) for k, h in enumerate(hists)}
-    empty = [k for k, (train, test) in sizes.items() if train == 0 or test == 0]
+    sizes = {
+        k: (int(sum(h["train"])), int(sum(h["test"])), int(sum(h.get("validation", [])))) for k, h in enumerate(hists)
+    }
+    empty = [k for k, (train, test, _) in sizes.items() if train == 0 or test == 0]
     check(
         len(sizes) == n and not empty,
         "partition",

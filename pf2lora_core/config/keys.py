@@ -32,6 +32,7 @@ TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 GRADIENT_PASSES = "gradient_passes"  # forward+backward passes of a round's local steps
 COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or evaluate)
+UPDATE_NORM = "update_norm"  # ||uplink - what it updates||_2, measured by the server on every accepted reply
 FLOPS_PER_STEP = "flops_per_local_step"  # counted FLOPs of a round's training / its local steps
 FLOPS_PER_CLIENT_ROUND = "flops_per_client_round"  # counted FLOPs of one client's round of local training
 ACCURACY = "accuracy"

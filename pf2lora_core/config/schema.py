@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key and what to fix."""
 
 
+AUTO_NORM = "auto"  # federation.max_update_norm scaled to the run (federation.checks.auto_update_norm)
+
+
 @dataclass
 class TaskConfig:
     kind: str = MISSING  # classification | causal_lm
@@ -79,7 +82,8 @@ class FederationConfig:
     client_cpus: int = MISSING  # Flower takes whole CPUs per ClientApp
     client_gpus: float = MISSING
     state_dir: str = MISSING  # where clients mirror their private state
-    max_update_norm: float = MISSING  # reject replies whose update norm exceeds this (0 = off)
+    # reject replies whose update norm exceeds this: a number (0 = off) or "auto" (federation.checks.auto_update_norm)
+    max_update_norm: Any = MISSING
     wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
     audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
     round_timeout_s: float = MISSING  # a round's train (and evaluate) replies are awaited this long

@@ -7,7 +7,9 @@ metadata before any bytes are decoded; decoding uses numpy without pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -15,7 +17,9 @@ import numpy as np
 # the uplink's structure check lives with the algorithms (each says what a valid uplink is); re-exported
 from pf2lora_core.algorithms.uplink import Spec
 from pf2lora_core.algorithms.uplink import check_structure as check_structure
+from pf2lora_core.config.schema import AUTO_NORM, FederationConfig
 from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
+from pf2lora_core.run.records import MAX_SINGULAR_VALUE, RANK_BOUNDS, Rank, RecordError, out_of_bounds
 
 
 def check_values(
@@ -68,6 +72,7 @@ MAX_KEY_LENGTH = 100
 MAX_DETAILS_BYTES = 1 << 20  # the details JSON: a 24-layer model's rank spectra are about 30 KB
 MAX_DETAILS_DEPTH = 8  # details -> rank -> modules -> name -> singular_values is 5 deep
 MAX_HISTOGRAM_LABELS = 100_000  # a label histogram's length (the head's size); far above any task here
+MAX_COUNT = 10_000_000  # examples of one label in one split (federation.max_num_examples' default)
 
 
 def truncate(text: str, limit: int = MAX_REASON) -> str:
@@ -140,14 +145,44 @@ def check_eval_metrics(
     return f"missing metric(s) {missing}" if missing else None
 
 
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` / ``{`` in JSON ``text``, brackets inside strings not counted.
+
+    Computed on the raw text before parsing (Python's JSON parser recurses, so 100k nested brackets
+    would exhaust the stack). Inside a string a bracket is text: counting it would let ``"]]]"``
+    hide as many real levels."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse_details(
-    text: object, max_bytes: int = MAX_DETAILS_BYTES, max_depth: int = MAX_DETAILS_DEPTH
+    text: object,
+    num_labels: int | None = None,
+    max_bytes: int = MAX_DETAILS_BYTES,
+    max_depth: int = MAX_DETAILS_DEPTH,
 ) -> tuple[dict, str | None]:
     """The details JSON of an evaluate reply: (its dict, reason or None).
 
-    Size and nesting depth are checked on the raw text before parsing (Python's JSON parser
-    recurses, so 100k nested brackets would exhaust the stack); NaN / Infinity are refused; a
-    ``rank`` entry must be an object whose ``effective`` and ``entropy`` are finite numbers.
+    Size and nesting depth are checked on the raw text before parsing; NaN / Infinity are refused;
+    ``rank`` must have the shape of ``records.Rank`` with every number within ``RANK_BOUNDS``;
+    a label histogram must have ``train`` and ``test`` (and may have ``validation``), each with one
+    whole count >= 0 per label (``num_labels`` when the server knows the head's size).
     """
     if text is None or text == "":
         return {}, None
@@ -155,54 +190,101 @@ def parse_details(
         return {}, f"details must be a JSON string, got {type(text).__name__}"
     if len(text) > max_bytes:
         return {}, f"details of {len(text)} characters exceed the cap of {max_bytes}"
-    depth, deepest = 0, 0
-    for ch in text:  # strings cannot hide brackets from this count in a way that lowers the depth
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > max_depth:
-                return {}, f"details nested deeper than {max_depth} levels"
-        elif ch in "]}":
-            depth -= 1
+    if json_depth(text) > max_depth:
+        return {}, f"details nested deeper than {max_depth} levels"
 
     def refuse(constant: str) -> None:
         raise ValueError(f"non-finite number {constant}")
 
     try:
         value = json.loads(text, parse_constant=refuse)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         return {}, f"details are not valid JSON ({truncate(str(err), 80)})"
     if not isinstance(value, dict):
         return {}, f"details must be a JSON object, got {type(value).__name__}"
     unknown = sorted(set(value) - {"rank", LABEL_HISTOGRAM})
     if unknown:
         return {}, f"unknown details {truncate(str(unknown), 80)}"
-    rank = value.get("rank", {})
-    if not isinstance(rank, dict):
-        return {}, f"details 'rank' must be an object, got {type(rank).__name__}"
-    for key in ("effective", "entropy"):
-        v = rank.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return {}, f"details rank.{key} must be a number, got {type(v).__name__}"
-    if not isinstance(rank.get("modules", {}), dict):
-        return {}, "details rank.modules must be an object"
-    reason = _check_histograms(value.get(LABEL_HISTOGRAM, {}))
+    reason = _check_rank(value.get("rank", {}))
+    if reason is None and LABEL_HISTOGRAM in value:
+        reason = _check_histograms(value[LABEL_HISTOGRAM], num_labels)
     return (value, None) if reason is None else ({}, reason)
 
 
-def _check_histograms(hists: object) -> str | None:
-    """A site's opted-in label histograms: ``{train|validation|test: [count, ...]}``, counts whole and >= 0."""
-    if not isinstance(hists, dict) or set(hists) - {"train", "validation", "test"}:
-        return f"details '{LABEL_HISTOGRAM}' must map train / validation / test to label counts"
+def _check_rank(rank: object) -> str | None:
+    """A rank block the summary, table and plots can read: ``records.Rank``'s shape, numbers in bounds."""
+    try:
+        parsed = Rank.from_json(rank, "details rank")
+    except RecordError as err:
+        return truncate(str(err), 160)
+    values = {k: getattr(parsed, k) for k in RANK_BOUNDS}
+    values.update(
+        {f"modules.{n}.{k}": getattr(m, k) for n, m in parsed.modules.items() for k in ("effective", "entropy")}
+    )
+    for name, v in values.items():
+        if v is None or (isinstance(rank, dict) and name in RANK_BOUNDS and name not in rank):
+            continue  # absent (a site that withholds it, or no private level)
+        reason = out_of_bounds(f"details rank.{name}", v, RANK_BOUNDS.get(name.rpartition(".")[2]))
+        if reason is not None:
+            return truncate(reason, 160)
+    for n, m in parsed.modules.items():
+        if any(not 0.0 <= s <= MAX_SINGULAR_VALUE for s in m.singular_values):
+            return truncate(f"details rank.modules.{n}.singular_values must lie in [0, {MAX_SINGULAR_VALUE:g}]", 160)
+    return None
+
+
+def _check_histograms(hists: object, num_labels: int | None) -> str | None:
+    """A site's opted-in label histograms: ``train`` and ``test`` (``validation`` optional), each a list
+    of one whole count >= 0 per label: ``num_labels`` when known, else the same length in every split."""
+    what = f"details '{LABEL_HISTOGRAM}'"
+    if (
+        not isinstance(hists, dict)
+        or set(hists) - {"train", "validation", "test"}
+        or not {"train", "test"} <= set(hists)
+    ):
+        return f"{what} must map train and test (and optionally validation) to label counts"
+    lengths = set()
     for counts in hists.values():
-        if not isinstance(counts, list) or len(counts) > MAX_HISTOGRAM_LABELS:
-            return f"details '{LABEL_HISTOGRAM}' entries must be lists of at most {MAX_HISTOGRAM_LABELS} counts"
-        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
-            return f"details '{LABEL_HISTOGRAM}' counts must be whole numbers >= 0"
+        if not isinstance(counts, list) or not 0 < len(counts) <= MAX_HISTOGRAM_LABELS:
+            return f"{what} entries must be lists of 1 to {MAX_HISTOGRAM_LABELS} counts"
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_COUNT for c in counts):
+            return f"{what} counts must be whole numbers in [0, {MAX_COUNT}]"
+        lengths.add(len(counts))
+    if len(lengths) > 1 or (num_labels is not None and lengths != {num_labels}):
+        expected = f"{num_labels}" if num_labels is not None else "the same number of"
+        return f"{what} must hold {expected} counts per split (one per label), got lengths {sorted(lengths)}"
     return None
 
 
 # ------------------------------------------------------------------------- update norms
+AUTO = AUTO_NORM  # federation.max_update_norm: scaled to the run (auto_update_norm)
+# The measured honest update norm the auto bound is scaled from: `python -m benchmarks.update_norm` on
+# the default setting (MiniLM-L6, Rotten Tomatoes, 8 clients, AdamW lr 0.002, 5 local steps, 74,498
+# common parameters): largest over clients and rounds 1-2, HOMLoRA 1.96 (PF2LoRA 1.63).
+REFERENCE_NORM, REFERENCE_LR, REFERENCE_STEPS, REFERENCE_PARAMS = 1.96, 0.002, 5, 74_498
+AUTO_HEADROOM = 5.0
+
+
+def auto_update_norm(lr: float, local_steps: int, common_params: int) -> float:
+    """The auto bound on ``||update||_2``: ``HEADROOM * n_ref * (lr K sqrt(P)) / (lr_ref K_ref sqrt(P_ref))``.
+
+    AdamW moves every coordinate by about ``lr`` per step, so an honest update's norm grows like
+    ``lr * K * sqrt(P)`` (K local steps, P common parameters); the bound is the measured honest norm
+    ``n_ref`` scaled to this run, with 5x headroom (10 at the reference setting, 9.8 exactly).
+    """
+    scale = (lr * local_steps * math.sqrt(common_params)) / (
+        REFERENCE_LR * REFERENCE_STEPS * math.sqrt(REFERENCE_PARAMS)
+    )
+    return AUTO_HEADROOM * REFERENCE_NORM * scale
+
+
+def resolved_federation(fed: FederationConfig, lr: float, local_steps: int, common_params: int) -> FederationConfig:
+    """``fed`` with ``max_update_norm=auto`` replaced by the number it means for this run."""
+    if fed.max_update_norm != AUTO:
+        return fed
+    return dataclasses.replace(fed, max_update_norm=auto_update_norm(lr, local_steps, common_params))
+
+
 def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``a`` zero-padded (never cropped) to ``shape`` (same number of dimensions), as float64."""
     out = np.zeros(shape, np.float64)

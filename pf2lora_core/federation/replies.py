@@ -10,6 +10,7 @@ reply always gets the same answer and each rule is testable on a dict.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from pf2lora_core.config.keys import (
     NUM_EXAMPLES,
     NUM_VALIDATION,
     TRAIN_LOSS,
+    UPDATE_NORM,
 )
 from pf2lora_core.config.schema import FederationConfig
 from pf2lora_core.federation.checks import (
@@ -44,9 +46,11 @@ from pf2lora_core.federation.checks import (
 )
 from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
 from pf2lora_core.federation.protocol import CLIENT_KEY, DETAILS_KEY, split_metrics
+from pf2lora_core.run.records import out_of_bounds
 
 log = logging.getLogger("pf2lora.server")
 TRAIN, EVALUATE = "train", "evaluate"
+VALIDATION_PHASE = "validation"  # an evaluate reply's num-validation, bounded like its num-examples
 TRAIN_REQUIRED = (CLIENT_KEY, NUM_EXAMPLES, TRAIN_LOSS)
 # an evaluate reply's plain keys (the rest are <block>.<metric>)
 EVAL_SCALARS = frozenset({CLIENT_KEY, NUM_EXAMPLES, NUM_VALIDATION, COMPUTE_SECONDS})
@@ -98,7 +102,13 @@ class ReplyLimits:
 
     @classmethod
     def of(cls, fed: FederationConfig) -> ReplyLimits:
-        return cls(fed.max_update_norm, fed.update_norm_action, fed.max_num_examples, fed.num_examples_mismatch)
+        norm = fed.max_update_norm
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)):
+            raise ValueError(
+                f"federation.max_update_norm={norm!r}: resolve it to a number for the run first "
+                "(pf2lora_core.federation.checks.resolved_federation)"
+            )
+        return cls(float(norm), fed.update_norm_action, fed.max_num_examples, fed.num_examples_mismatch)
 
 
 class ReplyChecker:
@@ -113,8 +123,10 @@ class ReplyChecker:
     check_uplink : callable
         The algorithm's structural check of a common-level uplink: ``(expected, declared) -> reason or None``.
     known_examples : mapping
-        Client -> (train, test) sizes the server knows (simulation); empty in deployment, where the
-        first value each client declares bounds its later ones.
+        Client -> (train, test[, validation]) sizes the server knows (simulation); empty in
+        deployment, where the first value each client declares bounds its later ones.
+    num_labels : int, optional
+        The classification head's size: a shared label histogram must have one count per label.
     pooled_training : bool
         The centralized reference: one node trains on every client's data (its weight is their sum).
     """
@@ -124,14 +136,16 @@ class ReplyChecker:
         limits: ReplyLimits,
         metric: str,
         check_uplink: Callable[[Mapping[str, Spec], Mapping[str, Spec]], str | None],
-        known_examples: Mapping[int, tuple[int, int]] | None = None,
+        known_examples: Mapping[int, tuple[int, ...]] | None = None,
         pooled_training: bool = False,
+        num_labels: int | None = None,
     ) -> None:
         self.limits = limits
         self.metric = metric
         self.check_uplink = check_uplink
         self.known_examples = dict(known_examples or {})
         self.pooled_training = pooled_training
+        self.num_labels = num_labels
         self.declared: dict[tuple[str, int], float] = {}
 
     # ---------------------------------------------------------------------------- train
@@ -159,7 +173,7 @@ class ReplyChecker:
                 f"{sorted(reply.arrays)} / {sorted(reply.metrics)}"
             )
         client, metrics = self._client_metrics(reply, expected_client)
-        reason = check_required(metrics, TRAIN_REQUIRED) or check_scalars(metrics)
+        reason = check_required(metrics, TRAIN_REQUIRED) or check_scalars(metrics) or check_bounds(metrics)
         if reason is not None:
             raise ReplyRejectedError(reason)
         if sent is None:
@@ -181,8 +195,9 @@ class ReplyChecker:
         reason = check_values(decoded)
         if reason is not None:
             raise ReplyRejectedError(reason)
-        bounded = self.bounded(client, decoded, sent, fresh)
-        return TrainReply(client, bounded, weight, {k: float(v) for k, v in metrics.items()})
+        bounded, norm = self.bounded(client, decoded, sent, fresh)
+        # the server's own measure of the update, recorded in every mode (the client cannot set it)
+        return TrainReply(client, bounded, weight, {**{k: float(v) for k, v in metrics.items()}, UPDATE_NORM: norm})
 
     def bounded(
         self,
@@ -190,20 +205,19 @@ class ReplyChecker:
         decoded: dict[str, np.ndarray],
         sent: Mapping[str, np.ndarray],
         fresh: Mapping[str, np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        """``decoded`` within ``max_update_norm`` of what it updates (``update_reference``): clipped or rejected."""
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """``decoded`` within ``max_update_norm`` of what it updates (``update_reference``): clipped or
+        rejected; and its norm as received (measured whether or not a bound is set)."""
         cap = self.limits.max_update_norm
-        if cap <= 0:
-            return decoded
         reference = update_reference(decoded, sent, fresh)
         norm = update_norm(decoded, reference)
-        if norm <= cap:
-            return decoded
+        if cap <= 0 or norm <= cap:
+            return decoded, norm
         why = f"update norm {norm:.4g} exceeds federation.max_update_norm={cap:.4g}"
         if self.limits.update_norm_action != "clip":
             raise ReplyRejectedError(why)
         log.warning("client %d: %s; clipped to it", client, why)
-        return clip_update(decoded, reference, cap)
+        return clip_update(decoded, reference, cap), norm
 
     # ---------------------------------------------------------------------------- evaluate
     def evaluate(
@@ -223,9 +237,11 @@ class ReplyChecker:
                 f"{sorted(reply.arrays)}, metrics {sorted(reply.metrics)}, configs {sorted(configs)}"
             )
         client, metrics = self._client_metrics(reply, expected_client)
-        reason = check_eval_metrics(
-            metrics, self.metric, EVAL_BLOCKS, EVAL_REQUIRED_BLOCKS, EVAL_METRIC_NAMES, EVAL_SCALARS
-        ) or check_required(metrics, (NUM_EXAMPLES,))
+        reason = (
+            check_eval_metrics(metrics, self.metric, EVAL_BLOCKS, EVAL_REQUIRED_BLOCKS, EVAL_METRIC_NAMES, EVAL_SCALARS)
+            or check_required(metrics, (NUM_EXAMPLES,))
+            or check_bounds(metrics, allow_nan=True)
+        )
         if reason is not None:
             raise ReplyRejectedError(reason)
         if not was_sent:
@@ -236,9 +252,7 @@ class ReplyChecker:
         weight = self.weight(EVALUATE, client, metrics[NUM_EXAMPLES])
         validation = metrics.get(NUM_VALIDATION, 0)  # weights the validation means only; optional
         if validation:
-            validation, reason = check_num_examples(validation, None, self.limits.max_num_examples, "reject")
-            if reason is not None:
-                raise ReplyRejectedError(reason.replace(f"'{NUM_EXAMPLES}'", f"'{NUM_VALIDATION}'"))
+            validation = self.weight(VALIDATION_PHASE, client, validation)
         flat = {k: float(v) for k, v in metrics.items() if k != CLIENT_KEY}
         entry = split_metrics({**flat, NUM_EXAMPLES: int(weight), NUM_VALIDATION: int(validation)})
         entry["rank"] = details.get("rank", {})
@@ -246,11 +260,10 @@ class ReplyChecker:
             entry[LABEL_HISTOGRAM] = details[LABEL_HISTOGRAM]
         return EvaluateReply(client, entry)
 
-    @staticmethod
-    def _details(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _details(self, record: Mapping[str, Any] | None) -> dict[str, Any]:
         if record is not None and set(record) - {DETAILS_KEY}:
             raise ReplyRejectedError(f"ConfigRecord '{DETAILS_KEY}' holds keys other than '{DETAILS_KEY}'")
-        details, reason = parse_details(record.get(DETAILS_KEY) if record is not None else None)
+        details, reason = parse_details(record.get(DETAILS_KEY) if record is not None else None, self.num_labels)
         if reason is not None:
             raise ReplyRejectedError(reason)
         return details
@@ -274,22 +287,55 @@ class ReplyChecker:
         reference: every partition), else by what the client declared first (deployment).
         """
         sizes = self.known_examples
+        index = {TRAIN: 0, EVALUATE: 1, VALIDATION_PHASE: 2}[phase]
         if sizes and phase == TRAIN and self.pooled_training:
-            known: float | None = sum(train for train, _ in sizes.values())
-        elif sizes:
-            known = sizes[client][0 if phase == TRAIN else 1] if client in sizes else None
-        else:
+            known: float | None = sum(s[0] for s in sizes.values())
+        elif sizes and client in sizes and len(sizes[client]) > index:
+            known = sizes[client][index]
+        else:  # deployment (or a size the server was not told): the client's first declaration bounds the rest
             known = self.declared.get((phase, client))
         weight, reason = check_num_examples(
             value, known, self.limits.max_num_examples, self.limits.num_examples_mismatch
         )  # fmt: skip
         if reason is not None:
-            raise ReplyRejectedError(reason)
+            raise ReplyRejectedError(
+                reason if phase != VALIDATION_PHASE else reason.replace(NUM_EXAMPLES, NUM_VALIDATION)
+            )
         if weight != value:
-            log.warning("%s reply of client %d: num-examples %s clipped to %g", phase, client, value, weight)
-        if not sizes:
-            self.declared.setdefault((phase, client), weight)
+            log.warning("%s reply of client %d: %s %s clipped to %g", phase, client, _count_key(phase), value, weight)
+        self.declared.setdefault((phase, client), weight)
         return weight
+
+
+def _count_key(phase: str) -> str:
+    return NUM_VALIDATION if phase == VALIDATION_PHASE else NUM_EXAMPLES
+
+
+def check_bounds(metrics: Mapping[str, Any], allow_nan: bool = False) -> str | None:
+    """Every number within its bound (``records.METRIC_BOUNDS``; ``<block>.<metric>`` by its metric).
+
+    ``allow_nan``: an evaluate reply's NaN marks a metric the algorithm cannot measure (recorded
+    as null). The counts (``num-examples``, ``num-validation``) are bounded by ``weight``."""
+    for key, value in metrics.items():
+        if key in (CLIENT_KEY, NUM_EXAMPLES, NUM_VALIDATION) or (allow_nan and math.isnan(value)):
+            continue
+        reason = out_of_bounds(key.rpartition(".")[2], float(value))
+        if reason is not None:
+            return f"metric {truncate(key, 60)}: {reason}"
+    return None
+
+
+def stale_reason(node: int, reply_to: str, sent_ids: Mapping[int, str]) -> str | None:
+    """Why a reply from ``node`` that answers message ``reply_to`` does not count this round, else None.
+
+    A reply counts only for the message this round sent to that very node: a reply replayed from an
+    earlier round, or one answering another node's message, is not this node's update."""
+    expected = sent_ids.get(node)
+    if expected is None:
+        return f"node {node} was sent no message this round"
+    if reply_to != expected:
+        return f"answers message {truncate(reply_to or '(none)', 16)}, not the one sent to node {node} this round"
+    return None
 
 
 def rejection_reason(err: Exception) -> str:

@@ -26,6 +26,7 @@ class RoundLog:
     bytes_up: int = 0
     aggregated: bool = False
     missing: list[dict[str, Any]] = field(default_factory=list)  # sampled, no reply within the timeout
+    check_s: float = 0.0  # seconds the server spent checking this round's replies
 
     def reject(self, label: str, reason: str, phase: str = "") -> dict[str, Any]:
         """Record a rejected reply (reason truncated); returns the entry."""
@@ -65,6 +66,7 @@ class RoundLog:
                 c: {**{kind: e.get(kind, {}) for kind in EVAL_KINDS}, "rank": e["rank"].get("effective")}
                 for c, e in sorted(self.evaluation.items())
             },
+            server_check_s=self.check_s,
         )
 
 

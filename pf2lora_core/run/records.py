@@ -19,13 +19,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pf2lora_core.config.keys import (
+    ACCURACY,
     BALANCED_ACCURACY,
     BASELINES,
+    BLEU,
+    COMPUTE_SECONDS,
     EVAL_KINDS,
+    EVAL_LOSS,
     FLOPS_PER_CLIENT_ROUND,
     FLOPS_PER_STEP,
     GLOBAL,
+    MCC,
+    METEOR,
+    PERPLEXITY,
     PERSONALIZED,
+    ROUGE_L,
     TRAIN_LOSS,
     VALIDATION,
     VALIDATION_GLOBAL,
@@ -33,6 +41,47 @@ from pf2lora_core.config.keys import (
 
 T = TypeVar("T")
 STATS = ("mean", "weighted_mean", "worst")  # of a metric over clients (run_dir.aggregate_metric)
+
+# ---------------------------------------------------------------------------- bounds
+# The range of every number a run records (docs/DESIGN.md, "Bounds"). A reply holding a
+# value outside it is rejected where it enters the server (federation.replies), so nothing in
+# metrics.jsonl, summary.json, a table or a plot is beyond these, and no mean over clients can
+# overflow: with at most 10M examples per client, a weighted sum stays below 1e7 x 1e18.
+MAX_LOSS = 1e4  # nats per example / token; a uniform guess over a 50k vocabulary is 10.8
+MAX_PERPLEXITY = 1e30  # exp of a mean token loss of 69: a diverged model still reports a number
+MAX_SECONDS = 1e6  # one message's compute (11.6 days)
+MAX_RANK = 1e5  # a learned rank (threshold or entropy): far above any adapter's r + r~
+MAX_SINGULAR_VALUE = 1e12
+ANY_NUMBER = (-1e18, 1e18)  # a metric without a bound of its own (counts, FLOPs): finite, overflow-free
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    ACCURACY: (0.0, 1.0),
+    BALANCED_ACCURACY: (0.0, 1.0),
+    MCC: (-1.0, 1.0),
+    BLEU: (0.0, 100.0),  # generation metrics are on 0-100 (training.generation_metrics)
+    ROUGE_L: (0.0, 100.0),
+    METEOR: (0.0, 100.0),
+    EVAL_LOSS: (0.0, MAX_LOSS),
+    TRAIN_LOSS: (0.0, MAX_LOSS),
+    PERPLEXITY: (1.0, MAX_PERPLEXITY),
+    COMPUTE_SECONDS: (0.0, MAX_SECONDS),
+}
+RANK_BOUNDS = {"effective": (0.0, MAX_RANK), "entropy": (0.0, MAX_RANK), "private_energy": (0.0, 1.0)}
+
+
+def bound_of(name: str) -> tuple[float, float]:
+    """The range of metric ``name`` (``ANY_NUMBER`` for one without a bound of its own)."""
+    return METRIC_BOUNDS.get(name, ANY_NUMBER)
+
+
+def out_of_bounds(name: str, value: float, bounds: tuple[float, float] | None = None) -> str | None:
+    """Why ``value`` may not be recorded as ``name`` (not finite, or outside its bound), else None."""
+    low, high = bounds or bound_of(name)
+    if not math.isfinite(value):
+        return f"{name} must be finite, got {value!r}"
+    slack = 1e-9 * max(1.0, abs(low), abs(high))  # float rounding of a mean of per-example scores
+    if not low - slack <= value <= high + slack:
+        return f"{name} {value:.6g} is outside [{low:g}, {high:g}]"
+    return None
 
 
 class RecordError(ValueError):
@@ -189,7 +238,7 @@ class ModuleRank:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> ModuleRank:
         obj = _mapping(obj, where)
-        values = _list(obj.get("singular_values") or [], f"{where}.singular_values")
+        values = _list(obj.get("singular_values", []), f"{where}.singular_values")
         return cls(
             effective=_num(obj.get("effective"), f"{where}.effective"),
             entropy=_num(obj.get("entropy"), f"{where}.entropy"),
@@ -215,8 +264,8 @@ class Rank:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> Rank:
-        obj = _mapping(obj or {}, where)
-        modules = _mapping(obj.get("modules") or {}, f"{where}.modules")
+        obj = _mapping({} if obj is None else obj, where)
+        modules = _mapping({} if obj.get("modules") is None else obj["modules"], f"{where}.modules")
         return cls(
             effective=_num(obj.get("effective"), f"{where}.effective"),
             entropy=_num(obj.get("entropy"), f"{where}.entropy"),
@@ -493,6 +542,7 @@ class RoundRecord:
     client_compute_s: float  # the clients' own work this round (train + evaluate)
     kinds: dict[str, Aggregate] = field(default_factory=dict)  # empty: the round was not evaluated
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> its results, "rank"
+    server_check_s: float = 0.0  # the server's checks of this round's replies (decode, bounds, norms)
 
     @property
     def evaluated(self) -> bool:
@@ -525,6 +575,7 @@ class RoundRecord:
             clients={
                 _int_key(c, f"{where}.clients"): dict(_mapping(v, f"{where}.clients.{c}")) for c, v in clients.items()
             },
+            server_check_s=_num(obj.get("server_check_s", 0.0), f"{where}.server_check_s"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -542,6 +593,8 @@ class RoundRecord:
             "train": {str(c): _metrics_json(m) for c, m in sorted(self.train.items())},
             "client_compute_s": json_number(self.client_compute_s),
         }
+        if self.server_check_s:
+            out["server_check_s"] = json_number(self.server_check_s)
         if self.kinds:
             out.update({kind: agg.to_json() for kind, agg in self.kinds.items()})
             out["clients"] = {str(c): v for c, v in sorted(self.clients.items())}

@@ -88,7 +88,9 @@ def majority_baselines(
     histogram (the pooled majority is unknown otherwise), so it is None everywhere then.
     """
     known = [h for h in label_hists if h is not None]
-    complete = bool(label_hists) and len(known) == len(label_hists)
+    # pooled only where every client's train histogram is known and all have one length (the checks
+    # on replies hold a site's histogram to the head's size; this keeps the summary total anyway)
+    complete = bool(label_hists) and len(known) == len(label_hists) and len({len(h[TRAIN]) for h in known}) == 1
     g = int(np.argmax(np.sum([np.asarray(h[TRAIN]) for h in known], axis=0))) if complete else None
     out: list[dict[str, dict[str, float] | None] | None] = []
     for h in label_hists:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from pf2lora_core.algorithms import HOMLoRA, LoRAParams
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.config.schema import FederationConfig
 from pf2lora_core.federation.protocol import CLIENT_KEY
 from pf2lora_core.run.run_dir import RunDir, new_run_dir
 from server_app.strategy import CommonAdapterFedAvg, RoundLog, RoundPlan
@@ -25,6 +28,15 @@ SENT = {"a.lora_A.common.weight": np.zeros((2, 3), np.float32), "b": np.zeros(4,
 @dataclass
 class _Meta:
     src_node_id: int
+    reply_to_message_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.reply_to_message_id = self.reply_to_message_id or message_id(self.src_node_id)
+
+
+def message_id(node: int) -> str:
+    """The id of the message the strategy sent to ``node`` this round (what Grid.push_messages assigns)."""
+    return f"msg-{node}"
 
 
 @dataclass
@@ -61,16 +73,23 @@ def good(node: int, value: float, n: float = 10) -> FakeMsg:
     return reply(node, {k: np.full(v.shape, value, np.float32) for k, v in SENT.items()}, n)
 
 
+@functools.cache
+def federation(min_clients: int, max_norm: float) -> FederationConfig:
+    """The federation section, composed once per setting (Hydra takes 0.3 s; the fuzz suite builds hundreds)."""
+    return load(["federation.num_clients=4", f"federation.min_train_clients={min_clients}",
+                 f"federation.max_update_norm={max_norm}"]).federation  # fmt: skip
+
+
 def strategy(tmp_path: Path, min_clients: int = 1, max_norm: float = 0.0) -> CommonAdapterFedAvg:
     algo = HOMLoRA(LoRAParams(name="homlora", rank=2, lora_alpha=2.0, lr=1e-3, weight_decay=0.0))
-    fed = load(["federation.num_clients=4", f"federation.min_train_clients={min_clients}",
-                f"federation.max_update_norm={max_norm}"]).federation  # fmt: skip
+    fed = federation(min_clients, max_norm)
     s = CommonAdapterFedAvg(
         algorithm=algo, run=RunDir(new_run_dir(str(tmp_path), "t")), federation=fed, plan=RoundPlan(num_rounds=1)
     )
     s.current = RoundLog(round=1)
     s.start_state({k: torch.from_numpy(v) for k, v in SENT.items()}, {node: node for node in NODES})
     s.sent = {node: dict(SENT) for node in NODES}  # what configure_train recorded as sent
+    s.outbox = {node: SimpleNamespace(metadata=SimpleNamespace(message_id=message_id(node))) for node in NODES}
     return s
 
 
