@@ -11,10 +11,12 @@ every message starts a fresh ClientApp process, and the identity query must not 
 imports on every node.
 
 The received config is the server's *request*. Before any work it is checked against this node's
-own policy (``pf2lora_core.federation.node_policy``, from the node config): no interpolation is resolved, a
-request outside policy is refused naming the rule, and on a site the data, state and cache
-directories are the node's, never the server's. Every handler catches its own errors: details go
-to this SuperNode's log only; the reply carries an error code and a message without data values.
+own policy (``pf2lora_core.federation.node_policy``, from the node config): the text is read as
+bounded, plain data (``pf2lora_core.federation.received_config``: no alias, tag or interpolation,
+nothing resolved), a request outside policy is refused naming the rule, and on a site the data,
+state and cache directories are the node's, never the server's. Every handler catches its own
+errors: details go to this SuperNode's log only; the reply carries an error code and words chosen
+by this code, never an exception's type or text.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from pf2lora_core.federation.node_policy import (
     check_uplink,
     is_site,
     localize,
-    reject_interpolation,
 )
 from pf2lora_core.federation.protocol import (
     CLIENT_KEY,
@@ -59,9 +60,12 @@ from pf2lora_core.federation.protocol import (
     encode_details,
     flatten_eval,
 )
+from pf2lora_core.federation.received_config import parse_received_config
 from pf2lora_core.run.console import quiet_libraries, stream_handler
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from pf2lora_core.federation.client_runtime import ClientRuntime
     from pf2lora_core.federation.private_store import PrivateState, PrivateStore
 
@@ -70,6 +74,8 @@ log = logging.getLogger("pf2lora.client")
 STATE_DIR_NODE_KEY = STATE_DIR  # node config: where this SuperNode keeps private adapters
 ALLOW_FRESH_NODE_KEY = ALLOW_FRESH_PRIVATE  # node config: a lost private level may start afresh
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
+# the whole reason a failed client gives; which handler failed is the only variable part
+FAILED_REASON = "the client failed on {handler}; the details are in that SuperNode's log"
 
 
 def _setup_logging() -> None:
@@ -84,7 +90,9 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
     """Run a handler; a failure is logged here in full and answered with a code and a data-free reason.
 
     Flower would send ``str(exception)`` to the server, and exception messages may quote data
-    (a column name, a label value, an environment variable resolved into the config).
+    (a column name, a label value, an environment variable resolved into the config). Even an
+    exception's type says something (a KeyError vs a ValueError tells whether a key parsed), so
+    the reply carries a ``PolicyError``'s own text (composed by our code) or fixed words.
     """
 
     @functools.wraps(handler)
@@ -92,12 +100,13 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
         _setup_logging()
         try:
             return handler(msg, context)
-        except PolicyError as err:  # our own text: rule names and numbers only
-            log.warning("%s", err)
+        except PolicyError as err:  # our own text: rule names, numbers, the server's own key paths
+            cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+            log.warning("%s%s", err, cause)  # the parser's detail stays in this log
             return Message(Error(code=POLICY_REFUSED, reason=str(err)), reply_to=msg)
-        except Exception as err:
+        except Exception:
             log.exception("client failed on %s", msg.metadata.message_type)
-            reason = f"{type(err).__name__} on the client; details are in that SuperNode's log"
+            reason = FAILED_REASON.format(handler=handler.__name__)
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
 
     return run
@@ -112,14 +121,17 @@ def request(msg: Message, context: Context) -> tuple[NodePolicy, str, bool]:
     from omegaconf import OmegaConf
 
     policy = NodePolicy.from_node_config(context.node_config)
-    text = str(msg.content["config"][CONFIG_YAML_KEY])
-    reject_interpolation(text)
-    cfg = OmegaConf.create(text)
+    cfg = received(msg)
     check_request(policy, cfg)
     local, ignored = localize(policy, cfg)
     if ignored:
         log.info("site data: training on this node's data-path only; the server's %s ignored", ", ".join(ignored))
     return policy, OmegaConf.to_yaml(local), is_site(policy, cfg)
+
+
+def received(msg: Message) -> DictConfig:
+    """The server's config of this message as plain data (``ConfigRejectedError`` names what is wrong with it)."""
+    return parse_received_config(str(msg.content["config"][CONFIG_YAML_KEY]))
 
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, int, PrivateStore, NodePolicy, bool]:
@@ -218,12 +230,9 @@ def query(msg: Message, context: Context) -> Message:
 
     Reads only ``federation.num_clients`` of the resolved config (no torch import: this is cheap).
     """
-    from omegaconf import OmegaConf
-
-    text = str(msg.content["config"][CONFIG_YAML_KEY])
-    reject_interpolation(text)
+    cfg = received(msg)
     NodePolicy.from_node_config(context.node_config)  # a malformed node config fails at once, not in round 1
-    num_clients = int(OmegaConf.create(text).federation.num_clients)
+    num_clients = int(cfg.federation.num_clients)
     client = _client_id(context, num_clients)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord({CLIENT_KEY: client})}), reply_to=msg)
 

@@ -121,7 +121,11 @@ def parse(cfg: DictConfig) -> Experiment:
 
 
 def from_yaml(text: str) -> Experiment:
-    """Rebuild an Experiment from a resolved ``config.yaml`` (what the server sends clients)."""
+    """Rebuild an Experiment from a ``config.yaml`` this process trusts (its own run directory).
+
+    Text received from another process (the config a client gets from the server) is read with
+    ``federation.received_config.parse_received_config`` instead: this resolves interpolations.
+    """
     return parse(OmegaConf.create(text))
 
 

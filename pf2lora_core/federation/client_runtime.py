@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pf2lora_core import data
 from pf2lora_core.algorithms import LocalContext
-from pf2lora_core.config.experiment import Experiment, from_yaml
+from pf2lora_core.config.experiment import Experiment, parse
 from pf2lora_core.config.keys import (
     BATCHES_SEEN,
     COMMON,
@@ -38,6 +38,7 @@ from pf2lora_core.config.keys import (
 )
 from pf2lora_core.data.columns import TEST
 from pf2lora_core.data.site import config_label_names, site_split
+from pf2lora_core.federation.received_config import parse_received_config
 from pf2lora_core.training.adapters import TwoLevelModel
 from pf2lora_core.training.cost import count_flops
 from pf2lora_core.training.models import load_model
@@ -282,8 +283,12 @@ def wire_state(state: StateDict) -> StateDict:
 
 @functools.lru_cache(maxsize=2)
 def experiment_for(config_yaml: str) -> Experiment:
-    """The parsed experiment of a resolved config (parsed once per process)."""
-    return from_yaml(config_yaml)
+    """The parsed experiment of a received, resolved config (parsed once per process).
+
+    Read as plain data (``received_config``): whatever the text holds, nothing in it is resolved
+    on this client, not even a ``${...}`` that reached it through a YAML escape.
+    """
+    return parse(parse_received_config(config_yaml))
 
 
 @functools.lru_cache(maxsize=2)

@@ -49,14 +49,13 @@ CLIENT_FAILED = 4002  # the client failed; details only in the SuperNode's own l
 LABEL_HISTOGRAM = "label_histogram"  # evaluation details key: a site's label counts (share-data-stats)
 HASH_MARK = "#sha256="
 LORA_MARK = "lora_"  # peft's LoRA parameters: lora_A / lora_B (and lora_embedding_*)
-INTERPOLATION = "${"
 
 
 class PolicyError(Exception):
     """A request outside the node's policy. ``str()`` names the rule and numbers only, never data."""
 
-    def __init__(self, rule: str, message: str) -> None:
-        super().__init__(f"refused by node policy [{rule}]: {message}")
+    def __init__(self, rule: str, message: str, prefix: str = "refused by node policy") -> None:
+        super().__init__(f"{prefix} [{rule}]: {message}")
         self.rule = rule
 
 
@@ -127,16 +126,6 @@ def is_site(policy: NodePolicy, cfg: DictConfig) -> bool:
     simulation, and a SuperNode without node-config keys in a deployment is refused, not trusted.
     """
     return policy.site or str(cfg.federation.kind) == "deployment"
-
-
-def reject_interpolation(config_yaml: str) -> None:
-    """The received config is data: an OmegaConf interpolation (``${...}``) anywhere is refused unresolved.
-
-    Resolving one on the client could read the client's environment (``${oc.env:...}``) into a
-    value that is echoed back to the server.
-    """
-    if INTERPOLATION in config_yaml:
-        raise PolicyError("interpolation", "the received config contains '${'; interpolations are not resolved")
 
 
 def check_request(policy: NodePolicy, cfg: DictConfig) -> None:

@@ -26,6 +26,11 @@ import pathspec
 import psutil
 import torch
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency of flwr)
+    import tomli as tomllib
+
 from pf2lora_core.config.experiment import Experiment, load, preflight
 from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.training.runtime import simulation_gpu_problem
@@ -184,19 +189,47 @@ class LaunchError(RuntimeError):
     """The run cannot start as asked (e.g. another process holds its SuperLink port)."""
 
 
-# The files `flwr run` packs into the app's FAB (Flower's built-in include patterns, flwr 1.41:
-# flwr/common/constant.py FAB_INCLUDE_PATTERNS), unless the app's .gitignore excludes them.
+# The files `flwr run` packs into the app's FAB, selected as flwr 1.41 selects them
+# (flwr/cli/build.py build_fab_from_files): not excluded by the app's .gitignore, of a FAB type
+# (flwr/common/constant.py FAB_INCLUDE_PATTERNS), inside the app's own [tool.flwr.app] fab-include
+# and outside its fab-exclude (get_filtered_fab_paths), and outside Flower's built-in
+# FAB_EXCLUDE_PATTERNS (which drop pyproject.toml only to write it back themselves).
 FAB_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+FAB_ROOT_FILES = ("LICENSE",)
+FLOWER_FAB_EXCLUDES = (
+    ".flwr/**", "**/__pycache__/**", "pyproject.toml", "**/*_test.py", "**/test_*.py", "build/**", "eggs/**",
+    ".eggs/**", "lib/**", "lib64/**", "parts/**", "*.egg", ".venv/**", "env/**", "venv/**", "ENV/**",
+    "env.bak/**", "venv.bak/**",
+)  # fmt: skip
+FAB_INCLUDE_KEY, FAB_EXCLUDE_KEY = "fab-include", "fab-exclude"  # [tool.flwr.app] in pyproject.toml
 
 
-def fab_comma_paths(app_dir: Path) -> list[str]:
-    """Paths (relative to ``app_dir``) that Flower would pack into the FAB and that hold a comma.
+def fab_paths(app_dir: Path) -> list[str]:
+    """Paths (relative to ``app_dir``, sorted) that Flower packs into the app's FAB besides pyproject.toml."""
+    include, exclude = _app_fab_patterns(app_dir)
+    built_in = pathspec.GitIgnoreSpec.from_lines(FLOWER_FAB_EXCLUDES)
+    return [
+        rel
+        for rel in _fab_typed_files(app_dir)
+        if (include is None or include.match_file(rel))
+        and (exclude is None or not exclude.match_file(rel))
+        and not built_in.match_file(rel)
+    ]
 
-    Flower writes the FAB's manifest as ``path,sha256,bits`` lines and splits them on commas, so one
-    such file (a sweep's run directory ``a=1,b=2`` copied or committed into the app) makes every
-    ``flwr run`` fail with ``too many values to unpack``. Directories the app's ``.gitignore``
-    excludes (``outputs/``) are skipped without being walked, as Flower skips them.
-    """
+
+def _app_fab_patterns(app_dir: Path) -> tuple[pathspec.GitIgnoreSpec | None, pathspec.GitIgnoreSpec | None]:
+    """The app's own fab-include / fab-exclude patterns (None where pyproject.toml sets none)."""
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        return None, None
+    app = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {}).get("flwr", {}).get("app", {})
+    specs = [app.get(key) for key in (FAB_INCLUDE_KEY, FAB_EXCLUDE_KEY)]
+    include, exclude = (pathspec.GitIgnoreSpec.from_lines(p) if p else None for p in specs)
+    return include, exclude
+
+
+def _fab_typed_files(app_dir: Path) -> list[str]:
+    """Files of a FAB type that the app's .gitignore does not exclude; ignored directories are not walked."""
     gitignore = app_dir / ".gitignore"
     lines = gitignore.read_text(encoding="utf-8", errors="replace").splitlines() if gitignore.is_file() else []
     ignored = pathspec.GitIgnoreSpec.from_lines(lines)
@@ -209,9 +242,20 @@ def fab_comma_paths(app_dir: Path) -> list[str]:
             rel = f"{prefix}{name}"
             if (Path(root) / name).is_symlink():  # Flower packs no symlinks
                 continue
-            if "," in rel and name.endswith(FAB_SUFFIXES) and not ignored.match_file(rel):
+            typed = name.endswith(FAB_SUFFIXES) or rel in FAB_ROOT_FILES
+            if typed and not ignored.match_file(rel):
                 found.append(rel)
-    return found
+    return sorted(found)
+
+
+def fab_comma_paths(app_dir: Path) -> list[str]:
+    """Paths (relative to ``app_dir``) that Flower would pack into the FAB and that hold a comma.
+
+    Flower writes the FAB's manifest as ``path,sha256,bits`` lines and splits them on commas, so one
+    such file (a sweep's run directory ``a=1,b=2`` copied into ``conf/``, or into any folder of an
+    app without a ``fab-include``) makes every ``flwr run`` fail with ``too many values to unpack``.
+    """
+    return [rel for rel in fab_paths(app_dir) if "," in rel]
 
 
 def refuse_comma_paths(app_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pf2lora_core.tools.launch import (
     LOCAL_PORT_VARS,
     LaunchError,
     fab_comma_paths,
+    fab_paths,
     flwr_run,
     join_overrides,
     launched_processes,
@@ -135,34 +137,57 @@ def test_a_sweep_stopped_by_sigterm_stops_its_job_and_every_process_of_it(tmp_pa
         stop_launched(mark)
 
 
-def _app_with_comma_paths(root: Path) -> None:
-    """An app tree: a run directory named after overrides in a committed folder, one in an ignored one."""
-    (root / "pyproject.toml").write_text((Path(__file__).parents[2] / "pyproject.toml").read_text())
+def _app_with_comma_paths(root: Path, fab_include: bool = False) -> None:
+    """An app tree: a run directory named after overrides in a committed folder, one in an ignored one.
+
+    ``fab_include``: this project's pyproject.toml, whose fab-include packs the apps, the library
+    and conf/ only; else the same file without it (Flower's defaults, as for any app).
+    """
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    own = pyproject if fab_include else re.sub(r"(?m)^fab-include = .*\n", "", pyproject)
+    (root / "pyproject.toml").write_text(own)
     (root / ".gitignore").write_text("outputs/\n*.log\n")
     for rel in (
         "app/main.py",
-        "results/lr=0.1,seed=0/summary.json",  # packed: breaks the manifest
+        "client_app/app.py",
+        "server_app/app.py",
+        "pf2lora_core/core.py",
+        "conf/config.yaml",
+        "conf/sweep/a=1,b=2.yaml",  # packed either way
+        "results/lr=0.1,seed=0/summary.json",  # packed by Flower's defaults: breaks the manifest
         "results/lr=0.1,seed=0/metrics.jsonl",
         "results/lr=0.1,seed=0/runs.tar.gz",  # not a FAB type
         "results/lr=0.1,seed=0/job.log",  # ignored by pattern
         "outputs/lr=0.1,seed=0/summary.json",  # ignored directory
         "docs/a,b.md",
+        "tests/test_x.py",  # Flower's built-in exclusion
     ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("{}")
 
 
-def test_comma_paths_flower_would_pack_are_found_as_flower_selects_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fab_include", "expected"),
+    [
+        (False, ["conf/sweep/a=1,b=2.yaml", "docs/a,b.md", "results/lr=0.1,seed=0/metrics.jsonl",
+                 "results/lr=0.1,seed=0/summary.json"]),
+        (True, ["conf/sweep/a=1,b=2.yaml"]),
+    ],
+)  # fmt: skip
+def test_comma_paths_flower_would_pack_are_found_as_flower_selects_them(
+    tmp_path: Path, fab_include: bool, expected: list[str]
+) -> None:
     import tomllib
     from flwr.cli.build import get_filtered_fab_paths
     from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-    _app_with_comma_paths(tmp_path)
+    _app_with_comma_paths(tmp_path, fab_include)
     config = tomllib.loads((tmp_path / "pyproject.toml").read_text())
     packed = get_filtered_fab_paths(filter_paths_for_publish(collect_files(tmp_path)), config)
+    assert fab_paths(tmp_path) == sorted(packed)
     oracle = sorted(p for p in packed if "," in p)
-    assert oracle == ["docs/a,b.md", "results/lr=0.1,seed=0/metrics.jsonl", "results/lr=0.1,seed=0/summary.json"]
-    assert sorted(fab_comma_paths(tmp_path)) == oracle
+    assert oracle == expected
+    assert fab_comma_paths(tmp_path) == oracle
     assert fab_comma_paths(Path(__file__).parents[2]) == []  # this checkout packs cleanly
 
 
