@@ -167,10 +167,11 @@ class ReplyChecker:
         """
         if reply.error is not None:
             raise ReplyRejectedError(f"client error: {reply.error}")
-        if set(reply.arrays) != {ARRAYS_KEY} or set(reply.metrics) != {METRICS_KEY}:
+        if set(reply.arrays) != {ARRAYS_KEY} or set(reply.metrics) != {METRICS_KEY} or reply.configs:
             raise ReplyRejectedError(
-                f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord '{METRICS_KEY}', got "
-                f"{sorted(reply.arrays)} / {sorted(reply.metrics)}"
+                f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord '{METRICS_KEY}' (no ConfigRecord), "
+                f"got {truncate(str(sorted(reply.arrays)), 80)} / {truncate(str(sorted(reply.metrics)), 80)} / "
+                f"{truncate(str(sorted(reply.configs)), 80)}"
             )
         client, metrics = self._client_metrics(reply, expected_client)
         reason = check_required(metrics, TRAIN_REQUIRED) or check_scalars(metrics) or check_bounds(metrics)

@@ -170,3 +170,43 @@ def test_round_without_evaluation_logs_so(tmp_path: Path, caplog: pytest.LogCapt
         s.aggregate_evaluate(1, [])
     line = next(r.getMessage() for r in caplog.records if "done in" in r.getMessage())
     assert "not evaluated" in line and "nan" not in line and "train loss 0.5000" in line
+
+
+def test_a_replayed_or_cross_node_reply_counts_for_nothing(tmp_path: Path) -> None:
+    """A reply counts only for the message this round sent to its own node (issue 27, invariant d)."""
+    s = strategy(tmp_path)
+    stale, cross = good(5, 9.0), good(5, 9.0)
+    stale.metadata = _Meta(5, "msg-from-round-0")  # a reply to an earlier round's message, arriving again
+    cross.metadata = _Meta(5, message_id(1))  # node 5 answering the message sent to node 1
+    arrays, _ = s.aggregate_train(1, [good(1, 1.0), stale, cross])
+    assert all(np.allclose(a, 1.0) for a in arrays.to_numpy_ndarrays())
+    reasons = [r["reason"] for r in s.current.rejected]
+    assert len(reasons) == 2 and all("not the one sent to node 5 this round" in r for r in reasons), reasons
+
+
+def test_every_accepted_update_has_its_norm_measured_without_a_bound(tmp_path: Path) -> None:
+    s = strategy(tmp_path, max_norm=0.0)  # no bound: still measured and recorded
+    s.aggregate_train(1, [good(1, 1.0), good(2, 3.0)])
+    # ||ones - zeros|| over 6 + 4 entries, and 3 x that
+    assert s.current.train[1]["update_norm"] == pytest.approx(10**0.5)
+    assert s.current.train[2]["update_norm"] == pytest.approx(3 * 10**0.5)
+
+
+def test_a_train_reply_with_a_config_record_is_refused(tmp_path: Path) -> None:
+    """Config records were never checked in train replies: with auditing on, any size reached the disk."""
+    from flwr.app import ConfigRecord
+
+    s = strategy(tmp_path)
+    ok = {k: np.ones(v.shape, np.float32) for k, v in SENT.items()}
+    s.aggregate_train(1, [good(1, 1.0), reply(5, ok, big=ConfigRecord({"x": "y" * 1000}))])
+    assert "no ConfigRecord" in s.current.rejected[0]["reason"] and 5 not in s.current.train
+
+
+def test_auto_update_norm_is_the_measured_honest_norm_scaled_to_the_run() -> None:
+    from pf2lora_core.federation.checks import auto_update_norm, resolved_federation
+
+    assert auto_update_norm(0.002, 5, 74_498) == pytest.approx(5 * 1.96)  # the reference setting
+    assert auto_update_norm(0.004, 10, 4 * 74_498) == pytest.approx(5 * 1.96 * 2 * 2 * 2)  # lr, K, sqrt(P)
+    fed = load(["federation.max_update_norm=auto"]).federation
+    assert resolved_federation(fed, 0.002, 5, 74_498).max_update_norm == pytest.approx(9.8)
+    assert resolved_federation(federation(1, 3.0), 0.002, 5, 74_498).max_update_norm == 3.0  # a number stays

@@ -95,3 +95,15 @@ def test_a_torn_last_metrics_line_is_skipped_a_torn_middle_line_is_not(tmp_path:
         read_metrics(path)
     with pytest.raises(RecordError, match="client key 'x'"):
         RoundRecord.from_json({"round": 1, "train": {"x": {}}})
+
+
+def test_every_evaluated_metric_has_its_own_bound() -> None:
+    """A metric added to the allow-list must say its range (records.METRIC_BOUNDS), or replies carrying
+    it would only be held to ANY_NUMBER."""
+    from pf2lora_core.config.keys import EVAL_METRIC_NAMES, TRAIN_LOSS
+    from pf2lora_core.run.records import METRIC_BOUNDS, out_of_bounds
+
+    assert EVAL_METRIC_NAMES | {TRAIN_LOSS} <= set(METRIC_BOUNDS)
+    assert out_of_bounds("accuracy", 1.0 + 1e-12) is None  # a mean of per-example scores may round up
+    assert "outside [0, 1]" in (out_of_bounds("accuracy", 1e300) or "")
+    assert "finite" in (out_of_bounds("train_loss", math.inf) or "")
