@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pf2lora_core.config.experiment import load
-from pf2lora_core.federation.checks import update_norm, update_reference
+from pf2lora_core.federation.checks import auto_update_norm, update_norm, update_reference
 from pf2lora_core.federation.client_runtime import ClientRuntime
 
 
@@ -41,7 +41,9 @@ def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[floa
             ups.append(out.common), weights.append(float(out.num_examples)), clients.append(client)
         state = algo.server_update(state, ups, weights, clients)
         norms.append(row)
-        print(f"{algorithm} round {rnd}: max {max(row):.4f} median {statistics.median(row):.4f}", flush=True)
+        bound = auto_update_norm(algo.params.lr, exp.local_steps, sum(t.numel() for t in initial.values()))
+        print(f"{algorithm} round {rnd}: max {max(row):.4f} median {statistics.median(row):.4f} "
+              f"(federation.max_update_norm=auto: {bound:.4g})", flush=True)  # fmt: skip
     return norms
 
 

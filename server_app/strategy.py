@@ -159,6 +159,9 @@ class CommonAdapterFedAvg(FedAvg):
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # node id -> arrays sent this round
         self.outbox: dict[int, Message] = {}  # node id -> message sent (Flower sets its id on push)
         self.latest_eval: dict[int, dict[str, Any]] = {}
+        # the end of the run: every client (or federation.final_eval_clients) at the final common adapter
+        self.final_clients: list[int] = []  # sent the final evaluation
+        self.final_eval: dict[int, dict[str, Any]] = {}  # those that answered it: the summary's clients
         self.history: list[RoundRecord] = []
         self.query_config = ConfigRecord()  # what a node needs to answer its identity query (set by start)
         self.t0 = time.time()
@@ -395,10 +398,21 @@ class CommonAdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent, self.outbox = {}, {}
+        if server_round == self.plan.num_rounds:
+            return self._messages(self._final_clients(grid, server_round), config, server_round, MessageType.EVALUATE)
         if not self.plan.evaluates(server_round) or self.fraction_evaluate == 0:
             return []
         clients = self.nodes.sample(self.connected_clients(grid), self.fraction_evaluate, 1)
         return self._messages(clients, config, server_round, MessageType.EVALUATE)
+
+    def _final_clients(self, grid: Grid, server_round: int) -> list[int]:
+        """Every connected client (``federation.final_eval_clients`` = 0), else a seeded sample of that size."""
+        available = self.connected_clients(grid)
+        size = self.fed.final_eval_clients
+        clients = available if size == 0 or size >= len(available) else self.nodes.sample(available, 0.0, size)
+        log.info("round %d: final evaluation of %d clients at the final common adapter", server_round, len(clients))
+        self.final_clients = list(clients)
+        return clients
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         cur = self.current
@@ -430,6 +444,8 @@ class CommonAdapterFedAvg(FedAvg):
         self._log_missing(server_round, "evaluation", replied)
         cur.evaluation = dict(sorted(cur.evaluation.items()))
         self.latest_eval.update(cur.evaluation)
+        if server_round == self.plan.num_rounds:
+            self.final_eval = dict(cur.evaluation)
         record = self._record_round()
         self.checkpoint(server_round).save(self.run.path / SERVER_STATE_DIR)
         log.info(

@@ -227,6 +227,11 @@ def _check_values(c: ExperimentConfig) -> None:
     check(fed.aggregator in AGGREGATORS, "federation.aggregator", f"choose one of {list(AGGREGATORS)}")
     check(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
     check(fed.max_failed_rounds >= 1, "federation.max_failed_rounds", "must be >= 1")
+    check(
+        0 <= fed.final_eval_clients <= fed.num_clients,
+        "federation.final_eval_clients",
+        f"must be in [0, num_clients={fed.num_clients}] (0 = every client), got {fed.final_eval_clients}",
+    )
     bad_ids = sorted({v for v in fed.node_keys.values() if not 0 <= v < fed.num_clients})
     check(not bad_ids, "federation.node_keys", f"partition ids {bad_ids} outside [0, num_clients={fed.num_clients})")
     check(

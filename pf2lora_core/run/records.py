@@ -312,6 +312,7 @@ class ClientResult:
     rank: Rank = field(default_factory=Rank)
     label_histogram: Histogram | None = None  # only where the site shares it
     baselines: dict[str, dict[str, float] | None] | None = None  # client_majority / global_majority
+    rounds_trained: int | None = None  # rounds whose aggregate included this client (0: never trained)
 
     def value(self, kind: str, metric: str) -> float:
         """``results[kind][metric]``; NaN where this client has none."""
@@ -336,11 +337,14 @@ class ClientResult:
                 str(k): None if v is None else _metrics(v, f"{where}.{BASELINES}.{k}")
                 for k, v in _mapping(base, f"{where}.{BASELINES}").items()
             },
+            rounds_trained=_opt_int(obj.get("rounds_trained"), f"{where}.rounds_trained"),
         )
 
     def to_json(self) -> dict[str, Any]:
+        rounds = {} if self.rounds_trained is None else {"rounds_trained": self.rounds_trained}
         return {
             "client": self.client,
+            **rounds,
             "num_train": self.num_train,
             "num_validation": self.num_validation,
             "num_test": self.num_test,

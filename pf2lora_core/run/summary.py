@@ -143,6 +143,7 @@ def build_summary(
                 rank=Rank.from_json(e.get("rank") or {}, f"client {c}'s rank"),
                 label_histogram=None if hist is None else {s: list(v) for s, v in hist.items()},
                 baselines=baselines[c] if c < len(baselines) else None,
+                rounds_trained=sum(1 for r in history if r.aggregated and c in r.train),
             )
         )
     weights = [cl.num_test or 0 for cl in clients]
@@ -228,23 +229,26 @@ def _latest_num_train(history: Sequence[RoundRecord]) -> dict[int, int]:
 def format_client_table(summary: Summary) -> str:
     """Plain-text table: one row per client, then mean / weighted mean / worst, then the baselines.
 
-    Columns: test-split ``personalized`` and ``global``, the personalized model on ``validation``,
-    the personalized balanced accuracy (``bal.acc``) and the client's own majority-label accuracy
-    (``client maj.``) where the task is classification, then the learned rank of the client's update
-    as the scale-free entropy rank (``ent.rank``; ``rank.effective`` in summary.json is the 5%-threshold
-    count) and the private level's share of its energy (``private``; ``-`` without a private level).
+    Columns: the rounds the client trained in (``never`` for one that never did: its train size is
+    then unknown to the server, ``-``, not zero), its split sizes, test-split ``personalized`` and
+    ``global``, the personalized model on ``validation``, the personalized balanced accuracy
+    (``bal.acc``) and the client's own majority-label accuracy (``client maj.``) where the task is
+    classification, then the learned rank of the client's update as the scale-free entropy rank
+    (``ent.rank``; ``rank.effective`` in summary.json is the 5%-threshold count) and the private
+    level's share of its energy (``private``; ``-`` without a private level).
     """
     metric = summary.metric
+    left = f"{'client':>6} {'rounds':>6} {'train':>6} {'val':>4} {'test':>5}"
     head = (
-        f"{'client':>6} {'train':>6} {'val':>4} {'test':>5} {'personalized':>13} {'global':>8} "
+        f"{left} {'personalized':>13} {'global':>8} "
         f"{'validation':>10} {'bal.acc':>7} {'client maj.':>11} {'ent.rank':>8} {'private':>7}"
     )
     lines = [f"{summary.algorithm} on {summary.task} ({metric})", head, "-" * len(head)]
     for c in summary.clients:
         maj = (c.baselines or {}).get(CLIENT_MAJORITY) or {}
         lines.append(
-            f"{c.client:>6} {c.num_train or 0:>6} {c.num_validation or 0:>4} {c.num_test or 0:>5} "
-            f"{_fmt(c.value(PERSONALIZED, metric)):>13} {_fmt(c.value(GLOBAL, metric)):>8} "
+            f"{c.client:>6} {_rounds(c.rounds_trained):>6} {_count(c.num_train):>6} {_count(c.num_validation):>4} "
+            f"{_count(c.num_test):>5} {_fmt(c.value(PERSONALIZED, metric)):>13} {_fmt(c.value(GLOBAL, metric)):>8} "
             f"{_fmt(c.value(VALIDATION, metric)):>10} {_fmt(c.value(PERSONALIZED, BALANCED_ACCURACY)):>7} "
             f"{_fmt(maj.get(ACCURACY)):>11} {_fmt(c.rank.entropy, 2):>8} {_fmt(c.rank.private_energy, 2):>7}"
         )
@@ -254,7 +258,7 @@ def format_client_table(summary: Summary) -> str:
     for agg in ("mean", "weighted_mean", "worst"):
         balanced = getattr(pers.balanced, agg) if pers.balanced else None
         lines.append(
-            f"{agg:>18} {_fmt(getattr(pers, agg)):>13} {_fmt(getattr(glob, agg)):>8} "
+            f"{agg:>{len(left)}} {_fmt(getattr(pers, agg)):>13} {_fmt(getattr(glob, agg)):>8} "
             f"{_fmt(getattr(val, agg)):>10} {_fmt(balanced):>7}"
         )
     for name, b in (summary.baselines or {}).items():
@@ -271,6 +275,15 @@ def format_client_table(summary: Summary) -> str:
             f"{cost.get('gradient_passes_per_client_round'):.0f} gradient passes"
         )
     return "\n".join(lines)
+
+
+def _rounds(rounds: int | None) -> str:
+    """Rounds the client trained in; a client evaluated without ever training says so."""
+    return "-" if rounds is None else "never" if rounds == 0 else str(rounds)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

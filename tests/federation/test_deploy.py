@@ -206,7 +206,8 @@ def first_run(deployment: Deployment) -> dict:
         f"task=files task.label_names=[{','.join(LABELS)}] task.test_fraction=0.25 task.val_fraction=0.25 "
         f"model.source=path model.name={dep.model} rounds={ROUNDS} "
         f"local_steps={STEPS} flops_rounds=0 task.batch_size=4 task.max_length=16 run_dir={run_dir} "
-        "federation.fraction_evaluate=0.34"  # one client evaluates per round: every process costs seconds
+        # one client evaluates per round, and at the end: every ClientApp process costs seconds
+        "federation.fraction_evaluate=0.34 federation.final_eval_clients=1"
     )
     # A SuperNode with a key the SuperLink never registered is refused.
     intruder = dep.start_supernode(CLIENTS, f"supernode_{CLIENTS}", tag="_unregistered")
