@@ -18,6 +18,7 @@ import torch
 from pf2lora_core.config.experiment import load
 from pf2lora_core.federation.checks import auto_update_norm, update_norm, update_reference
 from pf2lora_core.federation.client_runtime import ClientRuntime
+from pf2lora_core.training.runtime import derived_seed
 
 
 def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[float]]:
@@ -37,7 +38,8 @@ def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[floa
             privates[client] = out.private or None
             up = {k: v.numpy() for k, v in out.common.items()}
             sent = {k: v.numpy() for k, v in down.items()}
-            row.append(update_norm(up, update_reference(up, sent, fresh)))
+            origin = algo.update_origin(fresh, derived_seed(exp.seed, client, rnd))  # as the server measures it
+            row.append(update_norm(up, update_reference(up, sent, origin)))
             ups.append(out.common), weights.append(float(out.num_examples)), clients.append(client)
         state = algo.server_update(state, ups, weights, clients)
         norms.append(row)

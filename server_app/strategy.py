@@ -28,7 +28,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ from pf2lora_core.federation.rounds import RoundLog, trained_before
 from pf2lora_core.run.console import progress
 from pf2lora_core.run.records import STATS, RoundRecord
 from pf2lora_core.run.run_dir import RunDir
+from pf2lora_core.training.runtime import derived_seed
 
 __all__ = ["CommonAdapterFedAvg", "RoundLog", "RoundPlan", "RunFailedError"]
 
@@ -352,10 +353,11 @@ class CommonAdapterFedAvg(FedAvg):
                 self._check_answers(msg)
                 reply = reply_data(msg)
                 audit = functools.partial(self._audit, server_round, "train", node, msg)
+                client = self.clients.get(reply.node)
                 started = time.perf_counter()
                 try:
                     accepted = self.checker.train(
-                        reply, self.clients.get(reply.node), self.sent.get(reply.node), self.fresh, set(valid),
+                        reply, client, self.sent.get(reply.node), self._origin(client, server_round), set(valid),
                         audit if self.fed.audit_replies else None,
                     )  # fmt: skip
                 finally:
@@ -491,6 +493,12 @@ class CommonAdapterFedAvg(FedAvg):
                 if sent.metadata.message_id == reply_to:
                     return node
         return int(msg.metadata.src_node_id)
+
+    def _origin(self, client: int | None, server_round: int) -> Mapping[str, np.ndarray]:
+        """What ``client``'s uplink tensors that the downlink lacks start from (``Algorithm.update_origin``)."""
+        if client is None:
+            return self.fresh  # an unidentified node: rejected by the checks before any norm
+        return self.algorithm.update_origin(self.fresh, derived_seed(self.plan.seed, client, server_round))
 
     def _check_answers(self, msg: Message) -> None:
         """A reply counts only for the message this round sent to its node (not a replayed or stale one)."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -174,6 +175,13 @@ class Algorithm(ABC):
     def check_uplink(self, sent: Mapping[str, Spec], received: Mapping[str, Spec]) -> str | None:
         """Why an uplink's keys, shapes or dtypes are unacceptable, or None (default: exactly as sent)."""
         return check_structure(received, sent)
+
+    def update_origin(self, fresh: Mapping[str, np.ndarray], round_seed: int) -> Mapping[str, np.ndarray]:
+        """Where a client's uplink tensors that the downlink does not hold start from, for the server's
+        update norm (``federation.checks.update_reference``): the seeded initial common level ``fresh``.
+        ``round_seed``: the client's ``LocalContext.seed`` of the round (``derived_seed(run seed, client,
+        round)``); FLoRA draws its fresh LoRA from it."""
+        return fresh
 
     def receive(self, model: TwoLevelModel, downlink: Mapping[str, Tensor]) -> None:
         """Client side: load what the server sent (default: into the common level)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,19 +134,35 @@ class FLoRA(Algorithm):
         redraw_lora_a(ctx.model.parameters(COMMON), ctx.seed)
         return self.adamw_steps(ctx, ctx.model.parameters(COMMON))
 
+    def update_origin(self, fresh: Mapping[str, np.ndarray], round_seed: int) -> Mapping[str, np.ndarray]:
+        """The client's fresh LoRA of the round: ``B = 0`` as seeded, every ``A`` as ``train`` redraws it.
 
-def redraw_lora_a(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
-    """Draw every ``lora_A`` in ``params`` afresh, as peft initialises it (Kaiming uniform, a = sqrt(5)).
+        Without it the server would measure the distance between two random initialisations (about 8
+        on MiniLM, r = 8, against an honest training update of about 1.5), not the update."""
+        drawn = fresh_lora_a({k: tuple(v.shape) for k, v in fresh.items()}, round_seed)
+        return {k: drawn[k].numpy().astype(v.dtype) if k in drawn else v for k, v in fresh.items()}
+
+
+def fresh_lora_a(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, Tensor]:
+    """Every ``lora_A`` of ``shapes`` drawn as peft initialises it (Kaiming uniform, a = sqrt(5)).
 
     Drawn on the CPU from a generator seeded by ``seed`` (the same values on any device), in name order.
     """
     generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        if LORA_A in name:
+            out[name] = torch.empty(shapes[name], dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(out[name], a=math.sqrt(5), generator=generator)
+    return out
+
+
+def redraw_lora_a(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
+    """Draw every ``lora_A`` in ``params`` afresh (``fresh_lora_a``), in place."""
+    drawn = fresh_lora_a({k: tuple(p.shape) for k, p in params.items()}, seed)
     with torch.no_grad():
-        for name in sorted(params):
-            if LORA_A in name:
-                fresh = torch.empty(params[name].shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-                params[name].copy_(fresh)
+        for name, value in drawn.items():
+            params[name].copy_(value)
 
 
 def is_stack(name: str) -> bool:

@@ -143,3 +143,26 @@ def _base_logits(rt: ClientRuntime, private: dict[str, torch.Tensor], batch: dic
     rt.model.load(PRIVATE, private)
     with torch.no_grad():
         return rt.model.model(**batch).logits
+
+
+def test_update_origin_is_the_clients_fresh_lora_of_the_round() -> None:
+    """The server measures a FLoRA uplink against the fresh LoRA its client drew that round (issue 27):
+    against the run's initial A it would measure two random draws apart (about 8 on MiniLM)."""
+    import numpy as np
+
+    from pf2lora_core.algorithms.flora import redraw_lora_a
+
+    fresh = {
+        "m.lora_A.common.weight": np.zeros((2, 3), np.float32),
+        "m.lora_B.common.weight": np.zeros((3, 2), np.float32),
+        "n.lora_A.common.weight": np.zeros((2, 4), np.float32),
+        "classifier.weight": np.ones((2, 3), np.float32),
+    }
+    client = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in fresh.items()}
+    redraw_lora_a(client, seed=42)  # what FLoRA.train does first
+    origin = FLoRA(_params()).update_origin(fresh, 42)
+    for name, param in client.items():
+        assert np.array_equal(origin[name], param.detach().numpy()), name
+    assert not np.array_equal(origin["m.lora_A.common.weight"], fresh["m.lora_A.common.weight"])
+    assert not np.array_equal(FLoRA(_params()).update_origin(fresh, 43)["m.lora_A.common.weight"],
+                              origin["m.lora_A.common.weight"])  # fmt: skip

@@ -26,6 +26,7 @@ from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_
 from pf2lora_core.federation.checks import clip_update, update_norm, update_reference
 from pf2lora_core.federation.protocol import CLIENT_KEY, DETAILS_KEY
 from pf2lora_core.run.run_dir import new_run_dir
+from pf2lora_core.training.runtime import derived_seed
 from server_app.strategy import CommonAdapterFedAvg, RunFailedError
 from tests.federation.test_resume import (  # noqa: F401  (flower_task_identity is an autouse fixture)
     NODES,
@@ -388,9 +389,12 @@ def test_flora_uplink_is_norm_bounded_against_the_fresh_adapter(tmp_path: Path) 
         content = answer(msg, ph, rnd, c)
         if ph != MessageType.TRAIN:
             return content
-        common = {k: v.numpy() for k, v in initial_common(experiment("flora")).items()}
+        exp = experiment("flora")
+        common = {k: v.numpy() for k, v in initial_common(exp).items()}
+        # an honest client sends the fresh LoRA it drew this round (A from its round seed), untrained here
+        drawn = exp.algorithm.update_origin(common, derived_seed(exp.seed, c, rnd))
         scale = 1e4 if c == 3 else 1.0
-        up = {k: (v * scale).astype(np.float32) if "lora" in k else v for k, v in common.items()}
+        up = {k: (v * scale).astype(np.float32) if "lora" in k else v for k, v in drawn.items()}
         content[ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in up.items()})
         return content
 
@@ -398,7 +402,8 @@ def test_flora_uplink_is_norm_bounded_against_the_fresh_adapter(tmp_path: Path) 
     _, record = one_round(tmp_path, grid, "flora", "federation.max_update_norm=5")
     assert [r["client"].split(" (")[0] for r in record["rejected"]] == ["client 3"]
     assert "exceeds federation.max_update_norm=5" in record["rejected"][0]["reason"]
-    assert record["clients_trained"] == 3  # the honest fresh adapters (norm 0 from the fresh one) pass
+    assert record["clients_trained"] == 3  # the honest fresh adapters (norm 0 from their round's draw) pass
+    assert all(t["update_norm"] == 0.0 for t in record["train"].values())
 
 
 def test_update_beyond_the_bound_is_clipped_when_configured(tmp_path: Path) -> None:
