@@ -71,7 +71,6 @@ __all__ = ["CommonAdapterFedAvg", "RoundLog", "RoundPlan", "RunFailedError"]
 
 log = logging.getLogger("pf2lora.server")
 SERVER_ROUND_KEY = "server-round"  # Flower's key for the round in train / evaluate configs
-QUERY_TIMEOUT_S = 600.0  # a node answering its identity query: one ClientApp start (~5 s) + model load
 
 
 class RunFailedError(RuntimeError):
@@ -284,7 +283,8 @@ class CommonAdapterFedAvg(FedAvg):
             connected = set(grid.get_node_ids())
             due = self.nodes.due(self.nodes.unknown(connected), connected, self.round_now)
             if due:
-                claims = query_partition_ids(grid, due, self.query_config, QUERY_TIMEOUT_S)
+                timeout = min(self.fed.query_timeout_s, self.round_timeout_s)
+                claims = query_partition_ids(grid, due, self.query_config, timeout)
                 keys = node_key_fingerprints(grid, due) if self.node_keys else {}
                 self.nodes.record_answers(due, claims, connected, self.round_now, keys)
             clients = self.nodes.connected_clients(connected)

@@ -220,6 +220,7 @@ def _check_values(c: ExperimentConfig) -> None:
         f"must be a number >= 0 (0 = off) or '{AUTO_NORM}', got {norm!r}",
     )
     check(fed.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {fed.round_timeout_s}")
+    check(fed.query_timeout_s > 0, "federation.query_timeout_s", f"must be > 0, got {fed.query_timeout_s}")
     check(fed.wait_for_nodes_s >= 0, "federation.wait_for_nodes_s", f"must be >= 0, got {fed.wait_for_nodes_s}")
     check(fed.max_num_examples >= 1, "federation.max_num_examples", "must be >= 1")
     check(fed.num_examples_mismatch in ("clip", "reject"), "federation.num_examples_mismatch", "choose clip or reject")

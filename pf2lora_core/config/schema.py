@@ -87,6 +87,7 @@ class FederationConfig:
     wait_for_nodes_s: float = MISSING  # how long the server waits for num_clients nodes
     audit_replies: bool = MISSING  # keep every reply the server receives under <run_dir>/audit/
     round_timeout_s: float = MISSING  # a round's train (and evaluate) replies are awaited this long
+    query_timeout_s: float = MISSING  # a node's identity (QUERY) reply is awaited this long (at most round_timeout_s)
     # weights the server can trust: num-examples above this (or above what the client holds) is a mismatch
     max_num_examples: int = MISSING
     num_examples_mismatch: str = MISSING  # clip | reject

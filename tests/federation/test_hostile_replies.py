@@ -617,3 +617,24 @@ def test_stray_node_at_start_is_ignored_not_fatal(tmp_path: Path, caplog: Any) -
     assert sorted(strategy.clients.values()) == [0, 1, 2, 3] and 5555 not in strategy.clients
     assert "node 5555 claims partition 99, outside [0, num_clients=4)" in caplog.text
     assert strategy.history[0].clients_trained == 4
+
+
+def test_a_node_silent_to_its_identity_query_holds_the_round_only_query_timeout_s(tmp_path: Path) -> None:
+    """Issue 28: a node online but never answering its QUERY made every round wait 600 s; now the
+    wait is federation.query_timeout_s (at most round_timeout_s) and the round goes on without it."""
+    waits: list[float | None] = []
+
+    class SilentGrid(FakeGrid):
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Any]:
+            messages = list(messages)
+            if messages and str(messages[0].metadata.message_type) == MessageType.QUERY:
+                waits.append(timeout)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    silent = ("query", 0, 3)  # client 3's node never answers who it is
+    exp = experiment("homlora", "rounds=1 federation.fraction_train=1.0 federation.query_timeout_s=7")
+    strategy = make_strategy(exp, new_run_dir(str(tmp_path), "silent"))
+    strategy.start_state(initial_common(exp), {})
+    strategy.run_rounds(SilentGrid(dict(NODES), drop={silent}), shared(exp, strategy.run.path))
+    assert waits and set(waits) == {7.0}
+    assert strategy.history[0].clients_trained == 3 and 3 not in strategy.history[0].train
