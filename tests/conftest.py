@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # profile (the same examples every run, so a failure reproduces); HYPOTHESIS_PROFILE=deep runs
 # many more random ones on purpose (`make fuzz-deep`). A failing example found once is added as a
 # regular test beside the property.
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
