@@ -195,12 +195,16 @@ def _private(
 
 
 def _keep_private(context: Context, store: PrivateStore, state: PrivateState) -> None:
-    """Mirror the private level to context.state and (atomically) to disk."""
+    """Write the private level (atomically) to disk, then mirror it to context.state.
+
+    Disk first: a refused save (``StaleRoundError``: the disk holds a newer round) raises before
+    context.state changes, so the reply is an error and no later round builds on this one.
+    """
     from pf2lora_core.federation.private_store import ROUND_META, STEPS_META
 
+    store.save(state)
     context.state[PRIVATE_STATE_KEY] = ArrayRecord(state.tensors)
     context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
-    store.save(state)
 
 
 @app.train()
@@ -210,6 +214,8 @@ def train(msg: Message, context: Context) -> Message:
 
     runtime, client, store, policy, site = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
+    if runtime.has_private:  # a private level this round could not save (the disk is ahead): refuse before training
+        store.check_writable(server_round)
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     previous = _private(context, store, server_round, msg, runtime.has_private)
     out = runtime.train(client, server_round, common, previous.tensors if previous else None)
