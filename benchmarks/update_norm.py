@@ -43,7 +43,8 @@ def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[floa
             ups.append(out.common), weights.append(float(out.num_examples)), clients.append(client)
         state = algo.server_update(state, ups, weights, clients)
         norms.append(row)
-        bound = auto_update_norm(algo.params.lr, exp.local_steps, sum(t.numel() for t in initial.values()))
+        steps = exp.local_steps * (exp.federation.num_clients if algo.pooled_training else 1)
+        bound = auto_update_norm(algo.params.lr, steps, sum(t.numel() for t in initial.values()))
         print(f"{algorithm} round {rnd}: max {max(row):.4f} median {statistics.median(row):.4f} "
               f"(federation.max_update_norm=auto: {bound:.4g})", flush=True)  # fmt: skip
     return norms

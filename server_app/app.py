@@ -173,12 +173,14 @@ def resolved_update_norm(exp: Experiment, fed: FederationConfig, common_params: 
     """``federation.max_update_norm=auto`` as the number it means for this run (logged once)."""
     if fed.max_update_norm != AUTO_NORM:
         return fed
-    resolved = resolved_federation(fed, exp.algorithm.params.lr, exp.local_steps, common_params)
+    # the pooled reference's one node takes local_steps x num_clients steps a round (client_runtime)
+    steps = exp.local_steps * (fed.num_clients if exp.algorithm.pooled_training else 1)
+    resolved = resolved_federation(fed, exp.algorithm.params.lr, steps, common_params)
     bound = resolved.max_update_norm
     log.info(
         "federation.max_update_norm=auto: %.4g (lr %g, %d local steps, %d common parameters; "
         "5x the honest norm measured on the default setting, scaled)",
-        bound, exp.algorithm.params.lr, exp.local_steps, common_params,
+        bound, exp.algorithm.params.lr, steps, common_params,
     )  # fmt: skip
     return resolved
 

@@ -210,3 +210,14 @@ def test_auto_update_norm_is_the_measured_honest_norm_scaled_to_the_run() -> Non
     fed = load(["federation.max_update_norm=auto"]).federation
     assert resolved_federation(fed, 0.002, 5, 74_498).max_update_norm == pytest.approx(9.8)
     assert resolved_federation(federation(1, 3.0), 0.002, 5, 74_498).max_update_norm == 3.0  # a number stays
+
+
+def test_auto_bound_of_the_pooled_reference_counts_its_steps() -> None:
+    """The centralized reference's one node takes local_steps x num_clients steps a round: its honest
+    update is that many times longer, and so is its auto bound."""
+    from server_app.app import resolved_update_norm
+
+    fed_exp, pooled = load(["federation.num_clients=4"]), load(["federation.num_clients=4", "algorithm=centralized"])
+    one = resolved_update_norm(fed_exp, fed_exp.federation, 74_498).max_update_norm
+    assert one == pytest.approx(9.8)
+    assert resolved_update_norm(pooled, pooled.federation, 74_498).max_update_norm == pytest.approx(4 * one)
