@@ -126,9 +126,9 @@ def test_console_shows_progress_and_the_client_table_without_library_noise(simul
     rounds = re.findall(r"round (\d)/2 done in [\d.]+s \| elapsed (\d+:\d\d) \| ~(\d+:\d\d) left \| train loss", log)
     assert [r[0] for r in rounds] == ["1", "2"], log[-3000:]
     assert rounds[-1][2] == "0:00"  # nothing left after the last round
-    # client, train, val, test (whole numbers), then personalized, global, validation, bal.acc, client maj.,
-    # entropy rank, private energy
-    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+\d+(?:\s+[\d.]+){7}$", log, flags=re.MULTILINE)
+    # client, rounds trained, train, val, test (whole numbers), then personalized, global, validation, bal.acc,
+    # client maj., entropy rank, private energy
+    rows = re.findall(r"^\s+(\d)\s+\d+\s+\d+\s+\d+\s+\d+(?:\s+[\d.]+){7}$", log, flags=re.MULTILINE)
     assert rows == [str(k) for k in range(CLIENTS)], log[-3000:]
     assert re.search(r"^\s+mean(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
     assert re.search(r"^\s+worst(?:\s+[\d.]+){4}$", log, flags=re.MULTILINE)
