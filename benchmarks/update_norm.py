@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pf2lora_core.config.experiment import load
-from pf2lora_core.federation.checks import auto_update_norm, update_norm, update_reference
+from pf2lora_core.federation.checks import auto_bound, update_norm, update_reference
 from pf2lora_core.federation.client_runtime import ClientRuntime
 from pf2lora_core.training.runtime import derived_seed
 
@@ -43,8 +43,7 @@ def measure(algorithm: str, rounds: int, overrides: list[str]) -> list[list[floa
             ups.append(out.common), weights.append(float(out.num_examples)), clients.append(client)
         state = algo.server_update(state, ups, weights, clients)
         norms.append(row)
-        steps = exp.local_steps * (exp.federation.num_clients if algo.pooled_training else 1)
-        bound = auto_update_norm(algo.params.lr, steps, sum(t.numel() for t in initial.values()))
+        bound = auto_bound(algo, exp.local_steps, exp.federation.num_clients, sum(t.numel() for t in initial.values()))
         print(f"{algorithm} round {rnd}: max {max(row):.4f} median {statistics.median(row):.4f} "
               f"(federation.max_update_norm=auto: {bound:.4g})", flush=True)  # fmt: skip
     return norms

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora_core import data
 from pf2lora_core.config.experiment import Experiment, load, preflight, split_overrides
 from pf2lora_core.config.keys import COMMON, PRIVATE
-from pf2lora_core.config.schema import AUTO_NORM, ConfigError, FederationConfig
+from pf2lora_core.config.schema import ConfigError, FederationConfig
 from pf2lora_core.data.site import config_label_names
 from pf2lora_core.data.sources import CLASSIFICATION
 from pf2lora_core.federation.checkpoint import ServerCheckpoint
@@ -171,16 +171,13 @@ def run_experiment(
 
 def resolved_update_norm(exp: Experiment, fed: FederationConfig, common_params: int) -> FederationConfig:
     """``federation.max_update_norm=auto`` as the number it means for this run (logged once)."""
-    if fed.max_update_norm != AUTO_NORM:
+    resolved = resolved_federation(fed, exp.algorithm, exp.local_steps, common_params)
+    if resolved is fed:
         return fed
-    # the pooled reference's one node takes local_steps x num_clients steps a round (client_runtime)
-    steps = exp.local_steps * (fed.num_clients if exp.algorithm.pooled_training else 1)
-    resolved = resolved_federation(fed, exp.algorithm.params.lr, steps, common_params)
-    bound = resolved.max_update_norm
     log.info(
-        "federation.max_update_norm=auto: %.4g (lr %g, %d local steps, %d common parameters; "
-        "5x the honest norm measured on the default setting, scaled)",
-        bound, exp.algorithm.params.lr, steps, common_params,
+        "federation.max_update_norm=auto: %.4g (%d common parameters; 5x the honest norm measured on the "
+        "default setting, scaled by lr x local steps x sqrt(common parameters))",
+        resolved.max_update_norm, common_params,
     )  # fmt: skip
     return resolved
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 # the uplink's structure check lives with the algorithms (each says what a valid uplink is); re-exported
+from pf2lora_core.algorithms.base import Algorithm
 from pf2lora_core.algorithms.uplink import Spec
 from pf2lora_core.algorithms.uplink import check_structure as check_structure
 from pf2lora_core.config.schema import AUTO_NORM, FederationConfig
@@ -22,22 +23,11 @@ from pf2lora_core.federation.node_policy import LABEL_HISTOGRAM
 from pf2lora_core.run.records import MAX_SINGULAR_VALUE, RANK_BOUNDS, Rank, RecordError, out_of_bounds
 
 
-def check_values(
-    arrays: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray] | None = None,
-    max_update_norm: float = 0.0,
-) -> str | None:
-    """Finite values, and (when ``max_update_norm > 0``) ``||arrays - reference||_2`` within the bound."""
+def check_values(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Finite values (the update's norm is ``update_norm``, measured by ``ReplyChecker.bounded``)."""
     for name, arr in arrays.items():
         if not np.isfinite(arr).all():
             return f"{name}: holds NaN or Inf"
-    if max_update_norm > 0 and reference is not None:
-        sq = sum(
-            float(np.sum((a.astype(np.float64) - reference[n].astype(np.float64)) ** 2)) for n, a in arrays.items()
-        )
-        norm = sq**0.5
-        if norm > max_update_norm:
-            return f"update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:.4g}"
     return None
 
 
@@ -217,19 +207,15 @@ def _check_rank(rank: object) -> str | None:
         parsed = Rank.from_json(rank, "details rank")
     except RecordError as err:
         return truncate(str(err), 160)
-    values = {k: getattr(parsed, k) for k in RANK_BOUNDS}
-    values.update(
-        {f"modules.{n}.{k}": getattr(m, k) for n, m in parsed.modules.items() for k in ("effective", "entropy")}
-    )
-    for name, v in values.items():
-        if v is None or (isinstance(rank, dict) and name in RANK_BOUNDS and name not in rank):
-            continue  # absent (a site that withholds it, or no private level)
-        reason = out_of_bounds(f"details rank.{name}", v, RANK_BOUNDS.get(name.rpartition(".")[2]))
+    sent = rank if isinstance(rank, dict) else {}  # a value the client left out is not checked
+    checks = [(f"rank.{k}", getattr(parsed, k), RANK_BOUNDS[k]) for k in RANK_BOUNDS if sent.get(k) is not None]
+    for n, m in parsed.modules.items():
+        checks += [(f"rank.modules.{n}.{k}", getattr(m, k), RANK_BOUNDS[k]) for k in ("effective", "entropy")]
+        checks += [(f"rank.modules.{n}.singular_values", s, (0.0, MAX_SINGULAR_VALUE)) for s in m.singular_values]
+    for name, value, bounds in checks:
+        reason = out_of_bounds(f"details {name}", value, bounds)
         if reason is not None:
             return truncate(reason, 160)
-    for n, m in parsed.modules.items():
-        if any(not 0.0 <= s <= MAX_SINGULAR_VALUE for s in m.singular_values):
-            return truncate(f"details rank.modules.{n}.singular_values must lie in [0, {MAX_SINGULAR_VALUE:g}]", 160)
     return None
 
 
@@ -278,11 +264,21 @@ def auto_update_norm(lr: float, local_steps: int, common_params: int) -> float:
     return AUTO_HEADROOM * REFERENCE_NORM * scale
 
 
-def resolved_federation(fed: FederationConfig, lr: float, local_steps: int, common_params: int) -> FederationConfig:
-    """``fed`` with ``max_update_norm=auto`` replaced by the number it means for this run."""
+def auto_bound(algorithm: Algorithm, local_steps: int, num_clients: int, common_params: int) -> float:
+    """``auto_update_norm`` of a run of ``algorithm``: the pooled reference's one node takes
+    ``local_steps x num_clients`` steps a round (``client_runtime``), so its honest update is that long."""
+    steps = local_steps * (num_clients if algorithm.pooled_training else 1)
+    return auto_update_norm(algorithm.params.lr, steps, common_params)
+
+
+def resolved_federation(
+    fed: FederationConfig, algorithm: Algorithm, local_steps: int, common_params: int
+) -> FederationConfig:
+    """``fed`` with ``max_update_norm=auto`` replaced by the number it means for this run (else ``fed`` itself)."""
     if fed.max_update_norm != AUTO:
         return fed
-    return dataclasses.replace(fed, max_update_norm=auto_update_norm(lr, local_steps, common_params))
+    bound = auto_bound(algorithm, local_steps, fed.num_clients, common_params)
+    return dataclasses.replace(fed, max_update_norm=bound)
 
 
 def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

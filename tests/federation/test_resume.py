@@ -165,7 +165,7 @@ def initial_common(exp: Experiment) -> dict[str, torch.Tensor]:
 def make_strategy(exp: Experiment, run_dir: Path) -> CommonAdapterFedAvg:
     plan = RoundPlan(exp.rounds, eval_every=1, metric="accuracy", seed=exp.seed, config_yaml=exp.to_yaml())
     params = sum(t.numel() for t in initial_common(exp).values())  # what max_update_norm=auto scales with
-    fed = resolved_federation(exp.federation, exp.algorithm.params.lr, exp.local_steps, params)
+    fed = resolved_federation(exp.federation, exp.algorithm, exp.local_steps, params)
     return CommonAdapterFedAvg(algorithm=exp.algorithm, run=RunDir(run_dir), federation=fed, plan=plan)
 
 

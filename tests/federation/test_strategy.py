@@ -207,9 +207,10 @@ def test_auto_update_norm_is_the_measured_honest_norm_scaled_to_the_run() -> Non
 
     assert auto_update_norm(0.002, 5, 74_498) == pytest.approx(5 * 1.96)  # the reference setting
     assert auto_update_norm(0.004, 10, 4 * 74_498) == pytest.approx(5 * 1.96 * 2 * 2 * 2)  # lr, K, sqrt(P)
-    fed = load(["federation.max_update_norm=auto"]).federation
-    assert resolved_federation(fed, 0.002, 5, 74_498).max_update_norm == pytest.approx(9.8)
-    assert resolved_federation(federation(1, 3.0), 0.002, 5, 74_498).max_update_norm == 3.0  # a number stays
+    exp = load(["federation.max_update_norm=auto"])  # the default algorithm, PF2LoRA, at lr 0.002
+    assert resolved_federation(exp.federation, exp.algorithm, 5, 74_498).max_update_norm == pytest.approx(9.8)
+    fixed = federation(1, 3.0)
+    assert resolved_federation(fixed, exp.algorithm, 5, 74_498) is fixed  # a number stays
 
 
 def test_auto_bound_of_the_pooled_reference_counts_its_steps() -> None:
