@@ -233,6 +233,12 @@ def _check_values(c: ExperimentConfig) -> None:
         "federation.final_eval_clients",
         f"must be in [0, num_clients={fed.num_clients}] (0 = every client), got {fed.final_eval_clients}",
     )
+    check(0 <= fed.dropout_rate < 1, "federation.dropout_rate", f"must be in [0, 1), got {fed.dropout_rate}")
+    check(
+        fed.kind == "simulation" or fed.dropout_rate == 0,
+        "federation.dropout_rate",
+        "simulates availability in simulations only; real SuperNodes drop out on their own: set it to 0",
+    )
     bad_ids = sorted({v for v in fed.node_keys.values() if not 0 <= v < fed.num_clients})
     check(not bad_ids, "federation.node_keys", f"partition ids {bad_ids} outside [0, num_clients={fed.num_clients})")
     check(
