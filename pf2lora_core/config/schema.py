@@ -81,6 +81,8 @@ class FederationConfig:
     min_train_clients: int = MISSING
     client_cpus: int = MISSING  # Flower takes whole CPUs per ClientApp
     client_gpus: float = MISSING
+    # simulation: "" = a local Ray of this run's own; "auto" or the head's host:port = join that Ray cluster
+    ray_address: str = MISSING
     state_dir: str = MISSING  # where clients mirror their private state
     # reject replies whose update norm exceeds this: a number (0 = off) or "auto" (federation.checks.auto_update_norm)
     max_update_norm: Any = MISSING
