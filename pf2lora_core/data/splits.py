@@ -80,11 +80,12 @@ TOKENIZED_CACHE: dict[Hashable, datasets.Dataset] = {}
 ROWS_CACHE: dict[Hashable, list[ClientRows]] = {}
 SPLIT_CACHE: dict[Hashable, ClientSplit] = {}
 POOLED_TRAIN_CACHE: dict[Hashable, datasets.Dataset] = {}
+LABELS_CACHE: dict[Hashable, np.ndarray] = {}  # the pooled label column, read once (not once per client)
 
 
 def clear_caches() -> None:
     """Empty every data cache of this process (tests; freeing memory)."""
-    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE, POOLED_TRAIN_CACHE):
+    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE, POOLED_TRAIN_CACHE, LABELS_CACHE):
         cache.clear()
 
 
@@ -159,7 +160,7 @@ def partition_label_histograms(
         One ``{"train": [...], "validation": [...], "test": [...]}`` per client: counts per label id.
     """
     pooled = _pooled(task, seed)
-    labels, num_labels = np.asarray(pooled[LABEL]), len(label_names(pooled))
+    labels, num_labels = _labels(task, seed), len(label_names(pooled))
     return [
         {
             TRAIN: _histogram(labels[rows.train], num_labels),
@@ -293,7 +294,7 @@ def _build_split(
     tokenized = _tokenized(task, seed, tokenizer)
     rows = _client_rows(task, partition, num_clients, seed)[client]
     names = label_names(pooled)
-    labels = np.asarray(pooled[LABEL])
+    labels = _labels(task, seed)
     return ClientSplit(
         train=tokenized.select(rows.train),
         test=tokenized.select(rows.test),
@@ -307,6 +308,15 @@ def _build_split(
 
 def _pooled(task: TaskConfig, seed: int) -> datasets.Dataset:
     return _cached(POOLED_CACHE, (_freeze(task), seed), lambda: load_examples(task, seed))
+
+
+def _labels(task: TaskConfig, seed: int) -> np.ndarray:
+    """The pooled label column (reading it walks every row: once a process, not once a client)."""
+    return _cached(LABELS_CACHE, (_freeze(task), seed), lambda: _label_column(_pooled(task, seed)))
+
+
+def _label_column(pooled: datasets.Dataset) -> np.ndarray:
+    return np.asarray(pooled[LABEL])
 
 
 def _tokenized(task: TaskConfig, seed: int, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
@@ -376,7 +386,7 @@ def _client_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int,
 def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
     """Partition the pooled rows with the configured partitioner, then split each into train/validation/test."""
     pooled = _pooled(task, seed)
-    labels = np.asarray(pooled[LABEL])
+    labels = _labels(task, seed)
     partitioner = make_partitioner(partition, num_clients, seed)
     # The partitioner sees only labels (and the natural-id column) and row numbers: cheap, and the
     # rows come back out.

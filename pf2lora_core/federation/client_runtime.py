@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pf2lora_core import data
-from pf2lora_core.algorithms import LocalContext
+from pf2lora_core.algorithms import Algorithm, LocalContext
 from pf2lora_core.config.experiment import Experiment, parse
 from pf2lora_core.config.keys import (
     BATCHES_SEEN,
@@ -133,6 +133,21 @@ class ClientRuntime:
     @property
     def has_private(self) -> bool:
         return PRIVATE in self.model.levels
+
+    @property
+    def personalized_is_global(self) -> bool:
+        """The client's own model is the common adapter as received: one level, nothing adapted or
+        re-weighted for evaluation (HOMLoRA, FFA-LoRA, HETLoRA, FlexLoRA). Its evaluation is
+        then the global one, not run a second time (evaluation is deterministic: eval mode, no
+        sampling); tests/federation/test_client_runtime.py checks the two agree."""
+        a = self.exp.algorithm
+        return (
+            not self.has_private
+            and a.has_global_model
+            and not a.adapts_for_evaluation
+            and not a.refits_private
+            and type(a).evaluation_mixer is Algorithm.evaluation_mixer
+        )
 
     def split(self, client: int) -> data.ClientSplit:
         e = self.exp
@@ -251,9 +266,10 @@ class ClientRuntime:
         split = self.split(client)
         splits = {TEST: split.test, VALIDATION: split.validation}
         global_ = self._evaluate_global(splits)
-        personalized = self._evaluate_personalized(client, splits)
-        levels = (self.model.full_updates([COMMON]), self.model.full_updates([PRIVATE])) if self.has_private else None
-        rank = rank_report(self.model.full_updates(), float(self.exp.cfg.rank_threshold), levels=levels)
+        personalized = global_ if self.personalized_is_global else self._evaluate_personalized(client, splits)
+        factors = self.model.update_factors
+        levels = (factors([COMMON]), factors([PRIVATE])) if self.has_private else None
+        rank = rank_report(factors(), float(self.exp.cfg.rank_threshold), levels=levels)
         refitted = wire_state(self.model.export(PRIVATE)) if self.exp.algorithm.refits_private else None
         return EvalOutcome(
             personalized[TEST],

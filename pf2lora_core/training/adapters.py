@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from pf2lora_core.config.keys import COMMON, LEVELS, PRIVATE
 from pf2lora_core.training.dropout_tape import DropoutTape
+from pf2lora_core.training.rank import LowRank
 
 StateDict = dict[str, Tensor]
 
@@ -194,6 +195,27 @@ class TwoLevelModel:
                 if terms:
                     updates[name] = torch.stack(terms).sum(0).cpu()
         return updates
+
+    def update_factors(self, levels: Sequence[str] | None = None) -> dict[str, LowRank]:
+        """Per adapted module, ``full_updates`` as its factors, never formed: ``left = [s B_l ...]``
+        (out x sum of ranks), ``right = [A_l; ...]`` (sum of ranks x in), ``left @ right`` the update.
+
+        The rank analysis reads these: the singular values of a rank-k product cost a QR of each
+        factor and an SVD of k x k (``rank.singular_values``), where the dense update's SVD is cubic
+        in the layer width (22 ms per MiniLM module, 0.27 s per evaluated client, before this).
+        The layout transpose peft applies to GPT-2's Conv1D changes no singular value.
+        """
+        use = list(self.specs) if levels is None else [lvl for lvl in levels if lvl in self.specs]
+        factors: dict[str, LowRank] = {}
+        with torch.no_grad():
+            for name, module in self.lora_modules().items():
+                present = [lvl for lvl in use if lvl in module.lora_A]
+                if not present:
+                    continue
+                left = [float(module.scaling[lvl]) * module.lora_B[lvl].weight.double().cpu() for lvl in present]
+                right = [module.lora_A[lvl].weight.double().cpu() for lvl in present]
+                factors[name] = LowRank(torch.cat(left, dim=1), torch.cat(right, dim=0))
+        return factors
 
 
 SCRATCH_ADAPTER = "_pf2lora_scratch"  # a transient slot: peft computes the delta of factors held outside

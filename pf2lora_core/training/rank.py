@@ -29,15 +29,56 @@ DEFAULT_THRESHOLD = 0.05
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """An update ``left @ right`` kept as its factors: ``left`` (out, k), ``right`` (k, in)."""
+
+    left: Tensor
+    right: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.left.shape[0]), int(self.right.shape[1])
+
+    def dense(self) -> Tensor:
+        return self.left.double() @ self.right.double()
+
+
+Update = Tensor | LowRank  # a dense update matrix, or one as its factors
+
+
+@dataclass(frozen=True)
 class ModuleRank:
     singular_values: list[float]
     effective: int
     entropy: float
 
 
-def singular_values(matrix: Tensor) -> Tensor:
-    """Singular values in descending order, computed in float64 for a stable tail."""
-    return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+def singular_values(matrix: Update) -> Tensor:
+    """All ``min(out, in)`` singular values in descending order, computed in float64 for a stable tail.
+
+    For ``LowRank`` factors, without forming the product: with ``left = Q_L R_L`` and
+    ``right^T = Q_R R_R`` (thin QR), ``left @ right = Q_L (R_L R_R^T) Q_R^T`` and ``Q_L``, ``Q_R`` have
+    orthonormal columns, so the nonzero singular values are those of the small ``R_L R_R^T``
+    (at most k x k); the other ``min(out, in) - k`` are exactly 0 (the dense SVD returns rounding
+    noise there, ~1e-16 of the largest). Oracle: tests/training/test_rank.py against the dense SVD.
+    """
+    if isinstance(matrix, Tensor):
+        return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    left, right = matrix.left.detach().double(), matrix.right.detach().double()
+    full = min(matrix.shape)
+    if left.shape[1] == 0:
+        return torch.zeros(full, dtype=torch.float64)
+    r_left = torch.linalg.qr(left, mode="r").R
+    r_right = torch.linalg.qr(right.T, mode="r").R
+    sigma = torch.linalg.svdvals(r_left @ r_right.T)[:full]
+    return torch.cat([sigma, torch.zeros(full - sigma.numel(), dtype=torch.float64)])
+
+
+def frobenius_sq(matrix: Update) -> float:
+    """``||matrix||_F^2``; for factors, the sum of the squared singular values (the product never formed)."""
+    if isinstance(matrix, Tensor):
+        return float(matrix.double().square().sum())
+    return float(singular_values(matrix).square().sum())
 
 
 def threshold_rank(sigma: Tensor, tau: float) -> int:
@@ -57,7 +98,7 @@ def entropy_rank(sigma: Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def module_rank(matrix: Tensor, tau: float, keep: int = 32) -> ModuleRank:
+def module_rank(matrix: Update, tau: float, keep: int = 32) -> ModuleRank:
     """Rank summary of one update matrix; ``keep`` leading singular values are stored."""
     sigma = singular_values(matrix)
     return ModuleRank(
@@ -67,18 +108,18 @@ def module_rank(matrix: Tensor, tau: float, keep: int = 32) -> ModuleRank:
     )
 
 
-def private_energy(common: Mapping[str, Tensor], private: Mapping[str, Tensor]) -> float:
+def private_energy(common: Mapping[str, Update], private: Mapping[str, Update]) -> float:
     """``sum ||private||_F^2 / sum (||common||_F^2 + ||private||_F^2)`` over modules; 0 when both are 0."""
-    p = sum(float(private[name].double().square().sum()) for name in private)
-    c = sum(float(common[name].double().square().sum()) for name in common)
+    p = sum(frobenius_sq(m) for m in private.values())
+    c = sum(frobenius_sq(m) for m in common.values())
     return p / (p + c) if p + c > 0 else 0.0
 
 
 def rank_report(
-    updates: Mapping[str, Tensor],
+    updates: Mapping[str, Update],
     tau: float,
     keep: int = 32,
-    levels: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
+    levels: tuple[Mapping[str, Update], Mapping[str, Update]] | None = None,
 ) -> dict:
     """Per-module and mean effective ranks, in the shape ``summary.json`` stores.
 

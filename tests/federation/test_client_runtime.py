@@ -89,3 +89,26 @@ def _overrides(rt: client_mod.ClientRuntime) -> list[str]:
         "model.source=path", f"model.name={rt.exp.model.name}", "federation.num_clients=3", "local_steps=2",
         "task.max_examples=240",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "reuses"),
+    [("homlora", True), ("ffa_lora", True), ("hetlora", True), ("flexlora", True), ("flora", False),
+     ("pf2lora", False), ("perfedavg", False), ("fedsa_lora", False), ("feddpa", False), ("local", False)],
+)  # fmt: skip
+def test_personalized_is_evaluated_once_only_where_it_is_the_global_model(
+    exp_yaml: str, name: str, reuses: bool
+) -> None:
+    """One level and nothing adapted for evaluation: the personalized score is the global one, not
+    computed again; the two computed separately agree (deterministic evaluation)."""
+    base = client_mod.runtime_for(exp_yaml)
+    rt = client_mod.ClientRuntime(load([*_overrides(base), f"algorithm={name}"]))
+    assert rt.personalized_is_global is reuses
+    if reuses:
+        common = rt.model.export(COMMON)
+        out = rt.train(0, 1, common, None)
+        ev = rt.evaluate(0, out.common, None)
+        assert ev.personalized is ev.global_  # not evaluated twice
+        rt._load(out.common, None)
+        again = rt._evaluate_personalized(0, {"test": rt.split(0).test})["test"]
+        assert again == pytest.approx(ev.global_)

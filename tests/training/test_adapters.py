@@ -62,6 +62,11 @@ def test_full_update_is_scaled_sum_of_both_levels() -> None:
     c, d = fc1.lora_A[PRIVATE].weight, fc1.lora_B[PRIVATE].weight
     expected = (8 / 4) * b @ a + (4 / 2) * d @ c
     assert torch.allclose(model.full_updates()["base_model.model.fc1"].double(), expected.double(), atol=1e-6)
+    # the same update as factors (what the rank analysis reads), per level and together
+    assert torch.allclose(model.update_factors()["base_model.model.fc1"].dense(), expected.double(), atol=1e-6)
+    for level in (COMMON, PRIVATE):
+        dense = model.full_updates([level])["base_model.model.fc1"].double()
+        assert torch.allclose(model.update_factors([level])["base_model.model.fc1"].dense(), dense, atol=1e-6)
     # and the forward pass really computes W0 + s B A + s~ D C
     x = torch.randn(3, 6, dtype=torch.float64)
     w0 = fc1.base_layer.weight
