@@ -17,7 +17,7 @@ OVERRIDES ?=
 # and ClientApp in this process (server_app/inprocess.py), no SuperLink or Ray start-up
 ENGINE ?= flower
 
-.PHONY: install test lint demo demo-nlg synthetic results robustness bench-smoke fuzz-deep stop-superlink clean floors
+.PHONY: install test lint demo demo-nlg synthetic results results-cross-device robustness bench-smoke fuzz-deep stop-superlink clean floors
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,6 +73,10 @@ synthetic: install
 # every finished run (a re-run computes only what is missing). About 2-3 h on 2 CPU cores.
 results: install
 	$(PY) -m benchmarks.results --workers 2
+
+# The cross-device block (128 clients x 40 snippets, a tenth a round): results/cross_device/, resumable
+results-cross-device: install
+	$(PY) -m benchmarks.cross_device --workers 2
 
 # PF2LoRA at its defaults vs its tuned optimum vs tuned HOMLoRA, one JSON line per setting
 # (results/robustness/lines.jsonl, table in results/robustness/README.md); shares results/runs.jsonl.

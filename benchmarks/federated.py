@@ -165,6 +165,7 @@ def row(summary: Summary, first_round: RoundRecord, seconds: float) -> dict[str,
         "rank": per_rank(lambda r: r.effective),
         "entropy_rank": per_rank(lambda r: r.entropy),
         "private_energy": per_rank(lambda r: r.private_energy),
+        "rounds_trained": [c.rounds_trained for c in clients],
         "examples_per_round": summary.cost.get("examples_per_round") or 0.0,
         # every training client of a round (one for the pooled reference), as the clients counted round 1
         "flops_per_round": (flops or 0.0) * first_round.clients_trained,

@@ -24,6 +24,7 @@ BENCHMARKS = [
     "pooling",
     "robustness",
     pytest.param("results", marks=slow),  # 23 tiny federated runs
+    "cross_device",  # 5 tiny runs of 8 clients, 2 a round
     pytest.param("gpu", marks=slow),  # its dry run: two models, two precisions
     pytest.param("round_overhead", marks=slow),  # a real flwr run (SuperLink and Ray start-up)
 ]
