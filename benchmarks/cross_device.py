@@ -6,7 +6,7 @@
 round: there a client's own data carries most of what it needs, and ``local`` cannot be told
 apart from the best federated methods. This is the other regime, ``experiment=cross_device``:
 128 clients x 40 snippets (28 train / 4 validation / 8 test), 12 sampled per round, 10 rounds
-x 3 local steps, so a client trains in about one round of ten and about a third never train.
+x 2 local steps, so a client trains in about one round of ten and about a third never train.
 PF2LoRA, HOMLoRA, FedSA-LoRA, Per-FedAvg and ``local`` at the configurations ``results/`` uses
 (``pf2lora-tune``'s, chosen on ``offline_compare``), Rotten Tomatoes 2-way and 3-way at s = 0.3
 and 0.5, seeds 0, 1, 2, evaluated once at the end on every client (the final evaluation: each
@@ -66,7 +66,7 @@ class CrossDeviceSizes(Sizes):
     clients: int = 128
     examples: int = 5120
     rounds: int = 10
-    local_steps: int = 3
+    local_steps: int = 2
     fraction_train: float = 0.1
     min_train_clients: int = 6
     model_dir: str = ""
