@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from pf2lora_core.config.experiment import Experiment, from_yaml
 from pf2lora_core.config.keys import COMMON, CONFIG_FILE, PRIVATE
+from pf2lora_core.federation.private_store import PrivateStoreError
 from pf2lora_core.run.console import quiet_libraries
 from pf2lora_core.run.export import (
     MEAN_POOLING_HINT,
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # the same quiet console as the apps: no progress bars or known warnings
     try:
         out = export_run(args.run_dir, args.out, None if args.global_ else args.client, args.state_dir, args.round_)
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, FileNotFoundError, PrivateStoreError) as err:  # each says what to fix: no traceback
         print(f"pf2lora-export: {err}", file=sys.stderr)
         return 2
     note = f"; the head reads mean-pooled tokens: call {MEAN_POOLING_HINT}" if (out / POOLING_NOTE).exists() else ""

@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import warnings
+from pathlib import Path
 
 import psutil
 import pytest
@@ -228,3 +229,22 @@ def test_tensorboard_holds_config_rounds_clients_and_summary(simulation: dict) -
         accuracy = events.Scalars(f"clients/{k}/personalized/accuracy")
         assert accuracy[-1].value == pytest.approx(records[-1]["clients"][str(k)]["personalized"]["accuracy"])
     assert {"config/text_summary", "summary/text_summary"} <= set(events.Tags()["tensors"])
+
+
+def test_export_refuses_a_state_dir_it_cannot_trust_with_one_line(
+    simulation: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A private-state store the export refuses (here a symbolic link where the run's folder should
+    be) is one line saying what to fix, exit status 2, not a traceback."""
+    from pf2lora_core.tools.export import main as export_main
+
+    run = simulation["run"]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / run.name).symlink_to(tmp_path / "elsewhere")
+    code = export_main(
+        [str(run), "--client", "1", "--out", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    )
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("pf2lora-export: ") and "symbolic link" in last and "Traceback" not in err
