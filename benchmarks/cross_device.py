@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from benchmarks.federated import CACHE, DATASETS, Job, RunLog, Sizes, mean, run_all
+from benchmarks import results
+from benchmarks.federated import CACHE, DATASETS, Job, RunLog, Sizes, mean
 from benchmarks.results import (
-    PROSE_END,
-    PROSE_START,
     RESULTS,
     SEEDS,
     algorithm_overrides,
     config_text,
+    kept_prose,
     per_run,
     prior_runs,
     run_time,
@@ -43,6 +43,7 @@ from benchmarks.results import (
     setting_table,
     table_marks,
     tuned_overrides,
+    write_readme,
 )
 from pf2lora_core.analysis.tables import cell, markdown_table
 
@@ -175,12 +176,7 @@ def header(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], wo
 def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], out: Path, workers: int = 2) -> Path:
     """Write ``out / README.md`` from the finished runs, keeping its prose block; returns its path."""
     readme = out / "README.md"
-    prose = f"{PROSE_START}\n(No prose yet.)\n{PROSE_END}"
-    if readme.exists():
-        text = readme.read_text(encoding="utf-8")
-        if PROSE_START in text and PROSE_END in text:
-            prose = text[text.index(PROSE_START) : text.index(PROSE_END) + len(PROSE_END)]
-    lines = [*header(log, tuned, seeds, workers), prose, "", "## Personalized test accuracy", ""]
+    lines = [*header(log, tuned, seeds, workers), kept_prose(readme), "", "## Personalized test accuracy", ""]
     lines += [*summary_table(log, tuned, seeds), ""]
     lines += ["## Clients that rarely train", "",
               "Personalized test accuracy of the clients grouped by the rounds they trained (mean ± se over seeds; "
@@ -191,11 +187,7 @@ def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], ou
     for setting in STAGES:
         d, _, s = setting.partition("_s")
         lines += [f"## {DATASETS[d]}, s = {s}", "", *setting_table(log, setting, algorithms, seeds), ""]
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(readme)  # atomic: a killed regeneration never leaves a torn README
-    return readme
+    return write_readme(readme, lines)
 
 
 # --------------------------------------------------------------------------------- running
@@ -203,12 +195,11 @@ def regenerate(
     stages: Sequence[str], log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], workers: int,
     cache: Path, out: Path, render_each: bool = True,
 ) -> list[Job]:  # fmt: skip
-    jobs = [j for stage in stages if stage for j in jobs_of(stage, tuned, seeds)]
-    start = time.time()
-    on_done = (lambda *_: render(log, tuned, seeds, out, workers)) if render_each else None
-    failed = run_all(jobs, log, workers, cache, on_done=on_done)
-    print(f"done in {time.time() - start:.0f} s wall", flush=True)
-    return failed
+    """``benchmarks.results.regenerate`` with this benchmark's jobs and README."""
+    render_here = functools.partial(render, workers=workers)
+    return results.regenerate(
+        stages, log, tuned, seeds, workers, cache, out, render_each, jobs_for=jobs_of, render_with=render_here
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,18 +362,30 @@ def header(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int]) ->
     ]
 
 
-def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], out: Path) -> Path:
-    """Write ``out / README.md`` from the finished runs, keeping its prose block; returns its path."""
-    readme = out / "README.md"
-    prose = f"{PROSE_START}\n(No prose yet.)\n{PROSE_END}"
+def kept_prose(readme: Path) -> str:
+    """The hand-written block between the prose markers of ``readme`` (a placeholder where there is none)."""
     if readme.exists():
         text = readme.read_text(encoding="utf-8")
         if PROSE_START in text and PROSE_END in text:
-            prose = text[text.index(PROSE_START) : text.index(PROSE_END) + len(PROSE_END)]
+            return text[text.index(PROSE_START) : text.index(PROSE_END) + len(PROSE_END)]
+    return f"{PROSE_START}\n(No prose yet.)\n{PROSE_END}"
+
+
+def write_readme(readme: Path, lines: Sequence[str]) -> Path:
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(readme)  # atomic: a killed regeneration never leaves a torn README
+    return readme
+
+
+def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], out: Path) -> Path:
+    """Write ``out / README.md`` from the finished runs, keeping its prose block; returns its path."""
+    readme = out / "README.md"
     plots = write_plots(log, tuned, seeds, out / "plots") if log.done else []
     lines = [
         *header(log, tuned, seeds),
-        prose,
+        kept_prose(readme),
         "",
         "## Personalized test accuracy",
         "",
@@ -389,21 +401,21 @@ def render(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], ou
     for setting in ABLATION_SETTINGS:
         lines += [f"## PF2LoRA's ablations, {setting}", "", *setting_table(log, setting, variants, seeds), ""]
     lines += ["## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in plots), ""]
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(readme)  # atomic: a killed regeneration never leaves a torn README
-    return readme
+    return write_readme(readme, lines)
 
 
 def regenerate(
     stages: Sequence[str], log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], workers: int,
-    cache: Path, out: Path, render_each: bool = True,
+    cache: Path, out: Path, render_each: bool = True, jobs_for: Callable = jobs_of, render_with: Callable = render,
 ) -> list[Job]:  # fmt: skip
-    """Run what ``stages`` miss in ``log``, re-rendering ``out / README.md`` after every run; the failed jobs."""
-    jobs = [j for stage in stages if stage for j in jobs_of(stage, tuned, seeds)]
+    """Run what ``stages`` miss in ``log``, re-rendering ``out / README.md`` after every run; the failed jobs.
+
+    ``jobs_for(stage, tuned, seeds)`` and ``render_with(log, tuned, seeds, out)``: another benchmark's
+    jobs and README on the same runner (``benchmarks.cross_device``).
+    """
+    jobs = [j for stage in stages if stage for j in jobs_for(stage, tuned, seeds)]
     start = time.time()
-    on_done = (lambda *_: render(log, tuned, seeds, out)) if render_each else None
+    on_done = (lambda *_: render_with(log, tuned, seeds, out)) if render_each else None
     failed = run_all(jobs, log, workers, cache, on_done=on_done)
     print(f"done in {time.time() - start:.0f} s wall", flush=True)
     return failed
