@@ -5,7 +5,7 @@
 ``results/`` (``benchmarks.results``) measures 4 clients of 400 snippets that all train every
 round: there a client's own data carries most of what it needs, and ``local`` cannot be told
 apart from the best federated methods. This is the other regime, ``experiment=cross_device``:
-128 clients x 40 snippets (28 train / 4 validation / 8 test), 12 sampled per round, 10 rounds
+64 clients x 40 snippets (28 train / 4 validation / 8 test), 6 sampled per round, 10 rounds
 x 2 local steps, so a client trains in about one round of ten and about a third never train.
 PF2LoRA, HOMLoRA, FedSA-LoRA, Per-FedAvg and ``local`` at the configurations ``results/`` uses
 (``pf2lora-tune``'s, chosen on ``offline_compare``), Rotten Tomatoes 2-way and 3-way at s = 0.3
@@ -64,12 +64,13 @@ class CrossDeviceSizes(Sizes):
     a tiny BERT in place of MiniLM (the smoke run).
     """
 
-    clients: int = 128
-    examples: int = 5120
+    clients: int = 64
+    examples: int = 2560
     rounds: int = 10
     local_steps: int = 2
     fraction_train: float = 0.1
-    min_train_clients: int = 6
+    min_train_clients: int = 3
+    max_length: int = 32
     model_dir: str = ""
 
     def overrides(self, setting: str) -> list[str]:
@@ -77,6 +78,7 @@ class CrossDeviceSizes(Sizes):
         federation = [
             f"federation.fraction_train={self.fraction_train!r}",
             f"federation.min_train_clients={self.min_train_clients}",
+            f"task.max_length={self.max_length}",
         ]
         return [f"experiment={PRESET}", *super().overrides(setting), *federation, *model]
 
@@ -159,12 +161,13 @@ def header(log: RunLog, tuned: Mapping[str, list[str]], seeds: Sequence[int], wo
         f"Setting (`experiment=cross_device`): packaged MiniLM-L6, {sz.clients} clients x {per} Rotten Tomatoes "
         f"snippets ({round(per * 0.7)} train / {round(per * 0.1)} validation / {round(per * 0.2)} test per client), "
         f"s-split partition, {sampled} clients sampled per round (`fraction_train={sz.fraction_train}`), "
-        f"{sz.rounds} rounds x {sz.local_steps} local steps of 16, seeds {', '.join(map(str, seeds))}; the "
+        f"{sz.rounds} rounds x {sz.local_steps} local steps of 16, snippets cut at {sz.max_length} word pieces, "
+        f"seeds {', '.join(map(str, seeds))}; the "
         "final evaluation scores every client at the final common adapter. Configurations: those of "
         "[results/](../README.md) (`pf2lora-tune` on `offline_compare`; chosen in the other regime, not "
         "re-tuned here). Cells: mean ± standard error over seeds of the mean over clients; `*` the best row, "
         "`≈` inside the best's 95% Welch interval; `worst client`: the lowest client's accuracy (8 test rows "
-        "each: one row is 0.125, so the worst of 128 is mostly sampling noise). Priors: each client's own "
+        f"each: one row is 0.125, so the worst of {sz.clients} is mostly sampling noise). Priors: each client's own "
         "majority training label, and the pooled one, scored on the test splits.",
         "",
         f"Run time: {state}; {seconds / 3600:.1f} h summed over the runs done, on a 2-core CPU without GPU, "

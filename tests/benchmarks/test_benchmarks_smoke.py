@@ -20,6 +20,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERB
 slow = pytest.mark.slow
 BENCHMARKS = [
     "step_cost",
+    "round_cost",
     "update_norm",
     "pooling",
     "robustness",

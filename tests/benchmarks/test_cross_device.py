@@ -15,8 +15,9 @@ def test_the_recorded_sizes_are_the_presets() -> None:
     assert (sizes.clients, sizes.examples) == (fed.num_clients, preset.cfg.task.max_examples)
     assert (sizes.rounds, sizes.local_steps) == (preset.rounds, preset.local_steps)
     assert (sizes.fraction_train, sizes.min_train_clients) == (fed.fraction_train, fed.min_train_clients)
+    assert sizes.max_length == preset.cfg.task.max_length
     run = load([*setting_overrides("rt2_s0.5"), *sizes.overrides("rt2_s0.5"), "algorithm=homlora"])
-    assert run.federation.num_clients == 128 and run.federation.fraction_train == 0.1
+    assert run.federation.num_clients == 64 and run.federation.fraction_train == 0.1
     assert run.cfg.partition.s == 0.5 and run.cfg.name == "cross_device"
 
 
