@@ -38,6 +38,7 @@ from pf2lora_core.config.keys import (
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
 )
+from pf2lora_core.federation.availability import CLIENT_UNAVAILABLE, UNAVAILABLE_REASON, drops_out
 from pf2lora_core.federation.node_policy import (
     ALLOW_FRESH_PRIVATE,
     CLIENT_FAILED,
@@ -207,11 +208,33 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
     context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
 
 
+def _dropped_out(msg: Message, context: Context) -> Message | None:
+    """A simulated drop-out's reply (``federation.dropout_rate``), or None: this client answers the round.
+
+    Decided before anything is loaded or changed: a client that drops out does no work and keeps
+    its private level as it was, as one that went offline would.
+    """
+    cfg = received(msg)
+    fed = cfg.federation
+    rate = float(fed.get("dropout_rate", 0.0))
+    if rate <= 0.0 or fed.get("kind") != "simulation":  # (a deployment's nodes drop out on their own)
+        return None
+    client = _client_id(context, int(fed.num_clients))
+    server_round = int(msg.content["config"][SERVER_ROUND_KEY])
+    if not drops_out(int(cfg.seed), client, server_round, rate):
+        return None
+    log.info("client %d: unavailable for round %d (simulated drop-out, rate %g)", client, server_round, rate)
+    return Message(Error(code=CLIENT_UNAVAILABLE, reason=UNAVAILABLE_REASON.format(rate=rate)), reply_to=msg)
+
+
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
     from pf2lora_core.federation.private_store import PrivateState
 
+    unavailable = _dropped_out(msg, context)
+    if unavailable is not None:
+        return unavailable
     runtime, client, store, policy, site = _setup(msg, context)
     server_round = int(msg.content["config"][SERVER_ROUND_KEY])
     if runtime.has_private:  # a private level this round could not save (the disk is ahead): refuse before training

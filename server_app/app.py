@@ -105,7 +105,9 @@ def prepare_resume(run_dir: str, overrides: str) -> tuple[Experiment, RunDir, Se
         exp, run, ckpt = load_resume(Path(run_dir))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"invalid configuration: resume: {err}") from None
-    ignored = [o for o in split_overrides(overrides) if not o.startswith(("resume=", "+resume=", "++resume="))]
+    # federation.ray_address is the launch's (where Ray runs this time: pf2lora_core.tools.launch.simulation_env)
+    kept = ("resume=", "+resume=", "++resume=", "federation.ray_address=")
+    ignored = [o for o in split_overrides(overrides) if not o.startswith(kept)]
     if ignored:
         log.warning("resume: ignoring overrides %s; a resumed run keeps its recorded config", ignored)
     log.info("resuming %s after round %d of %d", run.path, ckpt.round, exp.rounds)

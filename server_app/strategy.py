@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
@@ -42,6 +43,7 @@ from pf2lora_core.algorithms import Algorithm
 from pf2lora_core.algorithms.aggregation import MEAN, ROBUST
 from pf2lora_core.config.keys import ARRAYS_KEY, GLOBAL, METRICS_KEY, NUM_EXAMPLES, PERSONALIZED, TRAIN_LOSS, VALIDATION
 from pf2lora_core.config.schema import FederationConfig
+from pf2lora_core.federation.availability import CLIENT_UNAVAILABLE
 from pf2lora_core.federation.checkpoint import (
     SERVER_STATE_DIR,
     ServerCheckpoint,
@@ -350,6 +352,9 @@ class CommonAdapterFedAvg(FedAvg):
             try:
                 node = self._source(msg)
                 replied.add(node)
+                if unavailable(msg):  # offline (the SuperLink says so) or a simulated drop-out: missing
+                    self._missing(server_round, node, "training", truncate(f"unavailable: {msg.error.reason}"))
+                    continue
                 self._check_answers(msg)
                 reply = reply_data(msg)
                 audit = functools.partial(self._audit, server_round, "train", node, msg)
@@ -425,9 +430,7 @@ class CommonAdapterFedAvg(FedAvg):
                 node = self._source(msg)
                 replied.add(node)
                 if msg.has_error():
-                    reason = truncate(f"client error: {msg.error.reason}")
-                    log.warning("round %d: evaluation failed on %s: %s", server_round, self.nodes.label(node), reason)
-                    cur.missing.append({"client": self.nodes.label(node), "phase": "evaluation", "reason": reason})
+                    self._missing(server_round, node, "evaluation", truncate(f"client error: {msg.error.reason}"))
                     continue
                 self._check_answers(msg)
                 reply = reply_data(msg)
@@ -515,8 +518,13 @@ class CommonAdapterFedAvg(FedAvg):
         assert self.current is not None
         for node in sorted(set(self.sent) - replied):
             reason = f"no {phase} reply within federation.round_timeout_s={self.round_timeout_s:g} s"
-            log.warning("round %d: %s: %s", server_round, self.nodes.label(node), reason)
-            self.current.missing.append({"client": self.nodes.label(node), "phase": phase, "reason": reason})
+            self._missing(server_round, node, phase, reason)
+
+    def _missing(self, server_round: int, node: int, phase: str, reason: str) -> None:
+        """Record (and log) that ``node`` sent no usable ``phase`` reply this round, and why."""
+        assert self.current is not None
+        log.warning("round %d: %s: %s", server_round, self.nodes.label(node), reason)
+        self.current.missing.append({"client": self.nodes.label(node), "phase": phase, "reason": reason})
 
     def _audit(
         self, server_round: int, kind: str, node: int, msg: Message, arrays: dict[str, np.ndarray] | None = None
@@ -606,6 +614,12 @@ def node_key_fingerprints(grid: Grid, nodes: list[int]) -> dict[int, tuple[str, 
         if info.node_id in wanted and key:
             out[int(info.node_id)] = (key.decode("utf-8", "replace").strip(), hashlib.sha256(key).hexdigest())
     return out
+
+
+def unavailable(msg: Message) -> bool:
+    """An error reply saying the node could not answer at all (offline, or a simulated drop-out),
+    not that it tried and failed: such a reply counts as missing, not as rejected."""
+    return msg.has_error() and int(msg.error.code) in (ErrorCode.NODE_UNAVAILABLE, CLIENT_UNAVAILABLE)
 
 
 def _nan(value: float | None) -> float:

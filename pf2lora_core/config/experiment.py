@@ -8,6 +8,7 @@ returns an ``Experiment``. Everything downstream reads the ``Experiment``, never
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,13 @@ from pf2lora_core.training.tasks import METRICS, TASKS, generation_metrics_probl
 
 CONF_ENV = "PF2LORA_CONF"
 FEDERATION_KINDS = ("simulation", "deployment")
+RAY_AUTO = "auto"  # federation.ray_address: the cluster `ray start` last started on this machine
+# federation.ray_address as `ray start --head` prints it: a host name, IPv4 or [IPv6] address, and the GCS port
+_RAY_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})")
+_RAY_ADDRESS_HINT = (
+    '"" (a local Ray for this run), "auto" (the cluster `ray start` started on this machine) or the head '
+    "node's host:port as `ray start --head` prints it (e.g. 10.0.0.5:6379)"
+)
 
 
 def conf_dir() -> Path:
@@ -153,6 +161,20 @@ def _build_algorithm(section: DictConfig) -> Algorithm:
         raise ConfigError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
 
 
+def _check_ray_address(address: str) -> None:
+    """``federation.ray_address``: "", "auto" or a GCS host:port (Ray Client's ray:// is refused, with why)."""
+    key = "federation.ray_address"
+    check(
+        "://" not in address,
+        key,
+        f"{address!r} is a Ray Client address, which the simulation cannot use: run the launch on a node of the "
+        f"cluster and give {_RAY_ADDRESS_HINT}",
+    )
+    match = _RAY_HOST_PORT.fullmatch(address)
+    valid = address in ("", RAY_AUTO) or (match is not None and 1 <= int(match.group(1)) <= 65535)
+    check(valid, key, f"give {_RAY_ADDRESS_HINT}; got {address!r}")
+
+
 def _check_task_kind(c: ExperimentConfig) -> None:
     """The task kind, its metric and (for generation) the decoding options."""
     task, gen = c.task, c.generation
@@ -205,6 +227,7 @@ def _check_values(c: ExperimentConfig) -> None:
         "federation.connection",
         "a deployment needs the name of a SuperLink connection in $FLWR_HOME/config.toml",
     )
+    _check_ray_address(fed.ray_address)
     check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
     check(0 < fed.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
     check(0 <= fed.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
@@ -232,6 +255,12 @@ def _check_values(c: ExperimentConfig) -> None:
         0 <= fed.final_eval_clients <= fed.num_clients,
         "federation.final_eval_clients",
         f"must be in [0, num_clients={fed.num_clients}] (0 = every client), got {fed.final_eval_clients}",
+    )
+    check(0 <= fed.dropout_rate < 1, "federation.dropout_rate", f"must be in [0, 1), got {fed.dropout_rate}")
+    check(
+        fed.kind == "simulation" or fed.dropout_rate == 0,
+        "federation.dropout_rate",
+        "simulates availability in simulations only; real SuperNodes drop out on their own: set it to 0",
     )
     bad_ids = sorted({v for v in fed.node_keys.values() if not 0 <= v < fed.num_clients})
     check(not bad_ids, "federation.node_keys", f"partition ids {bad_ids} outside [0, num_clients={fed.num_clients})")

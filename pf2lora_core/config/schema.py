@@ -81,6 +81,8 @@ class FederationConfig:
     min_train_clients: int = MISSING
     client_cpus: int = MISSING  # Flower takes whole CPUs per ClientApp
     client_gpus: float = MISSING
+    # simulation: "" = a local Ray of this run's own; "auto" or the head's host:port = join that Ray cluster
+    ray_address: str = MISSING
     state_dir: str = MISSING  # where clients mirror their private state
     # reject replies whose update norm exceeds this: a number (0 = off) or "auto" (federation.checks.auto_update_norm)
     max_update_norm: Any = MISSING
@@ -96,6 +98,7 @@ class FederationConfig:
     trim_fraction: float = MISSING  # trimmed_mean: fraction cut at each end per coordinate
     max_failed_rounds: int = MISSING  # consecutive rounds in which every client failed before the run stops
     final_eval_clients: int = MISSING  # clients evaluated at the final common adapter, the headline (0 = all)
+    dropout_rate: float = MISSING  # simulation: P(a sampled client does not answer a training round)
     node_keys: dict[str, int] = field(default_factory=dict)  # SuperNode public key (or its SHA-256) -> partition id
     rebind_clients: bool = MISSING  # a new node may take over an offline node's client id (no node auth)
 

@@ -53,13 +53,37 @@ def federation_config(exp: Experiment) -> str:
         raise ConfigError(
             f"federation.kind={fed.kind}: no local simulation to size; submit with `flwr run . {fed.connection}`"
         )
-    problem = simulation_gpu_problem(str(exp.cfg.device), float(fed.client_gpus), torch.cuda.device_count())
+    gpus_here = None if fed.ray_address else torch.cuda.device_count()  # a cluster's GPUs are on its nodes
+    problem = simulation_gpu_problem(str(exp.cfg.device), float(fed.client_gpus), gpus_here)
     if problem:
         raise ConfigError(f"invalid configuration: {problem}")
     return (
         f"num-supernodes={fed.num_clients} client-resources-num-cpus={fed.client_cpus} "
         f"client-resources-num-gpus={fed.client_gpus}"
     )
+
+
+# Where the simulation's Ray runs. Flower 1.41 cannot be told through `flwr run --federation-config`: its
+# SimulationConfig (flwr/proto/federation_config.proto; flwr/cli/federation/simulation_config.py) carries
+# only init-args num-cpus, num-gpus, logging-level and log-to-driver, which flwr/simulation/app.py
+# (_run_simulation_settings) turns into the Ray backend's init_args. The backend
+# (flwr/server/superlink/fleet/vce/backend/raybackend.py, RayBackend.init_ray) then calls ray.init() without
+# an address, and ray.init() reads RAY_ADDRESS from its environment (ray/_private/worker.py), which the
+# simulation process inherits from `flwr run` through the local SuperLink this launch starts for the run.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# Without an address ray.init() joins the cluster a `ray start` last recorded on this machine
+# (/tmp/ray/ray_current_cluster) if there is one; "local" always starts a Ray of this run's own.
+RAY_LOCAL = "local"
+
+
+def simulation_env(exp: Experiment) -> dict[str, str]:
+    """The environment that puts the simulation of ``exp`` on its Ray: ``{"RAY_ADDRESS": ...}``.
+
+    ``federation.ray_address`` "" gives ``local`` (a fresh Ray for this run, whatever ``RAY_ADDRESS`` or a
+    ``ray start`` on this machine says); "auto" or ``host:port`` joins that cluster. The address is
+    the current config's, also with ``resume=``: a resumed run may find its cluster elsewhere.
+    """
+    return {RAY_ADDRESS_ENV: str(exp.federation.ray_address) or RAY_LOCAL}
 
 
 def flwr_run(
@@ -389,7 +413,9 @@ def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
             if fed.kind == "deployment":
                 proc = flwr_run(text, None, None, app_dir, timeout=None, connection=fed.connection, echo=sys.stdout)
             else:
-                proc = flwr_run(text, federation_config(exp), flwr_home, app_dir, timeout=None, echo=sys.stdout)
+                proc = flwr_run(
+                    text, federation_config(exp), flwr_home, app_dir, None, simulation_env(exp), echo=sys.stdout
+                )
     except (ConfigError, LaunchError) as err:
         print(err, file=sys.stderr)
         return 2

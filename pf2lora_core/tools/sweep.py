@@ -57,7 +57,14 @@ from pf2lora_core.config.keys import (
 from pf2lora_core.config.schema import ConfigError
 from pf2lora_core.run.records import RecordError, Summary
 from pf2lora_core.run.run_dir import atomic_write_bytes, set_aside_run
-from pf2lora_core.tools.launch import LaunchError, federation_config, flwr_run, refuse_comma_paths, sigterm_as_interrupt
+from pf2lora_core.tools.launch import (
+    LaunchError,
+    federation_config,
+    flwr_run,
+    refuse_comma_paths,
+    sigterm_as_interrupt,
+    simulation_env,
+)
 from pf2lora_core.training.models import resolve_model
 
 # Overrides that steer the sweep itself, not the experiment: never part of a job's identity.
@@ -231,7 +238,8 @@ def _launch(
     overrides = " ".join(run_overrides)
     if exp.federation.kind == "deployment":
         return flwr_run(overrides, None, None, app_dir, timeout, connection=exp.federation.connection)
-    return flwr_run(overrides, federation_config(exp), flwr_home, app_dir, timeout, extra_env=_offline_env(exp))
+    env = {**_offline_env(exp), **simulation_env(exp)}
+    return flwr_run(overrides, federation_config(exp), flwr_home, app_dir, timeout, extra_env=env)
 
 
 def _quoted(key: str, path: Path) -> str:

@@ -45,11 +45,12 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def simulation_gpu_problem(device: str, client_gpus: float, gpus_here: int) -> str | None:
+def simulation_gpu_problem(device: str, client_gpus: float, gpus_here: int | None) -> str | None:
     """What is wrong with a local simulation's GPU settings on a machine with ``gpus_here`` GPUs, or None.
 
     ``device=cuda`` with ``client_gpus=0`` fails in every client (Ray hides the GPUs); ``client_gpus
-    > 0`` on a machine without GPUs never starts a client (Ray waits for GPUs forever).
+    > 0`` on a machine without GPUs never starts a client (Ray waits for GPUs forever). ``gpus_here``
+    None: not known here (an existing Ray cluster, whose GPUs are on its nodes).
     """
     if client_gpus < 0:
         return f"federation.client_gpus={client_gpus} must be >= 0"

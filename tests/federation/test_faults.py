@@ -107,10 +107,11 @@ def test_node_unavailable_error_names_the_client(tmp_path: Path, caplog: Any) ->
     with caplog.at_level(logging.WARNING, logger="pf2lora.server"):
         strategy, record = one_round(tmp_path, grid)
     node = next(n for n, c in NODES.items() if c == 1)
-    assert record["rejected"] == [
-        {"client": f"client 1 (node {node})", "reason": "client error: Error: Node Unavailable"}
+    # it could not answer at all: missing (as a simulated drop-out), not a reply the server refused
+    assert record["missing"] == [
+        {"client": f"client 1 (node {node})", "phase": "training", "reason": "unavailable: Error: Node Unavailable"}
     ]
-    assert record["missing"] == []  # it did answer (through the SuperLink), so it is not also "missing"
+    assert record["rejected"] == []
     assert_close(strategy.state, expected_mean(grid, tmp_path, [0, 2, 3]))
     assert f"client 1 (node {node})" in caplog.text
 

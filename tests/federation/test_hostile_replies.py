@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from pf2lora_core.algorithms.aggregation import ROBUST
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_FILE, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
@@ -62,7 +63,7 @@ def _drop_metric(key: str) -> Mutator:
 
 
 def _error(r: Reply, _: random.Random) -> Reply:
-    return Reply(None, r.metadata, SimpleNamespace(reason="Traceback ... " + "x" * 5000))
+    return Reply(None, r.metadata, Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "Traceback ... " + "x" * 5000))
 
 
 def _no_content(r: Reply, _: random.Random) -> Reply:
@@ -532,7 +533,7 @@ def test_run_whose_every_client_fails_in_round_1_stops_with_the_error(tmp_path: 
     strategy.start_state(initial_common(exp), dict(NODES))
     with pytest.raises(
         RunFailedError,
-        match=r"round 1: every client failed in the first round .* client error: Error: Node Unavailable",
+        match=r"round 1: every client failed in the first round .* unavailable: Error: Node Unavailable",
     ):
         strategy.run_rounds(grid, shared(exp, strategy.run.path))
     record = json.loads((strategy.run.path / METRICS_FILE).read_text().splitlines()[-1])

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from pf2lora_core.algorithms import REGISTRY
@@ -65,7 +66,7 @@ class Reply:
 
     content: RecordDict | None
     metadata: SimpleNamespace
-    error: SimpleNamespace | None = None
+    error: Error | None = None
 
     def has_error(self) -> bool:
         return self.error is not None
@@ -111,7 +112,7 @@ class FakeGrid:
                 continue
             if (phase, rnd, client) in self.unavailable:
                 meta.src_node_id = SUPERLINK_NODE
-                replies.append(Reply(None, meta, SimpleNamespace(reason="Error: Node Unavailable")))
+                replies.append(Reply(None, meta, Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable")))
                 continue
             replies.append(Reply(self.answer(msg, phase, rnd, client), meta))
         return replies

@@ -17,6 +17,7 @@ from pf2lora_core.algorithms import HOMLoRA, LoRAParams
 from pf2lora_core.config.experiment import load
 from pf2lora_core.config.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from pf2lora_core.config.schema import FederationConfig
+from pf2lora_core.federation.availability import CLIENT_UNAVAILABLE
 from pf2lora_core.federation.protocol import CLIENT_KEY
 from pf2lora_core.run.run_dir import RunDir, new_run_dir
 from server_app.strategy import CommonAdapterFedAvg, RoundLog, RoundPlan
@@ -42,6 +43,7 @@ def message_id(node: int) -> str:
 @dataclass
 class _Err:
     reason: str
+    code: int = 2  # Flower's CLIENT_APP_RAISED_EXCEPTION
 
 
 @dataclass
@@ -130,6 +132,15 @@ def test_malformed_reply_is_excluded_with_reason(tmp_path: Path, caplog: pytest.
     assert all(np.allclose(a, 2.0) for a in arrays.to_numpy_ndarrays())
     assert len(s.current.rejected) == 1 and reason in s.current.rejected[0]["reason"]
     assert "node 5" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.parametrize("code", [5, CLIENT_UNAVAILABLE])  # Flower's NODE_UNAVAILABLE, a simulated drop-out
+def test_an_unavailable_client_is_missing_not_rejected(tmp_path: Path, code: int) -> None:
+    s = strategy(tmp_path)
+    arrays, _ = s.aggregate_train(1, [good(1, 2.0), FakeMsg(None, 5, _Err("offline", code)), good(2, 2.0)])
+    assert arrays is not None and all(np.allclose(a, 2.0) for a in arrays.to_numpy_ndarrays())
+    assert s.current.rejected == []
+    assert [(m["phase"], m["reason"]) for m in s.current.missing] == [("training", "unavailable: offline")]
 
 
 def test_update_norm_bound(tmp_path: Path) -> None:
