@@ -23,6 +23,7 @@ BENCHMARKS = [
     "update_norm",
     "pooling",
     "robustness",
+    "scale",  # in-process only at smoke size (8 and 64 clients, tiny BERT): no flwr start-up
     pytest.param("results", marks=slow),  # 23 tiny federated runs
     pytest.param("gpu", marks=slow),  # its dry run: two models, two precisions
     pytest.param("round_overhead", marks=slow),  # a real flwr run (SuperLink and Ray start-up)
