@@ -12,6 +12,8 @@ that no memory peak leaks into the next measurement. Measured per (engine, size)
 - *peak server MiB*: the largest resident memory sampled every 0.1 s of the server's process (the
   in-process engine: the one process, clients included; ``flwr run``: the flwr-simulation process
   that runs the ServerApp, Ray's workers apart, which ``peak_total_mb`` adds);
+- *server CPU s/round*: CPU seconds of that server process per steady round (what the server,
+  not the clients, spends on a round: ``flwr run``'s simulation polls every node);
 - *private-state bytes*: ``federation.state_dir`` after the run, and the clients that have a
   folder there (those that trained or were evaluated at the end, never the whole federation).
 
@@ -136,7 +138,9 @@ class Sampler:
     """A thread that samples the resident memory of some processes and watches metrics.jsonl.
 
     ``processes`` returns the processes to sample now (called every ``refresh`` polls);
-    ``server`` picks the one(s) whose peak is the server's.
+    ``server`` picks the one(s) whose peak is the server's. It also notes when each round's line
+    appears and the server's CPU seconds so far, so that ``server_cpu_between`` tells what the
+    server process spent over the steady rounds (``flwr run``: where a round's time goes).
     """
 
     metrics: Path
@@ -149,6 +153,9 @@ class Sampler:
     peak_total: int = 0
     baseline: int = 0
     roles: dict[int, str] = field(default_factory=dict)
+    line_at: list[float] = field(default_factory=list)  # seconds from ``started`` to each round's line
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # (seconds from ``started``, server CPU s)
+    _cpu_of: dict[int, float] = field(default_factory=dict)  # server pid -> its CPU seconds (kept once it ends)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -170,8 +177,7 @@ class Sampler:
                 procs = self.processes()
             polls += 1
             self._sample(procs)
-            if self.first_round_at is None and self.metrics.exists() and self.metrics.stat().st_size > 0:
-                self.first_round_at = time.perf_counter() - self.started
+            self._watch_lines()
             self._stop.wait(POLL_S)
         self._sample(procs)
 
@@ -183,10 +189,30 @@ class Sampler:
                 total += rss
                 if self.server(proc):
                     server += rss
+                    times = proc.cpu_times()
+                    self._cpu_of[proc.pid] = times.user + times.system
                 if proc.pid not in self.roles:
                     self.roles[proc.pid] = " ".join(proc.cmdline()[:3])[:120]
         self.peak_total = max(self.peak_total, total)
         self.peak_server = max(self.peak_server, server)
+        self.cpu.append((time.perf_counter() - self.started, sum(self._cpu_of.values())))
+
+    def _watch_lines(self) -> None:
+        with contextlib.suppress(OSError):
+            lines = self.metrics.read_bytes().count(b"\n") if self.metrics.exists() else 0
+            now = time.perf_counter() - self.started
+            self.line_at += [now] * (lines - len(self.line_at))
+            if self.first_round_at is None and self.line_at:
+                self.first_round_at = self.line_at[0]
+
+    def server_cpu_between(self, first: int, last: int) -> float:
+        """The server's CPU seconds from round ``first``'s line to round ``last``'s (NaN if not both seen)."""
+        if len(self.line_at) < last or first < 1:
+            return math.nan
+        start, end = self.line_at[first - 1], self.line_at[last - 1]
+        at = [c for t, c in self.cpu if t <= end]
+        before = [c for t, c in self.cpu if t <= start]
+        return (at[-1] - before[-1]) if at and before else math.nan
 
 
 def folder_bytes(folder: Path) -> int:
@@ -210,6 +236,7 @@ class Measurement:
     state_bytes: int  # federation.state_dir after the run (private adapters)
     run_dir_bytes: int  # the run directory (checkpoints, metrics)
     wall_s: float
+    server_cpu_s: float = math.nan  # CPU seconds of the server process per steady round
     distinct_trained: int = 0  # clients trained at least once
     state_clients: int = 0  # clients with a folder in federation.state_dir
     complete: bool = True  # every round ran (False: a flwr run stopped by its timeout)
@@ -238,6 +265,8 @@ def _measurement(
     # a run stopped by its timeout reached no final round: every round it finished after the first is steady
     steady = steady_rounds(records) if complete else [b.elapsed - a.elapsed for a, b in itertools.pairwise(records)]
     typical = statistics.median(steady) if steady else math.nan
+    last = len(records) - 1 if complete else len(records)  # the steady rounds: 2..last
+    cpu = sampler.server_cpu_between(1, last) / (last - 1) if last >= 2 else math.nan
     first = sampler.first_round_at if sampler.first_round_at is not None else math.nan
     state = folder / "state"
     return Measurement(
@@ -245,7 +274,7 @@ def _measurement(
         trained=[r.clients_trained for r in records], first_round_s=first,
         peak_server_mb=sampler.peak_server / MiB, peak_total_mb=sampler.peak_total / MiB,
         state_bytes=folder_bytes(state), run_dir_bytes=folder_bytes(folder / "run"), wall_s=wall,
-        distinct_trained=len({c for r in records for c in r.train}),
+        server_cpu_s=cpu, distinct_trained=len({c for r in records for c in r.train}),
         state_clients=sum(1 for p in state.rglob("client_*") if p.is_dir()) if state.exists() else 0,
         complete=complete, note=note, processes={str(k): v for k, v in sampler.roles.items()},
     )  # fmt: skip
@@ -417,7 +446,8 @@ def readme(ms: Sequence[Measurement], consts: dict[str, dict[str, float]], where
     base = {m.engine: m.steady_s for m in ms if m.clients == min(x.clients for x in ms if x.engine == m.engine)}
     rows = [
         f"| {m.engine} | {m.clients} | {m.setup_s:.1f} | {m.steady_s:.2f} | {m.steady_s / base[m.engine]:.2f} | "
-        f"{m.peak_server_mb:.0f} | {m.peak_total_mb:.0f} | {m.state_bytes:,} ({m.state_clients}) |"
+        f"{m.server_cpu_s:.2f} | {m.peak_server_mb:.0f} | {m.peak_total_mb:.0f} | "
+        f"{m.state_bytes:,} ({m.state_clients}) |"
         f"{'' if m.complete else ' ' + m.note}"
         for m in ms
     ]
@@ -431,15 +461,16 @@ def readme(ms: Sequence[Measurement], consts: dict[str, dict[str, float]], where
         f"{where['machine']}, commit {where['commit']}. Wall times on a shared machine are noisy: compare "
         "ratios within one run.",
         "",
-        "| engine | clients | set-up s | steady s/round | ratio to 8 | peak server MiB | peak all MiB "
-        "| private state bytes (clients) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| engine | clients | set-up s | steady s/round | ratio to 8 | server CPU s/round | peak server MiB "
+        "| peak all MiB | private state bytes (clients) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
         "Set-up: launch to round 1's record, less one steady round. Peak server: the in-process engine's one "
         "process (clients included); for `flwr run` the flwr-simulation process (ServerApp, SuperLink state, Ray "
         "driver), *all* adding the SuperLink and Ray's workers. Private state: `federation.state_dir` after the "
-        "run; clients = those with a folder there (trained or finally evaluated).",
+        "run; clients = those with a folder there (trained or finally evaluated). Server CPU: CPU seconds of "
+        "the server process per steady round (in-process: the one process, clients' training included).",
         "",
         "Per-client constants (least-squares slopes over the sizes above):",
         "",
@@ -471,7 +502,7 @@ def smoke() -> int:
         extra = tiny_model_overrides(Path(tmp) / "tiny-bert")
         ms = [measure_in_subprocess(INPROCESS, n, SMOKE_ROUNDS, extra, timeout=300) for n in SMOKE_SIZES]
     for m in ms:
-        for name in ("setup_s", "steady_s", "first_round_s", "peak_server_mb", "wall_s"):
+        for name in ("setup_s", "steady_s", "first_round_s", "server_cpu_s", "peak_server_mb", "wall_s"):
             checks.finite(getattr(m, name), f"{m.key} {name}", low=1e-9)
         checks.require(m.trained == [SAMPLED] * SMOKE_ROUNDS, f"{m.key}: clients trained per round {m.trained}")
         checks.require(m.state_bytes > 0 and m.state_clients > 0, f"{m.key}: private state {m.state_bytes} B")
