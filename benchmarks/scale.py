@@ -353,6 +353,49 @@ def measure_in_subprocess(
     return Measurement(**json.loads(lines[-1]))
 
 
+# ------------------------------------------------------------------------------------ Flower's polling
+SWEEPS = ((8, 8), (4096, 0), (4096, 8), (4096, 512))  # (nodes, messages in flight) of flower_sweep_ms
+
+
+def flower_sweep_ms(nodes: int, in_flight: int) -> float:
+    """Milliseconds of one sweep of Flower's simulation engine over ``nodes`` with ``in_flight`` messages.
+
+    Flower 1.41's ``add_messages_to_queue`` (flwr/server/superlink/fleet/vce/vce_api.py) calls
+    ``get_message_ins(node_id, limit=1)`` of its in-memory LinkState for every registered node every
+    0.1 s; each call scans every stored message. This builds that state (Flower's own node
+    registration) with ``in_flight`` delivered messages awaiting replies, as during a round, and times
+    one sweep. Reads Flower internals: a Flower upgrade may need this updated (``--smoke`` runs it).
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
+
+    from server_app.inprocess import server_identity
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    node_ids = list(_register_nodes(nodes, factory))
+    state = factory.state()
+    run = Run.create_empty(7)
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    with server_identity(run.run_id):
+        for node in node_ids[:in_flight]:
+            msg = Message(RecordDict({"config": ConfigRecord({"k": 1})}), dst_node_id=node, message_type="query")
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg.metadata.delivered_at = "delivered"  # handed to a worker, its reply not yet pulled
+            state.message_ins_store[msg.metadata.message_id] = msg
+    start = time.perf_counter()
+    for node in node_ids:
+        state.get_message_ins(node_id=node, limit=1)
+    return 1e3 * (time.perf_counter() - start)
+
+
 # ------------------------------------------------------------------------------------ the whole run
 def read_lines(path: Path) -> dict[str, Measurement]:
     """The measurements already in ``path`` by key (a line torn by a kill is skipped: measured again)."""
@@ -437,12 +480,20 @@ def render(out: Path, found: dict[str, Measurement], rounds: int) -> None:
     consts = constants(ms)
     where = {"machine": machine(), "commit": commit(), "python": platform.python_version()}
     setting = {"sampled": SAMPLED, "rows_per_client": ROWS_PER_CLIENT, "rounds": rounds, "overrides": list(SETTING)}
-    doc = {**where, "setting": setting, "constants": consts, "measurements": [asdict(m) for m in ms]}
+    sweeps = {f"{n} nodes, {k} in flight": flower_sweep_ms(n, k) for n, k in SWEEPS}
+    doc = {**where, "setting": setting, "constants": consts, "flower_sweep_ms": sweeps}
+    doc["measurements"] = [asdict(m) for m in ms]
     (out / JSON_FILE).write_text(json.dumps(doc, indent=1) + "\n")
-    (out / README).write_text(readme(ms, consts, where, rounds))
+    (out / README).write_text(readme(ms, consts, where, rounds, sweeps))
 
 
-def readme(ms: Sequence[Measurement], consts: dict[str, dict[str, float]], where: dict[str, str], rounds: int) -> str:
+def readme(
+    ms: Sequence[Measurement],
+    consts: dict[str, dict[str, float]],
+    where: dict[str, str],
+    rounds: int,
+    sweeps: dict[str, float],
+) -> str:
     base = {m.engine: m.steady_s for m in ms if m.clients == min(x.clients for x in ms if x.engine == m.engine)}
     rows = [
         f"| {m.engine} | {m.clients} | {m.setup_s:.1f} | {m.steady_s:.2f} | {m.steady_s / base[m.engine]:.2f} | "
@@ -471,6 +522,15 @@ def readme(ms: Sequence[Measurement], consts: dict[str, dict[str, float]], where
         "driver), *all* adding the SuperLink and Ray's workers. Private state: `federation.state_dir` after the "
         "run; clients = those with a folder there (trained or finally evaluated). Server CPU: CPU seconds of "
         "the server process per steady round (in-process: the one process, clients' training included).",
+        "",
+        "What grows with the federation in `flwr run` is Flower's own simulation engine (flwr 1.41, "
+        "`flwr/server/superlink/fleet/vce/vce_api.py`, `add_messages_to_queue`): every 0.1 s it asks the "
+        "in-memory LinkState for a message for *every* node, and each ask scans every message in flight "
+        "(`InMemoryLinkState.get_message_ins`). One sweep (`flower_sweep_ms`) measured here: "
+        + "; ".join(f"{ms_:.1f} ms at {k}" for k, ms_ in sweeps.items())
+        + ". So the flwr-simulation process burns CPU in "
+        "proportion to the federation through every round (the server CPU column), and the round-1 identity "
+        "query of every node costs about nodes x queries in flight. Nothing of this is in the app's code.",
         "",
         "Per-client constants (least-squares slopes over the sizes above):",
         "",
@@ -518,6 +578,9 @@ def smoke() -> int:
     checks.finite(large.steady_s / small.steady_s, "steady round ratio 64 / 8", low=1e-9)
     consts = constants(ms)
     checks.finite(consts.get(INPROCESS, {}).get("setup_ms_per_client"), "set-up ms per client")
+    small_sweep, busy_sweep = flower_sweep_ms(64, 0), flower_sweep_ms(64, 8)
+    checks.finite(small_sweep, "Flower's polling sweep, 64 nodes", low=1e-9)
+    checks.finite(busy_sweep, "Flower's polling sweep, 64 nodes with 8 messages in flight", low=1e-9)
     checks.require(fingerprint() == before, "results/ untouched")
     return checks.finish()
 
