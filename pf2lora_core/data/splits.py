@@ -30,7 +30,7 @@ from pf2lora_core.data.columns import (
     TRAIN,
     VALIDATION,
 )
-from pf2lora_core.data.partition import make_partitioner
+from pf2lora_core.data.partition import column, make_partitioner, partition_rows
 from pf2lora_core.data.sources import CAUSAL_LM, CLASSIFICATION, label_names, load_examples, resolve_text_columns
 
 T = TypeVar("T")
@@ -75,17 +75,19 @@ class ClientRows:
 # Deliberate per-process caches. A Ray simulation worker serves many clients over many rounds:
 # the pooled data is loaded once per (task, seed), tokenized once per (task, seed, tokenizer),
 # partitioned once per (task, partition, num_clients, seed); each client's split is built once.
+# Its label column is read once too: reading it costs time in the pooled size (about 10 us a row
+# through ``datasets``' row formatter), far more than a client's own rows at 4096 clients.
 POOLED_CACHE: dict[Hashable, datasets.Dataset] = {}
+POOLED_LABELS_CACHE: dict[Hashable, np.ndarray] = {}
 TOKENIZED_CACHE: dict[Hashable, datasets.Dataset] = {}
 ROWS_CACHE: dict[Hashable, list[ClientRows]] = {}
 SPLIT_CACHE: dict[Hashable, ClientSplit] = {}
 POOLED_TRAIN_CACHE: dict[Hashable, datasets.Dataset] = {}
-LABELS_CACHE: dict[Hashable, np.ndarray] = {}  # the pooled label column, read once (not once per client)
 
 
 def clear_caches() -> None:
     """Empty every data cache of this process (tests; freeing memory)."""
-    for cache in (POOLED_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE, POOLED_TRAIN_CACHE, LABELS_CACHE):
+    for cache in (POOLED_CACHE, POOLED_LABELS_CACHE, TOKENIZED_CACHE, ROWS_CACHE, SPLIT_CACHE, POOLED_TRAIN_CACHE):
         cache.clear()
 
 
@@ -159,8 +161,7 @@ def partition_label_histograms(
     list[dict[str, list[int]]]
         One ``{"train": [...], "validation": [...], "test": [...]}`` per client: counts per label id.
     """
-    pooled = _pooled(task, seed)
-    labels, num_labels = _labels(task, seed), len(label_names(pooled))
+    labels, num_labels = _pooled_labels(task, seed), len(label_names(_pooled(task, seed)))
     return [
         {
             TRAIN: _histogram(labels[rows.train], num_labels),
@@ -294,7 +295,7 @@ def _build_split(
     tokenized = _tokenized(task, seed, tokenizer)
     rows = _client_rows(task, partition, num_clients, seed)[client]
     names = label_names(pooled)
-    labels = _labels(task, seed)
+    labels = _pooled_labels(task, seed)  # (never re-read per client: see POOLED_LABELS_CACHE)
     return ClientSplit(
         train=tokenized.select(rows.train),
         test=tokenized.select(rows.test),
@@ -310,13 +311,9 @@ def _pooled(task: TaskConfig, seed: int) -> datasets.Dataset:
     return _cached(POOLED_CACHE, (_freeze(task), seed), lambda: load_examples(task, seed))
 
 
-def _labels(task: TaskConfig, seed: int) -> np.ndarray:
-    """The pooled label column (reading it walks every row: once a process, not once a client)."""
-    return _cached(LABELS_CACHE, (_freeze(task), seed), lambda: _label_column(_pooled(task, seed)))
-
-
-def _label_column(pooled: datasets.Dataset) -> np.ndarray:
-    return np.asarray(pooled[LABEL])
+def _pooled_labels(task: TaskConfig, seed: int) -> np.ndarray:
+    """The pooled label column as an array, read once per (task, seed)."""
+    return _cached(POOLED_LABELS_CACHE, (_freeze(task), seed), lambda: column(_pooled(task, seed), LABEL))
 
 
 def _tokenized(task: TaskConfig, seed: int, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
@@ -386,13 +383,13 @@ def _client_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int,
 def _assign_rows(task: TaskConfig, partition: PartitionConfig, num_clients: int, seed: int) -> list[ClientRows]:
     """Partition the pooled rows with the configured partitioner, then split each into train/validation/test."""
     pooled = _pooled(task, seed)
-    labels = _labels(task, seed)
+    labels = _pooled_labels(task, seed)
     partitioner = make_partitioner(partition, num_clients, seed)
     # The partitioner sees only labels (and the natural-id column) and row numbers: cheap, and the
     # rows come back out.
     columns = [LABEL, *([partition.by] if partition.by in pooled.column_names and partition.by != LABEL else [])]
     partitioner.dataset = pooled.select_columns(columns).add_column(ROW, list(range(len(pooled))))
-    parts = [np.asarray(partitioner.load_partition(k)[ROW], dtype=np.int64) for k in range(num_clients)]
+    parts = partition_rows(partitioner, ROW)
     rngs = [np.random.default_rng([seed, k]) for k in range(num_clients)]
     return [
         train_val_test(rows, labels[rows], task.test_fraction, task.val_fraction, rng)

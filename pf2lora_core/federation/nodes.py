@@ -41,10 +41,23 @@ class NodeDirectory:
         self.num_clients = num_clients
         self.node_keys = dict(node_keys or {})
         self.rebind_clients = rebind_clients
-        self.clients: dict[int, int] = {}  # node id -> client
+        self._clients: dict[int, int] = {}  # node id -> client
+        self._nodes: dict[int, int] = {}  # client -> node id (its inverse: node_of in O(1), binding N nodes in O(N))
         self.ignored: set[int] = set()  # nodes never asked again (claim refused, or every client bound)
         self.backoff: dict[int, tuple[int, int]] = {}  # unidentified node -> (failures, round it is asked again)
         self.sampler = random.Random(derived_seed(seed, SAMPLER_SALT))
+
+    @property
+    def clients(self) -> dict[int, int]:
+        """Node id -> client. Read it; change it with ``bind`` or by assigning a whole map."""
+        return self._clients
+
+    @clients.setter
+    def clients(self, value: Mapping[int, int]) -> None:
+        self._clients = dict(value)
+        self._nodes = {}
+        for node, client in self._clients.items():
+            self._nodes.setdefault(client, node)
 
     # ------------------------------------------------------------------------ identity
     def unknown(self, connected: Iterable[int]) -> list[int]:
@@ -59,6 +72,8 @@ class NodeDirectory:
         wait minutes).
         """
         nodes = list(nodes)
+        if not nodes:  # (every round after the first: nothing to count over all bound nodes)
+            return []
         if len({c for n, c in self.clients.items() if n in connected}) >= self.num_clients:
             for node in nodes:
                 log.warning("node %d ignored: every partition is mapped to a connected node", node)
@@ -107,14 +122,18 @@ class NodeDirectory:
             state = "connected" if holder in connected else "offline; federation.rebind_clients=false"
             return f"claims client {client}, which node {holder} holds ({state})"
         if holder is not None and holder != node:
-            del self.clients[holder]
+            del self._clients[holder]
             log.info("client %d reconnected as node %d (was node %d)", client, node, holder)
-        self.clients[node] = client
+        previous = self._clients.get(node)
+        if previous is not None and self._nodes.get(previous) == node:
+            del self._nodes[previous]
+        self._clients[node] = client
+        self._nodes[client] = node
         return None
 
     # ------------------------------------------------------------------------ lookup, sampling
     def node_of(self, client: int) -> int | None:
-        return next((n for n, c in self.clients.items() if c == client), None)
+        return self._nodes.get(client)
 
     def connected_clients(self, connected: set[int]) -> list[int]:
         """Clients whose bound node is connected, in order."""

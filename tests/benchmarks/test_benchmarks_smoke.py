@@ -24,6 +24,7 @@ BENCHMARKS = [
     "update_norm",
     "pooling",
     "robustness",
+    "scale",  # in-process only at smoke size (8 and 64 clients, tiny BERT): no flwr start-up
     pytest.param("results", marks=slow),  # 23 tiny federated runs
     "cross_device",  # 5 tiny runs of 8 clients, 2 a round
     pytest.param("gpu", marks=slow),  # its dry run: two models, two precisions

@@ -110,3 +110,60 @@ def test_rotten_tomatoes_3way_has_plot_as_a_third_class() -> None:
     assert counts[2] > 900 and counts[0] > 4000 and counts[1] > 6000  # ~1.1k plot, 5.4k rotten, 7.4k fresh
     rows = _client_rows(dataclasses.replace(task, max_examples=1200), PARTITIONS["iid"], 4, seed=0)
     assert all(len(r.validation) and len(r.test) for r in rows)
+
+
+def test_client_splits_read_the_pooled_label_column_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28: every client's split re-read the whole pooled label column (through ``datasets``' row
+    formatter, about 10 us a row), so a new client at 4096 clients x 8 rows cost 0.3 s, every round."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from pf2lora_core.training.models import _packaged_dir
+
+    task, partition, n = make_task(max_examples=600), PARTITIONS["s_split"], 20
+    tokenizer = AutoTokenizer.from_pretrained(_packaged_dir("minilm-l6"))
+    client_module.clear_caches()
+    client_module.client_split(task, partition, n, 0, 0, tokenizer)  # pooled data, tokens, partition: once
+    reads = []
+    getitem = datasets.Dataset.__getitem__
+
+    def counted(self: datasets.Dataset, key: object) -> object:
+        if key == LABEL:
+            reads.append(len(self))
+        return getitem(self, key)
+
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", counted)
+    for client in range(1, n):
+        split = client_module.client_split(task, partition, n, client, 0, tokenizer)
+        assert sum(split.train_label_hist) == len(split.train)
+    assert reads == []  # one per client (each the whole pool) before
+
+
+@pytest.mark.parametrize("kind", sorted(PARTITIONS))
+def test_partition_rows_equal_the_partitions_rows(kind: str) -> None:
+    """``partition_rows`` (index arrays where the partitioner has them) gives what ``load_partition`` holds."""
+    from pf2lora_core.data.columns import ROW
+    from pf2lora_core.data.partition import RowIndexed, make_partitioner, partition_rows
+
+    pooled = _pooled(make_task(max_examples=600), 0)
+
+    def fresh() -> object:
+        p = make_partitioner(PARTITIONS[kind], 5, seed=0)
+        columns = [LABEL, *([MOVIE] if kind == "natural" else [])]
+        p.dataset = pooled.select_columns(columns).add_column(ROW, list(range(len(pooled))))
+        return p
+
+    expected = [list(fresh().load_partition(k)[ROW]) for k in range(5)]
+    assert [r.tolist() for r in partition_rows(fresh(), ROW)] == expected
+    assert isinstance(fresh(), RowIndexed) == (kind == "s_split")
+
+
+def test_s_split_rows_never_build_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28: the rows of N clients came from N ``datasets`` selects (about 1 ms each) in every process."""
+    from pf2lora_core.data.partition import SSplitPartitioner
+
+    built = []
+    monkeypatch.setattr(SSplitPartitioner, "load_partition", lambda self, k: built.append(k))
+    client_module.clear_caches()
+    rows = _client_rows(make_task(max_examples=600), PARTITIONS["s_split"], 30, seed=0)
+    assert len(rows) == 30 and built == []

@@ -54,3 +54,36 @@ def test_sampling_is_seeded_by_the_run_and_not_by_node_ids() -> None:
     assert draws == [b.sample(list(range(10)), 0.3, 1) for _ in range(5)]
     assert all(len(x) == 3 and x == sorted(x) for x in draws)
     assert a.sample([1, 2], 0.0, 1) in ([1], [2]) and a.sample([1, 2], 0.1, 5) == [1, 2]
+
+
+class CountedClient(int):
+    """A client id that counts how often it is compared for equality (a scan over bound clients does)."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountedClient.comparisons += 1
+        return int(self) == other
+
+    __hash__ = int.__hash__
+
+
+def test_binding_and_finding_nodes_is_linear_in_the_federation() -> None:
+    """Issue 28: ``node_of`` scanned every binding, so identifying N nodes cost O(N^2) (4096 nodes: 8M
+    comparisons) and every sampled client scanned all N bindings each round."""
+    n = 2000
+    d = NodeDirectory(num_clients=n, seed=0)
+    CountedClient.comparisons = 0
+    nodes = list(range(100, 100 + n))
+    d.record_answers(nodes, {node: CountedClient(k) for k, node in enumerate(nodes)}, set(nodes), round_now=1)
+    assert len(d.clients) == n
+    for k in range(0, n, 7):
+        assert d.node_of(CountedClient(k)) == 100 + k
+    assert CountedClient.comparisons <= 4 * n  # a scan: about n^2 / 2 = 2,000,000
+
+
+def test_a_rebound_client_is_found_at_its_new_node() -> None:
+    d = NodeDirectory(2, 0, rebind_clients=True)
+    d.clients = {10: 0, 11: 1}
+    assert d.bind(20, 0, connected={11, 20}) is None
+    assert d.node_of(0) == 20 and d.node_of(1) == 11 and d.clients == {11: 1, 20: 0}
