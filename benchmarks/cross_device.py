@@ -228,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-SMOKE_SIZES = dict(clients=8, examples=160, rounds=2, local_steps=1, fraction_train=0.25, min_train_clients=2)
+SMOKE_SIZES = dict(clients=8, examples=160, rounds=1, local_steps=1, fraction_train=0.25, min_train_clients=2)
 
 
 def smoke(cache: Path) -> int:
-    """``--smoke``: 8 clients of 20 snippets, 2 sampled a round, 2 rounds, the tiny BERT, stage rt2_s0.5, seed 0.
+    """``--smoke``: 8 clients of 20 snippets, 2 sampled in its one round, the tiny BERT, stage rt2_s0.5, seed 0.
 
     Checks: every job ran; every client was evaluated (the final evaluation, not only the sampled
     ones) with accuracies in [0, 1]; ``rounds_trained`` of a run sums to the client-rounds that
