@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -37,6 +37,10 @@ from pf2lora_core.config.keys import (
     NUM_VALIDATION,
     PRIVATE_META_KEY,
     PRIVATE_STATE_KEY,
+    REFIT_BASE_META,
+    REFIT_COMMON_META,
+    REFIT_META_KEY,
+    REFIT_STATE_KEY,
 )
 from pf2lora_core.federation.availability import CLIENT_UNAVAILABLE, UNAVAILABLE_REASON, drops_out
 from pf2lora_core.federation.node_policy import (
@@ -226,6 +230,39 @@ def _keep_private(context: Context, store: PrivateStore, state: PrivateState) ->
     context.state[PRIVATE_META_KEY] = ConfigRecord({ROUND_META: state.round, STEPS_META: state.steps_total})
 
 
+def _refit_key(common: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, str]:
+    """What a re-fit was made for: the exact common level, and the private level it started from."""
+    from pf2lora_core.federation.private_store import tensor_digest
+
+    return {REFIT_COMMON_META: tensor_digest(common), REFIT_BASE_META: tensor_digest(base) if base else "initial"}
+
+
+def _keep_refit(context: Context, common: Mapping[str, Any], base: Mapping[str, Any] | None, refit: Mapping) -> None:
+    """Keep the private level an evaluation re-fitted to ``common`` (from ``base``) for the next training.
+
+    In ``context.state`` only: a restarted node re-fits again, which costs passes and loses nothing.
+    """
+    context.state[REFIT_STATE_KEY] = ArrayRecord(dict(refit))
+    context.state[REFIT_META_KEY] = ConfigRecord(_refit_key(common, base))
+
+
+def _refit_for(context: Context, common: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict | None:
+    """The private level re-fitted to exactly ``common`` from exactly ``base``, if an evaluation made it; else None.
+
+    The evaluation of round r re-fits the private level to the common level round r produced, and
+    round r + 1 trains from that same common level: the training starts from that re-fit instead of
+    re-fitting again (issue 29: never fit the private level twice to one common adapter). Both
+    digests must match bit for bit, so any other common level or private level re-fits as before.
+    """
+    if REFIT_STATE_KEY not in context.state.array_records or REFIT_META_KEY not in context.state.config_records:
+        return None
+    meta = context.state[REFIT_META_KEY]
+    want = _refit_key(common, base)
+    if any(str(meta.get(k, "")) != v for k, v in want.items()):
+        return None
+    return context.state[REFIT_STATE_KEY].to_torch_state_dict()
+
+
 def _dropped_out(msg: Message, context: Context) -> Message | None:
     """A simulated drop-out's reply (``federation.dropout_rate``), or None: this client answers the round.
 
@@ -259,7 +296,9 @@ def train(msg: Message, context: Context) -> Message:
         store.check_writable(server_round)
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     previous = _private(context, store, server_round, msg, runtime.has_private)
-    out = runtime.train(client, server_round, common, previous.tensors if previous else None)
+    start = previous.tensors if previous else None
+    refit = _refit_for(context, common, start) if runtime.exp.algorithm.refits_private else None
+    out = runtime.train(client, server_round, common, start if refit is None else refit, fitted=refit is not None)
     if site:
         check_uplink(policy, out.common, runtime.head_modules)
     if out.private:
@@ -297,6 +336,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
         evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
         store.save_evaluated(PrivateState(out.private, evaluated_round, private.steps_total if private else 0))
+        _keep_refit(context, common, private.tensors if private else None, out.private)
     # test and validation, both models
     metrics = flatten_eval(client, _count(policy, site, out.num_examples), out.results())
     metrics[NUM_VALIDATION] = _count(policy, site, out.num_validation)

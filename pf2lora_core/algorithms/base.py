@@ -63,6 +63,9 @@ class LocalContext:
     # called with no argument at the end of every local step of ``train`` (``step_done``), e.g. a
     # benchmark's clock (benchmarks/step_cost.py); None, the default, costs one attribute check a step
     on_step: Callable[[], None] | None = None
+    # the private level loaded is already re-fitted to the common level loaded (at the evaluation of
+    # the round that produced it): an algorithm that re-fits before training (PF2LoRA) does not again
+    private_fitted: bool = False
 
     def step_done(self) -> None:
         """Mark the end of one local step (every ``Algorithm.train`` loop calls it once per step)."""

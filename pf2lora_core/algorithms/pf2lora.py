@@ -104,7 +104,9 @@ class PF2LoRA(Algorithm):
         solver = self.solver(ctx)
         losses, passes = [], 0
         batches = [next(ctx.batches) for _ in range(ctx.steps)]  # the round's K minibatches
-        if self.params.refit_steps > 0:  # y fitted to the x just received, on the same minibatches
+        # y fitted to the x just received, on the round's minibatches; not twice to one x: where the
+        # evaluation of the round that produced x re-fitted y already, the client loads that one
+        if self.params.refit_steps > 0 and not ctx.private_fitted:
             passes += self.refit_private(ctx, batches)
         for step in range(ctx.steps):
             stats = solver.step(ctx.loss_for(batches[step], step))

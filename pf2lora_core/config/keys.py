@@ -26,6 +26,12 @@ NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 PRIVATE_STATE_KEY = "pf2lora.private"  # ArrayRecord in context.state
 PRIVATE_META_KEY = "pf2lora.private-meta"  # ConfigRecord: round, local_steps_total
 LOWER_STATE_KEY = "pf2lora.lower"  # optional lower-level optimiser/algorithm state
+# The private level as re-fitted at an evaluation (ArrayRecord), and what it was fitted to (ConfigRecord:
+# the digest of the common level, the round of the private level it started from): the next round's
+# training at that same common level starts from it instead of re-fitting again (client_app.app).
+REFIT_STATE_KEY = "pf2lora.refit"
+REFIT_META_KEY = "pf2lora.refit-meta"
+REFIT_COMMON_META, REFIT_BASE_META = "common-digest", "base-digest"
 
 # Metric names.
 TRAIN_LOSS = "train_loss"

@@ -209,8 +209,14 @@ class ClientRuntime:
         self.exp.algorithm.receive(self.model, downlink)
 
     def train(
-        self, client: int, server_round: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None
+        self,
+        client: int,
+        server_round: int,
+        common: Mapping[str, Tensor],
+        private: Mapping[str, Tensor] | None,
+        fitted: bool = False,
     ) -> TrainOutcome:
+        """``fitted``: ``private`` is already re-fitted to ``common`` (``LocalContext.private_fitted``)."""
         start = time.perf_counter()
         self._load(common, private)
         steps = self.exp.local_steps
@@ -218,7 +224,7 @@ class ClientRuntime:
             steps *= self.exp.federation.num_clients
         ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
         drawn = data.CountedBatches(ctx.batches)
-        ctx = dataclasses.replace(ctx, batches=drawn)
+        ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted)
         self.model.model.train()
         if server_round <= int(self.exp.cfg.flops_rounds):
             metrics, flops = count_flops(lambda: self.exp.algorithm.train(ctx))
