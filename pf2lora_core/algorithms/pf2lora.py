@@ -39,14 +39,17 @@ class PF2LoRAParams(LoRAParams):
     exact_ad: str  # reverse (reverse-over-reverse) | forward (forward-over-reverse)
     mode: str  # bilevel | joint
     reuse_inner_grad: bool
-    inner_step: str = SGD  # the private level's preconditioner (solver.INNER_STEPS)
+    inner_step: str = SGD
+    # m: the hypergradient's HVP term computed every m-th local step, the last one reused between
+    # (amortised, solver module docstring); 1 = every step, the exact rule
+    hvp_every: int = 1  # the private level's preconditioner (solver.INNER_STEPS)
     # J: lower-level steps re-fitting the private level to each common level the client receives,
     # before a round's bilevel steps and before evaluating (0: never, the paper's algorithm)
     refit_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
-        _positive(self, "private_rank", "private_alpha", "inner_lr", "fd_eps")
+        _positive(self, "private_rank", "private_alpha", "inner_lr", "fd_eps", "hvp_every")
         if self.refit_steps < 0:
             raise ValueError(f"algorithm.refit_steps must be >= 0 (0 = no re-fit), got {self.refit_steps}")
         if self.private_rank >= self.rank:
@@ -84,6 +87,7 @@ class PF2LoRA(Algorithm):
             mode=p.mode,
             reuse_inner_grad=p.reuse_inner_grad,
             inner_step=p.inner_step,
+            hvp_every=p.hvp_every,
         )
 
     @property

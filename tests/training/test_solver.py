@@ -286,3 +286,74 @@ def test_refit_lowers_the_lower_level_loss() -> None:
     before = float(loss(None))
     refit_lower_level(model.parameters(PRIVATE), [loss] * 5, 0.05, "rms")
     assert float(loss(None)) < before
+
+
+# ------------------------------------------------------------------ truncated hypergradient (hvp_every)
+class _Capture(torch.optim.AdamW):
+    """AdamW that records the ``h`` it is stepped with (the solver sets ``p.grad = h``)."""
+
+    def __init__(self, params, **kw) -> None:
+        super().__init__(params, **kw)
+        self.seen: list[Tensor] = []
+
+    def step(self, closure=None):  # type: ignore[override]
+        self.seen.append(torch.cat([p.grad.detach().reshape(-1) for g in self.param_groups for p in g["params"]]))
+        return super().step(closure)
+
+
+def _truncated_run(
+    m: int, steps: int, method: str = "exact", reuse: bool = False, alpha: float = ALPHA
+) -> tuple[list[float], list[int], list[float]]:
+    """Per step: the relative error of the ``h`` the solver used against the exact ``h`` at that
+    step's ``(x, y)``, its passes, and the error the rejected variant (the last exact term reused,
+    ``h_t = grad_x f(x_t, y'_t) - alpha c_{t0}``) would have had at the same point."""
+    from pf2lora_core.training.solver import hypergradient
+
+    model, loss = regression_problem()
+    x, y = model.parameters(COMMON), model.parameters(PRIVATE)
+    opt = _Capture(list(x.values()), lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    solver = BilevelSolver(x, y, make_hvp(method), alpha, opt, reuse_inner_grad=reuse, hvp_every=m)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    errors, passes, stale, term = [], [], [], None
+    for t in range(steps):
+        exact = flat(hypergradient(make_hvp("exact"), loss, x, y, alpha))
+        first = flat(hypergradient(make_hvp("first_order"), loss, x, y, alpha))
+        term = exact - first if t % m == 0 else term  # -alpha c_{t0}
+        stale.append(float((first + term - exact).norm() / exact.norm()))
+        passes.append(solver.step(loss).passes)
+        errors.append(float((opt.seen[-1] - exact).norm() / exact.norm()))
+    return errors, passes, stale
+
+
+def test_truncated_hvp_is_exact_at_every_mth_step_and_first_order_between() -> None:
+    errors, passes, _ = _truncated_run(m=3, steps=7)
+    assert passes == [3, 2, 2, 3, 2, 2, 3]
+    assert max(errors[t] for t in (0, 3, 6)) < 1e-10  # the exact rule at t = 0, m, 2m
+    assert min(errors[t] for t in (1, 2, 4, 5)) > 1e-3  # no term in between: the test can fail
+    exact_errors, exact_passes, _ = _truncated_run(m=1, steps=7)
+    assert max(exact_errors) < 1e-10 and exact_passes == [3] * 7  # hvp_every=1 is the exact rule
+
+
+def test_truncated_hvp_with_reuse_costs_one_pass_between() -> None:
+    _, passes, _ = _truncated_run(m=5, steps=5, reuse=True)
+    assert passes == [3, 1, 1, 1, 1]  # the carry's start + outer + HVP, then one pass a step
+
+
+@pytest.mark.parametrize(
+    ("alpha", "dropped_band", "stale_band"), [(0.5, (0.07, 0.3), (0.8, 1.1)), (0.1, (0.015, 0.08), (0.17, 0.23))]
+)
+def test_truncated_hvp_error_is_measured(alpha: float, dropped_band: tuple, stale_band: tuple) -> None:
+    """The errors the solver's docstring quotes (float64 problem, m = 5, 5 steps): between exact
+    steps h is first order, and reusing the last exact term instead would be further off."""
+    errors, _, stale = _truncated_run(m=5, steps=5, alpha=alpha)
+    assert errors[0] < 1e-10
+    assert all(dropped_band[0] <= e <= dropped_band[1] for e in errors[1:]), errors
+    assert all(stale_band[0] <= e <= stale_band[1] for e in stale[2:]), stale
+    assert all(s > e for s, e in zip(stale[2:], errors[2:], strict=True))  # why the term is dropped, not reused
+
+
+def test_hvp_every_must_be_positive() -> None:
+    model, _ = regression_problem()
+    x = model.parameters(COMMON)
+    with pytest.raises(ValueError, match="hvp_every must be >= 1"):
+        BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, torch.optim.AdamW(x.values()), hvp_every=0)
