@@ -356,4 +356,5 @@ def test_hvp_every_must_be_positive() -> None:
     model, _ = regression_problem()
     x = model.parameters(COMMON)
     with pytest.raises(ValueError, match="hvp_every must be >= 1"):
-        BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, torch.optim.AdamW(x.values()), hvp_every=0)
+        opt = torch.optim.AdamW(x.values())
+        BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, hvp_every=0)
