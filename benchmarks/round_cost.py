@@ -2,10 +2,13 @@
 
 ``python -m benchmarks.round_cost [--steps K] [overrides ...]``
 
-One client's round as the ClientApp runs it (``ClientRuntime.train`` at the initial common
-adapter, then ``ClientRuntime.evaluate`` at the common adapter that round produced, as with
-``eval_every=1``), on the shipped defaults (``conf/``: MiniLM-L6, Rotten Tomatoes, client 0; the
-algorithm's own ``conf/algorithm/<name>.yaml``), split into phases:
+One client's round as the ClientApp runs it in steady state with ``eval_every=1`` (round r >= 2:
+``ClientRuntime.train`` from the common adapter the previous round's evaluation re-fitted the
+private level to, which PF2LoRA then does not re-fit again (``client_app``: a re-fit belongs to the
+common adapter it was made for), then ``ClientRuntime.evaluate`` at the common adapter the round
+produced; ``--first-round``: round 1, which re-fits before training), on the shipped defaults
+(``conf/``: MiniLM-L6, Rotten Tomatoes, client 0; the algorithm's own
+``conf/algorithm/<name>.yaml``), split into phases:
 
 - training: *re-fit before training* (PF2LoRA's J lower-level steps at the received x),
   *lower-level gradient* (the bilevel step's grad_y f(x, y)), *outer gradient* (grad f at y'),
@@ -161,8 +164,12 @@ def _part_phases(part: str) -> tuple[str, ...]:
     return (REFIT_EVAL, EVAL_PASSES, OTHER[EVALUATE])
 
 
-def measure(algorithm: str, overrides: Sequence[str]) -> Round:
-    """One client round of ``algorithm`` (train, then evaluate at the round's common adapter), by phase."""
+def measure(algorithm: str, overrides: Sequence[str], first_round: bool = False) -> Round:
+    """One client round of ``algorithm`` (train, then evaluate at the round's common adapter), by phase.
+
+    Steady state (default): the round starts from the private level an evaluation at the same
+    common adapter re-fitted (uncounted), as every round after an evaluated one does.
+    """
     from pf2lora_core.config.experiment import load
     from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES
     from pf2lora_core.federation.client_runtime import ClientRuntime
@@ -170,10 +177,13 @@ def measure(algorithm: str, overrides: Sequence[str]) -> Round:
     exp = load([f"algorithm={algorithm}", "flops_rounds=0", *overrides])  # flops_rounds=0: our counter alone
     runtime = ClientRuntime(exp)
     common = runtime.model.export(COMMON)
+    private, fitted = None, False
+    if not first_round and exp.algorithm.refits_private:  # the previous round's evaluation, not counted
+        private, fitted = runtime.evaluate(0, common, None).private, True
     with FlopCounterMode(display=False) as counter:
         ledger = Ledger(counter)
         with instrumented(ledger):
-            trained = runtime.train(0, 1, common, None)
+            trained = runtime.train(0, 1, common, private, fitted=fitted)
             runtime.evaluate(0, trained.common, trained.private or None)
     flops = {OTHER.get(k, k): v for k, v in ledger.flops.items()}
     seconds = {OTHER.get(k, k): v for k, v in ledger.seconds.items()}
@@ -217,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.round_cost", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both algorithms (e.g. local_steps=8)")
     parser.add_argument("--smoke", action="store_true", help="a tiny BERT; checks the accounting")
+    parser.add_argument("--first-round", action="store_true", help="round 1 (PF2LoRA re-fits before training)")
     args = parser.parse_args(argv)
     from pf2lora_core.run.console import quiet_libraries
 
     quiet_libraries()  # no progress bars between the lines of the table
     if args.smoke:
         return smoke()
-    rounds = [measure(a, args.overrides) for a in ALGORITHMS]
+    rounds = [measure(a, args.overrides, args.first_round) for a in ALGORITHMS]
     print("\n".join(table(rounds)))
     r = ratios(rounds)
     print(f"PF2LoRA / HOMLoRA FLOPs: training {r['training_flops_ratio']:.2f}x, training + evaluation "
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 EXPECTED = {
     "homlora": {OTHER[TRAIN], EVAL_PASSES},
-    "pf2lora": {REFIT_TRAIN, LOWER, OUTER, HVP, REFIT_EVAL, EVAL_PASSES},
+    "pf2lora": {LOWER, OUTER, HVP, REFIT_EVAL, EVAL_PASSES},  # steady state: no re-fit before training
 }
 
 
@@ -250,6 +261,7 @@ def smoke() -> int:
             "federation.num_clients=2",
         ]
         rounds = [measure(a, overrides) for a in ALGORITHMS]
+        first = measure("pf2lora", overrides, first_round=True)
     for r in rounds:
         for name in EXPECTED[r.algorithm]:
             checks.finite(r.flops.get(name, 0), f"{r.algorithm}: {name} FLOPs", low=1.0)
@@ -257,10 +269,13 @@ def smoke() -> int:
         checks.require(sum(r.flops.values()) == r.total_flops, f"{r.algorithm}: phases sum to the round's FLOPs")
     pf = next(r for r in rounds if r.algorithm == "pf2lora")
     steps, refit = 2, 2  # local_steps and refit_steps (= local_steps by default)
-    checks.require(pf.calls.get(REFIT_TRAIN) == 1 and pf.calls.get(REFIT_EVAL) == 1, f"one re-fit each: {pf.calls}")
+    # steady state: the evaluation's re-fit only (the training starts from it); round 1: both
+    checks.require(REFIT_TRAIN not in pf.calls and pf.calls.get(REFIT_EVAL) == 1, f"one re-fit: {pf.calls}")
+    checks.require(first.calls.get(REFIT_TRAIN) == 1 and first.calls.get(REFIT_EVAL) == 1, f"two: {first.calls}")
     checks.require(pf.calls.get(LOWER) == steps and pf.calls.get(HVP) == steps, f"a bilevel step each: {pf.calls}")
     # forward difference: the HVP is one gradient pass, so a step is three passes (lower, outer, HVP)
-    checks.require(pf.gradient_passes == refit + 3 * steps, f"passes {pf.gradient_passes} = J + 3K")
+    checks.require(pf.gradient_passes == 3 * steps, f"passes {pf.gradient_passes} = 3K")
+    checks.require(first.gradient_passes == refit + 3 * steps, f"round 1 passes {first.gradient_passes} = J + 3K")
     for key, value in ratios(rounds).items():
         checks.finite(value, key, low=1.0)
     print("\n".join(table(rounds)))

@@ -32,6 +32,7 @@ from flwr.clientapp import ClientApp
 from pf2lora_core.config.keys import (
     ARRAYS_KEY,
     COMPUTE_SECONDS,
+    FLOPS_PER_CLIENT_EVALUATION,
     METRICS_KEY,
     NUM_EXAMPLES,
     NUM_VALIDATION,
@@ -330,17 +331,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     common = msg.content[ARRAYS_KEY].to_torch_state_dict()
     # evaluation of round r uses the private level round r's training produced
     private = _private(context, store, int(msg.content["config"][SERVER_ROUND_KEY]) + 1, msg, runtime.has_private)
-    out = runtime.evaluate(client, common, private.tensors if private else None)
+    evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
+    count = evaluated_round <= int(runtime.exp.cfg.flops_rounds)  # as training counts its first rounds
+    out = runtime.evaluate(client, common, private.tensors if private else None, count=count)
     if out.private is not None:  # the level as evaluated (re-fitted to this common level): what export writes
         from pf2lora_core.federation.private_store import PrivateState
 
-        evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
         store.save_evaluated(PrivateState(out.private, evaluated_round, private.steps_total if private else 0))
         _keep_refit(context, common, private.tensors if private else None, out.private)
     # test and validation, both models
     metrics = flatten_eval(client, _count(policy, site, out.num_examples), out.results())
     metrics[NUM_VALIDATION] = _count(policy, site, out.num_validation)
     metrics[COMPUTE_SECONDS] = out.seconds
+    if out.flops is not None:
+        metrics[FLOPS_PER_CLIENT_EVALUATION] = out.flops
     details = ConfigRecord({DETAILS_KEY: encode_details(_diagnostics(runtime, client, policy, site, out.rank))})
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), DETAILS_KEY: details})
     return Message(content=content, reply_to=msg)

@@ -41,6 +41,10 @@ COMPUTE_SECONDS = "compute_s"  # a client's own work on one message (train or ev
 UPDATE_NORM = "update_norm"  # ||uplink - what it updates||_2, measured by the server on every accepted reply
 FLOPS_PER_STEP = "flops_per_local_step"  # counted FLOPs of a round's training / its local steps
 FLOPS_PER_CLIENT_ROUND = "flops_per_client_round"  # counted FLOPs of one client's round of local training
+# counted FLOPs of one client's evaluation (both models, test and validation, and any re-fit before it)
+FLOPS_PER_CLIENT_EVALUATION = "flops_per_client_evaluation"
+# a client's round of training plus one evaluation: the cost of an evaluated round (eval_every = 1)
+FLOPS_PER_EVALUATED_ROUND = "flops_per_client_round_with_evaluation"
 ACCURACY = "accuracy"
 MCC = "matthews_correlation"
 # Generation metrics (causal-LM tasks): corpus BLEU (sacrebleu), ROUGE-L F1, METEOR, and the

@@ -72,6 +72,7 @@ class EvalOutcome:
     num_validation: int = 0  # rows of the validation split
     # the private level as evaluated, where the algorithm re-fitted it (``Algorithm.refits_private``)
     private: StateDict | None = None
+    flops: float | None = None  # counted FLOPs of this evaluation (``count_flops=True``), re-fit included
 
     def results(self) -> dict[str, dict[str, float]]:
         """Every evaluated kind (``constants.EVAL_KINDS``) -> its metrics, as the client sends them."""
@@ -266,7 +267,20 @@ class ClientRuntime:
             train_examples=len(self._train_data(client)),
         )
 
-    def evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
+    def evaluate(
+        self,
+        client: int,
+        common: Mapping[str, Tensor],
+        private: Mapping[str, Tensor] | None,
+        count: bool = False,
+    ) -> EvalOutcome:
+        """Both models on the test and validation splits; ``count``: count its FLOPs (``flops_rounds``)."""
+        if count:
+            outcome, flops = count_flops(lambda: self._evaluate(client, common, private))
+            return dataclasses.replace(outcome, flops=float(flops))
+        return self._evaluate(client, common, private)
+
+    def _evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
         start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)

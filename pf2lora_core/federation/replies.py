@@ -23,6 +23,7 @@ from pf2lora_core.config.keys import (
     EVAL_BLOCKS,
     EVAL_METRIC_NAMES,
     EVAL_REQUIRED_BLOCKS,
+    FLOPS_PER_CLIENT_EVALUATION,
     METRICS_KEY,
     NUM_EXAMPLES,
     NUM_VALIDATION,
@@ -53,7 +54,7 @@ TRAIN, EVALUATE = "train", "evaluate"
 VALIDATION_PHASE = "validation"  # an evaluate reply's num-validation, bounded like its num-examples
 TRAIN_REQUIRED = (CLIENT_KEY, NUM_EXAMPLES, TRAIN_LOSS)
 # an evaluate reply's plain keys (the rest are <block>.<metric>)
-EVAL_SCALARS = frozenset({CLIENT_KEY, NUM_EXAMPLES, NUM_VALIDATION, COMPUTE_SECONDS})
+EVAL_SCALARS = frozenset({CLIENT_KEY, NUM_EXAMPLES, NUM_VALIDATION, COMPUTE_SECONDS, FLOPS_PER_CLIENT_EVALUATION})
 Decoder = Callable[[], np.ndarray]
 
 

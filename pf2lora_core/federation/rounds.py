@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pf2lora_core.config.keys import COMPUTE_SECONDS, EVAL_KINDS, NUM_EXAMPLES, TRAIN_LOSS
+from pf2lora_core.config.keys import (
+    COMPUTE_SECONDS,
+    EVAL_KINDS,
+    FLOPS_PER_CLIENT_EVALUATION,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+)
 from pf2lora_core.federation.checks import truncate
 from pf2lora_core.run.records import RoundRecord
 from pf2lora_core.run.summary import evaluation_blocks
@@ -63,7 +69,15 @@ class RoundLog:
             # personalized / global on test, validation / validation_global on the validation split
             kinds=evaluation_blocks(self.evaluation, metric) if evaluated else {},
             clients={
-                c: {**{kind: e.get(kind, {}) for kind in EVAL_KINDS}, "rank": e["rank"].get("effective")}
+                c: {
+                    **{kind: e.get(kind, {}) for kind in EVAL_KINDS},
+                    "rank": e["rank"].get("effective"),
+                    **(
+                        {FLOPS_PER_CLIENT_EVALUATION: e[FLOPS_PER_CLIENT_EVALUATION]}
+                        if FLOPS_PER_CLIENT_EVALUATION in e
+                        else {}
+                    ),
+                }
                 for c, e in sorted(self.evaluation.items())
             },
             server_check_s=self.check_s,

@@ -26,7 +26,9 @@ from pf2lora_core.config.keys import (
     COMPUTE_SECONDS,
     EVAL_KINDS,
     EVAL_LOSS,
+    FLOPS_PER_CLIENT_EVALUATION,
     FLOPS_PER_CLIENT_ROUND,
+    FLOPS_PER_EVALUATED_ROUND,
     FLOPS_PER_STEP,
     GLOBAL,
     MCC,
@@ -388,6 +390,8 @@ COST_FIELDS = (
     "seconds_per_round",
     FLOPS_PER_STEP,  # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
     FLOPS_PER_CLIENT_ROUND,
+    FLOPS_PER_CLIENT_EVALUATION,  # mean over the counted evaluations (both models, re-fit included)
+    FLOPS_PER_EVALUATED_ROUND,  # training + one evaluation, per client: an evaluated round's cost
     "flops_per_round",  # one round, all its clients (filled in by the report from the config when absent)
     "examples_per_round",  # summed over a round's clients, mean over rounds
     "gradient_passes_per_round",

@@ -14,7 +14,9 @@ from pf2lora_core.config.keys import (
     COMMON,
     EVAL_KINDS,
     EXAMPLES_SEEN,
+    FLOPS_PER_CLIENT_EVALUATION,
     FLOPS_PER_CLIENT_ROUND,
+    FLOPS_PER_EVALUATED_ROUND,
     FLOPS_PER_STEP,
     GLOBAL,
     GRADIENT_PASSES,
@@ -176,6 +178,13 @@ def build_summary(
                 # mean over the clients' counted rounds (``flops_rounds``); None when none was counted
                 FLOPS_PER_STEP: _mean_train_metric(history, FLOPS_PER_STEP),
                 FLOPS_PER_CLIENT_ROUND: _mean_train_metric(history, FLOPS_PER_CLIENT_ROUND),
+                # one client's evaluation (both models, re-fit included), mean over counted evaluations,
+                # and an evaluated round's total: training + evaluation (issue 29's cost target)
+                FLOPS_PER_CLIENT_EVALUATION: _mean_eval_metric(history, FLOPS_PER_CLIENT_EVALUATION),
+                FLOPS_PER_EVALUATED_ROUND: _sum_or_none(
+                    _mean_train_metric(history, FLOPS_PER_CLIENT_ROUND),
+                    _mean_eval_metric(history, FLOPS_PER_CLIENT_EVALUATION),
+                ),
                 # what local training consumed: summed over a round's clients, mean over rounds ...
                 "examples_per_round": _per_round_total(history, EXAMPLES_SEEN),
                 "gradient_passes_per_round": _per_round_total(history, GRADIENT_PASSES),
@@ -216,6 +225,16 @@ def _per_round_total(history: Sequence[RoundRecord], key: str) -> float | None:
 def _mean_train_metric(history: Sequence[RoundRecord], key: str) -> float | None:
     values = [m[key] for r in history for m in r.train.values() if key in m]
     return sum(values) / len(values) if values else None
+
+
+def _mean_eval_metric(history: Sequence[RoundRecord], key: str) -> float | None:
+    """Mean of ``key`` over every evaluation reply that reports it (None: none does)."""
+    values = [float(m[key]) for r in history for m in r.clients.values() if isinstance(m.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def _sum_or_none(*parts: float | None) -> float | None:
+    return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
 
 
 def _latest_num_train(history: Sequence[RoundRecord]) -> dict[int, int]:
