@@ -285,6 +285,7 @@ def format_client_table(summary: Summary) -> str:
             f"{name} accuracy: mean {_fmt(b.mean)}, weighted {_fmt(b.weighted_mean)}, "
             f"worst {_fmt(b.worst)} (balanced {_fmt(b.balanced.mean if b.balanced else None)})"
         )
+    lines.extend(_beyond_prior(summary))
     cost = summary.cost
     lines.append(f"{cost.get('seconds_total') or 0:.1f} s total, {cost.get('seconds_per_round') or 0:.1f} s per round")
     if cost.get("examples_per_client_round") is not None:
@@ -293,7 +294,29 @@ def format_client_table(summary: Summary) -> str:
             f"{cost.get('batches_per_client_round'):.0f} batches, "
             f"{cost.get('gradient_passes_per_client_round'):.0f} gradient passes"
         )
+    train_flops, eval_flops = cost.get(FLOPS_PER_CLIENT_ROUND), cost.get(FLOPS_PER_CLIENT_EVALUATION)
+    if train_flops is not None and eval_flops is not None:
+        lines.append(
+            f"FLOPs per client: {train_flops:.3g} training a round + {eval_flops:.3g} an evaluation = "
+            f"{train_flops + eval_flops:.3g} (counted in round 1..flops_rounds)"
+        )
     return "\n".join(lines)
+
+
+def _beyond_prior(summary: Summary) -> list[str]:
+    """One line: how far the personalized model is above each client's own majority-label prior.
+
+    A model at its prior learned the label skew and nothing else; the balanced accuracy says the
+    same from the other side (a constant predictor scores ``1 / classes`` there).
+    """
+    prior = (summary.baselines or {}).get(CLIENT_MAJORITY)
+    pers = summary.personalized
+    if prior is None or prior.mean is None or pers.mean is None or summary.metric != ACCURACY:
+        return []
+    gap = pers.mean - prior.mean
+    verdict = "learned beyond the label prior" if gap > 0 else "no better than predicting each client's majority label"
+    head = f"personalized {pers.mean:.4f} vs client-majority prior {prior.mean:.4f}"
+    return [f"{head}: {100 * gap:+.1f} points ({verdict})"]
 
 
 def _rounds(rounds: int | None) -> str:
