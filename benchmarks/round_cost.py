@@ -1,6 +1,8 @@
 """Where a client's round goes: FLOPs and CPU seconds per phase, PF2LoRA against HOMLoRA (issue 29, item 1).
 
-``python -m benchmarks.round_cost [--steps K] [overrides ...]``
+``python -m benchmarks.round_cost [--first-round] [--pf2lora OVERRIDE ...] [overrides ...]``
+
+(``--pf2lora``: overrides for PF2LoRA alone, e.g. ``--pf2lora algorithm.hvp_every=5``.)
 
 One client's round as the ClientApp runs it in steady state with ``eval_every=1`` (round r >= 2:
 ``ClientRuntime.train`` from the common adapter the previous round's evaluation re-fitted the
@@ -228,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both algorithms (e.g. local_steps=8)")
     parser.add_argument("--smoke", action="store_true", help="a tiny BERT; checks the accounting")
     parser.add_argument("--first-round", action="store_true", help="round 1 (PF2LoRA re-fits before training)")
+    parser.add_argument("--pf2lora", action="append", default=[], metavar="OVERRIDE", help="for PF2LoRA alone")
     args = parser.parse_args(argv)
     from pf2lora_core.run.console import quiet_libraries
 
     quiet_libraries()  # no progress bars between the lines of the table
     if args.smoke:
         return smoke()
-    rounds = [measure(a, args.overrides, args.first_round) for a in ALGORITHMS]
+    extra = {"pf2lora": args.pf2lora}
+    rounds = [measure(a, [*args.overrides, *extra.get(a, [])], args.first_round) for a in ALGORITHMS]
     print("\n".join(table(rounds)))
     r = ratios(rounds)
     print(f"PF2LoRA / HOMLoRA FLOPs: training {r['training_flops_ratio']:.2f}x, training + evaluation "
@@ -260,22 +264,27 @@ def smoke() -> int:
             "task.max_examples=160",
             "federation.num_clients=2",
         ]
-        rounds = [measure(a, overrides) for a in ALGORITHMS]
-        first = measure("pf2lora", overrides, first_round=True)
+        rounds = [measure(a, overrides) for a in ALGORITHMS]  # the shipped defaults
+        exact = [*overrides, "algorithm=pf2lora_exact"]  # every step's exact hypergradient, J = K
+        steady, first = measure("pf2lora", exact), measure("pf2lora", exact, first_round=True)
     for r in rounds:
         for name in EXPECTED[r.algorithm]:
             checks.finite(r.flops.get(name, 0), f"{r.algorithm}: {name} FLOPs", low=1.0)
             checks.finite(r.seconds.get(name, -1.0), f"{r.algorithm}: {name} seconds", low=0.0)
         checks.require(sum(r.flops.values()) == r.total_flops, f"{r.algorithm}: phases sum to the round's FLOPs")
     pf = next(r for r in rounds if r.algorithm == "pf2lora")
-    steps, refit = 2, 2  # local_steps and refit_steps (= local_steps by default)
+    steps, refit = 2, 2  # local_steps, and pf2lora_exact's refit_steps (= local_steps)
     # steady state: the evaluation's re-fit only (the training starts from it); round 1: both
-    checks.require(REFIT_TRAIN not in pf.calls and pf.calls.get(REFIT_EVAL) == 1, f"one re-fit: {pf.calls}")
+    for r in (pf, steady):
+        checks.require(REFIT_TRAIN not in r.calls and r.calls.get(REFIT_EVAL) == 1, f"one re-fit: {r.calls}")
     checks.require(first.calls.get(REFIT_TRAIN) == 1 and first.calls.get(REFIT_EVAL) == 1, f"two: {first.calls}")
-    checks.require(pf.calls.get(LOWER) == steps and pf.calls.get(HVP) == steps, f"a bilevel step each: {pf.calls}")
-    # forward difference: the HVP is one gradient pass, so a step is three passes (lower, outer, HVP)
-    checks.require(pf.gradient_passes == 3 * steps, f"passes {pf.gradient_passes} = 3K")
+    # the exact rule, forward difference: the HVP is one gradient pass, a step three (lower, outer, HVP)
+    checks.require(steady.calls.get(LOWER) == steps and steady.calls.get(HVP) == steps, f"each step: {steady.calls}")
+    checks.require(steady.gradient_passes == 3 * steps, f"passes {steady.gradient_passes} = 3K")
     checks.require(first.gradient_passes == refit + 3 * steps, f"round 1 passes {first.gradient_passes} = J + 3K")
+    # the default: reuse_inner_grad (the carry's start, then one pass a step) and one HVP a round (hvp_every = K)
+    checks.require(pf.calls.get(HVP) == 1 and pf.gradient_passes == 1 + steps + 1, f"default: {pf.gradient_passes}")
+    checks.require(sum(steady.flops.values()) > sum(pf.flops.values()), "the default costs less than the exact rule")
     for key, value in ratios(rounds).items():
         checks.finite(value, key, low=1.0)
     print("\n".join(table(rounds)))

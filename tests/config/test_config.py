@@ -16,8 +16,8 @@ GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in conf_dir().i
 def test_default_composes_to_the_demo() -> None:
     exp = load()
     assert isinstance(exp.algorithm, PF2LoRA)
-    assert exp.federation.num_clients == 8 and exp.partition.s == 0.9
-    assert exp.model.name == "minilm-l6" and exp.task.name == "rotten_tomatoes"
+    assert exp.federation.num_clients == 4 and exp.partition.s == 0.5 and exp.cfg.rounds == 5
+    assert exp.model.name == "minilm-l6" and exp.task.name == "rotten_tomatoes_3way"
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -85,10 +85,14 @@ def test_conf_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_pf2lora_steps_follow_the_common_step_and_the_round() -> None:
-    """inner_lr defaults to lr (both levels move alike per entry) and refit_steps to local_steps (J = K);
-    each can be set on its own, and what a client receives is resolved (no interpolation left)."""
+    """inner_lr defaults to lr (both levels move alike per entry), hvp_every to local_steps (one exact
+    hypergradient step a round) and refit_steps to 3; pf2lora_exact has J = K and every step exact.
+    Each can be set on its own, and what a client receives is resolved (no interpolation left)."""
     exp = load(["algorithm.lr=0.005", "local_steps=7"])
-    assert (exp.algorithm.params.inner_lr, exp.algorithm.params.refit_steps) == (0.005, 7)
+    p = exp.algorithm.params
+    assert (p.inner_lr, p.refit_steps, p.hvp_every, p.reuse_inner_grad) == (0.005, 3, 7, True)
+    p = load(["algorithm=pf2lora_exact", "local_steps=7"]).algorithm.params
+    assert (p.refit_steps, p.hvp_every, p.reuse_inner_grad, p.inner_step) == (7, 1, False, "rms")
     exp = load(["algorithm.lr=0.005", "algorithm.inner_lr=0.001", "algorithm.refit_steps=0"])
     assert (exp.algorithm.params.lr, exp.algorithm.params.inner_lr, exp.algorithm.params.refit_steps) == (
         0.005,

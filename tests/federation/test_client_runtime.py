@@ -68,7 +68,7 @@ def test_evaluation_refits_the_private_level_to_the_common_level_it_gets(exp_yam
     """PF2LoRA's personalized model is (x, y re-fitted at x): the re-fit is repeatable, returned, and
     leaves the kept level (training's) as it was; with ``refit_steps=0`` nothing is re-fitted."""
     rt = client_mod.runtime_for(exp_yaml)
-    assert rt.exp.algorithm.params.refit_steps == rt.exp.local_steps == 2  # J = K by default
+    assert rt.exp.algorithm.params.refit_steps > 0  # the default re-fits
     out = rt.train(2, 1, rt.model.export(COMMON), None)
     kept = {k: v.clone() for k, v in out.private.items()}
     first, again = rt.evaluate(2, out.common, out.private), rt.evaluate(2, out.common, out.private)

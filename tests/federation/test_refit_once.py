@@ -13,7 +13,7 @@ from pf2lora_core.config.keys import GRADIENT_PASSES, METRICS_FILE
 from pf2lora_core.run.records import read_metrics
 from tests.helpers.flower_run import tiny_inprocess_run
 
-K = 2  # local_steps, and J = refit_steps (its default); a forward-difference bilevel step is 3 passes
+K = 2  # local_steps, and J = refit_steps (pf2lora_exact's); a forward-difference bilevel step is 3 passes
 
 
 @pytest.mark.parametrize(("eval_every", "refits"), [(1, {1: K, 2: 0, 3: 0}), (2, {1: K, 2: K, 3: 0})])
@@ -23,7 +23,7 @@ def test_training_reuses_the_refit_of_the_evaluation_at_the_same_common_adapter(
     """Round r + 1 skips its re-fit exactly when round r was evaluated (its evaluation re-fitted the
     private level to the common adapter round r + 1 trains from); round 1 and rounds after an
     unevaluated one re-fit as before."""
-    overrides = f"algorithm=pf2lora rounds=3 local_steps={K} eval_every={eval_every} flops_rounds=0"
+    overrides = f"algorithm=pf2lora_exact rounds=3 local_steps={K} eval_every={eval_every} flops_rounds=0"
     with contextlib.redirect_stdout(io.StringIO()):
         run_dir = tiny_inprocess_run(tmp_path, overrides, clients=2)
     for record in read_metrics(run_dir / METRICS_FILE):

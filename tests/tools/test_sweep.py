@@ -144,7 +144,7 @@ def test_single_run_mode_runs_once_then_skips(tmp_path: Path, monkeypatch: pytes
     job = tmp_path / "runs" / "demo" / "algorithm=homlora,rounds=1"
     assert json.loads((job / JOB_FILE).read_text()) == {"overrides": args, "status": "done"}
     overrides, federation, home, connection, env = fake.calls[0]
-    assert f'run_dir=\\"{job}\\"' in overrides and "num-supernodes=8" in federation
+    assert f'run_dir=\\"{job}\\"' in overrides and "num-supernodes=4" in federation
     assert home == job / ".flwr_home" and connection is None and env["HF_HUB_OFFLINE"] == "1"
     assert not (tmp_path / REPORT_MD).exists()  # one run: no sweep report
 
