@@ -4,7 +4,8 @@
 
     pf2lora-sweep experiment=offline_quick algorithm=homlora             # one run
     pf2lora-sweep -m experiment=offline_compare algorithm=pf2lora,homlora partition.s=0.3,0.9 seed=0,1,2
-    pf2lora-sweep -m algorithm='glob(*,exclude=[centralized,pf2lora_lm,pf2lora_exact])' '++hydra.sweeper.params={seed:"0,1,2"}'
+    pf2lora-sweep -m algorithm='glob(*,exclude=[centralized,pf2lora_lm,pf2lora_exact])' \\
+        '++hydra.sweeper.params={seed:"0,1,2"}'
 
 Hydra's own sweeper expands and launches the jobs (``glob``, ``range``, ``choice``,
 ``hydra.sweeper.params``, ``hydra/sweeper=optuna`` for sampled searches); this module is the job
