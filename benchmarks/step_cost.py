@@ -6,8 +6,11 @@ runs the product's own code: ``PF2LoRA`` / ``HOMLoRA`` from ``pf2lora_core.algor
 through ``Algorithm.train`` with a ``LocalContext`` whose objective is ``ClassificationTask.loss``.
 Both algorithms run at their shipped configurations, read from ``conf/algorithm/pf2lora.yaml`` and
 ``homlora.yaml`` (``shipped_params``; for PF2LoRA: r=8 / r~=2, ``inner_step`` rms, ``inner_lr`` =
-lr, forward finite difference, re-fit on with J = K); each row of ``METHODS`` changes only what its
-configuration column says, and the ``finite_difference`` row is the shipped default itself.
+lr, forward finite difference, ``reuse_inner_grad``, the HVP once a round, re-fit J = 3); each row
+of ``METHODS`` changes only what its configuration column says, and the ``shipped`` row is the
+shipped default itself. Under ``hvp_every = K`` the round's first step is the only one with the HVP
+and it is the one *step* drops (below): the shipped row's *step* is its first-order steps, and its
+*round / K* is the column that counts the HVP.
 
 How a *step* is timed: ``LocalContext.on_step``, which every algorithm's ``train`` calls once at
 the end of each local step (after the step's update), stamps the clock, so the gap between two
@@ -92,15 +95,21 @@ from pf2lora_core.training.tasks import ClassificationTask
 
 BASELINE = "homlora"
 DEFAULT = "finite_difference"  # the row that is PF2LoRA's shipped configuration itself
-# Each method: what it changes in PF2LoRA's shipped configuration (conf/algorithm/pf2lora.yaml).
+# Each method: what it changes in PF2LoRA's shipped configuration (conf/algorithm/pf2lora.yaml:
+# reuse_inner_grad, one exact hypergradient step a round, re-fit J = 3). The HVP-method rows are
+# taken under the exact rule (``EXACT_RULE``: every step's hypergradient, the three-pass step of
+# ``algorithm=pf2lora_exact``), where the methods differ at every step.
+DEFAULT = "shipped"  # the row that is PF2LoRA's shipped configuration itself
+EXACT_RULE: dict[str, object] = {"reuse_inner_grad": False, "hvp_every": 1}
 METHODS: dict[str, dict[str, object]] = {
-    "exact": {"hvp": "exact", "exact_ad": "reverse"},
-    "exact_forward": {"hvp": "exact", "exact_ad": "forward"},
     DEFAULT: {},
-    "finite_difference_central": {"fd_scheme": "central"},
-    "first_order": {"hvp": "first_order"},
-    "reuse_inner_grad": {"reuse_inner_grad": True},
-    "no_refit": {"refit_steps": 0},  # the paper's algorithm: no lower-level re-fit before the steps
+    "exact": {"hvp": "exact", "exact_ad": "reverse", **EXACT_RULE},
+    "exact_forward": {"hvp": "exact", "exact_ad": "forward", **EXACT_RULE},
+    "finite_difference": EXACT_RULE,  # forward difference: the shipped HVP method
+    "finite_difference_central": {"fd_scheme": "central", **EXACT_RULE},
+    "first_order": {"hvp": "first_order", **EXACT_RULE},
+    "reuse_inner_grad": {"reuse_inner_grad": True, "hvp_every": 1},  # the HVP every step, two passes
+    "no_refit": {"refit_steps": 0, **EXACT_RULE},  # the paper's algorithm: no lower-level re-fit
 }
 VOCAB_LOW = 1000  # token ids below this are [PAD], [unused*] and special tokens in BERT's vocab
 MiB = 2**20
@@ -130,7 +139,7 @@ def shipped_params(name: str, steps: int) -> LoRAParams:
 
 
 def pf2lora_params(steps: int, **overrides: object) -> PF2LoRAParams:
-    """PF2LoRA's shipped configuration (re-fit J = K = ``steps``) with ``overrides``."""
+    """PF2LoRA's shipped configuration for rounds of ``steps`` local steps, with ``overrides``."""
     params = shipped_params(PF2LoRA.name, steps)
     if not isinstance(params, PF2LoRAParams):
         raise TypeError(f"conf/algorithm/pf2lora.yaml built {type(params).__name__}")
@@ -389,7 +398,7 @@ def report(arms: list[Arm], device: torch.device, args: argparse.Namespace) -> d
     print(
         f"PF2LoRA local step vs HOMLoRA local step: {getattr(args, 'model', 'MiniLM-L6')}, batch {args.batch_size}, "
         f"length {args.seq_len}, r=8 / r~=2 on query,value, train mode, {precision}; device {device} ({threads}), "
-        f"torch {torch.__version__}, {platform.machine()}; {args.steps} local steps a call (re-fit J = K), "
+        f"torch {torch.__version__}, {platform.machine()}; {args.steps} local steps a call, "
         f"median of {len(base.seconds)} steps / {len(base.totals)} calls each"
     )
     print("step: one local step (end-of-step stamps; first of each call dropped); round/K: a whole call over K")
