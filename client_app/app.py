@@ -333,7 +333,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     private = _private(context, store, int(msg.content["config"][SERVER_ROUND_KEY]) + 1, msg, runtime.has_private)
     evaluated_round = int(msg.content["config"][SERVER_ROUND_KEY])
     count = evaluated_round <= int(runtime.exp.cfg.flops_rounds)  # as training counts its first rounds
-    out = runtime.evaluate(client, common, private.tensors if private else None, count=count)
+    out = runtime.evaluate(client, common, private.tensors if private else None, count=count, x_round=evaluated_round)
     if out.private is not None:  # the level as evaluated (re-fitted to this common level): what export writes
         from pf2lora_core.federation.private_store import PrivateState
 

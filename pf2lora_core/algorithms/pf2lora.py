@@ -9,9 +9,13 @@ AdamW on x with lr beta. The server averages x weighted by examples (FedAvg). A 
 ``s B A + s~ D_k C_k`` can have any rank in ``[r - r~, r + r~]``, learned from its data.
 
 Ours, beyond the paper (``refit_steps``; 0 turns it off): a client re-fits y to each x it
-receives, ``refit_steps`` lower-level steps at that fixed x (``solver.refit_lower_level``), before
-the round's bilevel steps (on the round's own minibatches) and before evaluating; the evaluated
-y is the client's model (``refit_private``; what ``pf2lora-export`` writes).
+receives, ``refit_steps`` lower-level steps at that fixed x (``solver.refit_lower_level``), once:
+the evaluation of round r re-fits y to the x round r produced, and round r + 1's bilevel steps
+start from that re-fit (``ClientRuntime.refit`` makes it from one seeded stream per x, so it is
+the same re-fit wherever it is made: a node that restarted, or a round not evaluated, makes it
+again before training). The evaluated y is the client's model (``refit_private``; what
+``pf2lora-export`` writes). ``train`` called on its own (benchmarks) re-fits on the round's own K
+minibatches unless ``LocalContext.private_fitted`` says the runtime did.
 """
 
 from __future__ import annotations
@@ -108,8 +112,8 @@ class PF2LoRA(Algorithm):
         solver = self.solver(ctx)
         losses, passes = [], 0
         batches = [next(ctx.batches) for _ in range(ctx.steps)]  # the round's K minibatches
-        # y fitted to the x just received, on the round's minibatches; not twice to one x: where the
-        # evaluation of the round that produced x re-fitted y already, the client loads that one
+        # y fitted to the x just received; not twice to one x: the runtime re-fits (or loads the
+        # evaluation's re-fit) and says so; a direct call (benchmarks) re-fits on the round's minibatches
         if self.params.refit_steps > 0 and not ctx.private_fitted:
             passes += self.refit_private(ctx, batches)
         for step in range(ctx.steps):

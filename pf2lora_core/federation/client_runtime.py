@@ -50,6 +50,9 @@ from pf2lora_core.training.tasks import make_task
 
 StateDict = dict[str, Tensor]
 DEPLOYMENT = "deployment"  # federation.kind of a real deployment: site-local data, labels from config
+# the re-fit's minibatch and dropout streams (``ClientRuntime.refit``): a seed of its own arity, apart
+# from training's (run seed, client, round) and personalization's
+REFIT_STREAM = 1 << 22
 
 
 @dataclass
@@ -163,17 +166,28 @@ class ClientRuntime:
         with self.model.only(COMMON):
             return {name: self._evaluate_split(ds) for name, ds in splits.items()}
 
+    def refit(self, client: int, x_round: int) -> int:
+        """Re-fit the private level loaded to the common level loaded (``Algorithm.refit_private``).
+
+        Its minibatches and dropout masks come from a stream of (run seed, client, ``x_round``: the
+        round that produced this common level), so one common level and one private level give the
+        same re-fit bit for bit wherever it is made: at the evaluation of round r, before the
+        training of round r + 1 when that evaluation's re-fit is not at hand (a restarted node, a
+        round not evaluated), and in a resumed run. Returns the gradient passes it took.
+        """
+        self.model.model.train()
+        seed = derived_seed(self.exp.seed, client, REFIT_STREAM, x_round)
+        return self.exp.algorithm.refit_private(self._context(client, seed, self.exp.local_steps))
+
     def _evaluate_personalized(
-        self, client: int, splits: Mapping[str, datasets.Dataset]
+        self, client: int, splits: Mapping[str, datasets.Dataset], x_round: int = 0
     ) -> dict[str, dict[str, float]]:
         """The client's own model on each split, after the algorithm's personalization (restored afterwards).
 
         One personalization serves every split, so validation and test score the same model.
         """
         if self.exp.algorithm.refits_private:  # the client's model: the private level re-fitted to this x
-            self.model.model.train()
-            seed = derived_seed(self.exp.seed, client, 1 << 22)  # fixed: evaluation is repeatable
-            self.exp.algorithm.refit_private(self._context(client, seed, self.exp.local_steps))
+            self.refit(client, x_round)
         if not self.exp.algorithm.adapts_for_evaluation:
             return {name: self._evaluate_mixed(client, ds) for name, ds in splits.items()}
         snapshot = {level: self.model.export(level) for level in self.model.levels}
@@ -217,7 +231,9 @@ class ClientRuntime:
         private: Mapping[str, Tensor] | None,
         fitted: bool = False,
     ) -> TrainOutcome:
-        """``fitted``: ``private`` is already re-fitted to ``common`` (``LocalContext.private_fitted``)."""
+        """``fitted``: ``private`` is already re-fitted to ``common`` (``LocalContext.private_fitted``);
+        else an algorithm that re-fits does it here first (``refit``: the same re-fit the evaluation
+        of round ``server_round - 1`` made, so a resumed or restarted client trains bit for bit alike)."""
         start = time.perf_counter()
         self._load(common, private)
         steps = self.exp.local_steps
@@ -225,14 +241,23 @@ class ClientRuntime:
             steps *= self.exp.federation.num_clients
         ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
         drawn = data.CountedBatches(ctx.batches)
-        ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted)
-        self.model.model.train()
+        refits = self.exp.algorithm.refits_private and not fitted
+        ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted or refits)
+
+        def work() -> dict[str, float]:
+            passes = self.refit(client, server_round - 1) if refits else 0
+            self.model.model.train()
+            out = self.exp.algorithm.train(ctx)
+            if passes:
+                out[GRADIENT_PASSES] = out.get(GRADIENT_PASSES, float(steps)) + passes
+            return out
+
         if server_round <= int(self.exp.cfg.flops_rounds):
-            metrics, flops = count_flops(lambda: self.exp.algorithm.train(ctx))
+            metrics, flops = count_flops(work)
             metrics[FLOPS_PER_STEP] = flops / steps
             metrics[FLOPS_PER_CLIENT_ROUND] = float(flops)
         else:
-            metrics = self.exp.algorithm.train(ctx)
+            metrics = work()
         # what this round consumed (equal-budget accounting): one pass per step unless the algorithm says
         metrics[BATCHES_SEEN] = float(drawn.batches)
         metrics[EXAMPLES_SEEN] = float(drawn.examples)
@@ -273,20 +298,24 @@ class ClientRuntime:
         common: Mapping[str, Tensor],
         private: Mapping[str, Tensor] | None,
         count: bool = False,
+        x_round: int = 0,
     ) -> EvalOutcome:
-        """Both models on the test and validation splits; ``count``: count its FLOPs (``flops_rounds``)."""
+        """Both models on the test and validation splits; ``count``: count its FLOPs (``flops_rounds``);
+        ``x_round``: the round that produced ``common`` (the re-fit's stream, ``refit``)."""
         if count:
-            outcome, flops = count_flops(lambda: self._evaluate(client, common, private))
+            outcome, flops = count_flops(lambda: self._evaluate(client, common, private, x_round))
             return dataclasses.replace(outcome, flops=float(flops))
-        return self._evaluate(client, common, private)
+        return self._evaluate(client, common, private, x_round)
 
-    def _evaluate(self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None) -> EvalOutcome:
+    def _evaluate(
+        self, client: int, common: Mapping[str, Tensor], private: Mapping[str, Tensor] | None, x_round: int
+    ) -> EvalOutcome:
         start = time.perf_counter()
         self._load(common, private)
         split = self.split(client)
         splits = {TEST: split.test, VALIDATION: split.validation}
         global_ = self._evaluate_global(splits)
-        personalized = global_ if self.personalized_is_global else self._evaluate_personalized(client, splits)
+        personalized = global_ if self.personalized_is_global else self._evaluate_personalized(client, splits, x_round)
         factors = self.model.update_factors
         levels = (factors([COMMON]), factors([PRIVATE])) if self.has_private else None
         rank = rank_report(factors(), float(self.exp.cfg.rank_threshold), levels=levels)

@@ -201,7 +201,8 @@ def test_exported_adapter_loads_with_peft_and_gives_the_runs_logits(
                 expected = rt.model.model(**_batch()).logits
         else:
             expected = rt.model.model(**_batch()).logits
-        base = AutoModelForSequenceClassification.from_pretrained(exp.model.name, num_labels=2)
+        labels = rt.model.model.config.num_labels  # the task's (3 for the default 3-way data)
+        base = AutoModelForSequenceClassification.from_pretrained(exp.model.name, num_labels=labels)
         if exp.model.pooling == "mean":  # the head was trained on mean-pooled tokens: the note says so
             assert "use_mean_pooling" in (out / POOLING_NOTE).read_text()
             use_mean_pooling(base)
