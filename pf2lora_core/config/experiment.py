@@ -37,6 +37,14 @@ from pf2lora_core.training.pooling import POOLINGS
 from pf2lora_core.training.tasks import METRICS, TASKS, generation_metrics_problem
 
 CONF_ENV = "PF2LORA_CONF"
+
+
+def _scaled(value: float, factor: float) -> float:
+    """``${pf2lora_scale:x,f}``: ``x * f``, a value set relative to another (``inner_lr`` = ``lr`` / 4)."""
+    return float(value) * float(factor)
+
+
+OmegaConf.register_new_resolver("pf2lora_scale", _scaled, replace=True)
 FEDERATION_KINDS = ("simulation", "deployment")
 RAY_AUTO = "auto"  # federation.ray_address: the cluster `ray start` last started on this machine
 # federation.ray_address as `ray start --head` prints it: a host name, IPv4 or [IPv6] address, and the GCS port

@@ -18,12 +18,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SETTINGS = ("rt2_s0.5", "rt3_s0.5")
 SEEDS = (0, 1, 2)
+TUNED_LR = 0.0020554062603827007  # results/' tuned PF2LoRA lr (tune_offline_compare)
 # variant -> (its runs' file, PF2LoRA overrides beyond results/'s tuned configuration)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "refit once (J = 5, exact hypergradient)": ("refit_once.jsonl", ()),
     "cheap: reuse_inner_grad, hvp_every = 5, J = 3": (
         "cheap.jsonl",
         ("algorithm.reuse_inner_grad=true", "algorithm.hvp_every=5", "algorithm.refit_steps=3"),
+    ),
+    # the private level's step at a quarter of the common one (issue 29, item 4: generation overfit)
+    "cheap, inner_lr = lr / 4": (
+        "cheap_inner_quarter.jsonl",
+        (
+            "algorithm.reuse_inner_grad=true",
+            "algorithm.hvp_every=5",
+            "algorithm.refit_steps=3",
+            f"algorithm.inner_lr={TUNED_LR / 4}",
+        ),
     ),
 }
 

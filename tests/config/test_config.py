@@ -85,12 +85,13 @@ def test_conf_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_pf2lora_steps_follow_the_common_step_and_the_round() -> None:
-    """inner_lr defaults to lr (both levels move alike per entry), hvp_every to local_steps (one exact
-    hypergradient step a round) and refit_steps to 3; pf2lora_exact has J = K and every step exact.
+    """inner_lr defaults to lr / 4 (the private level moves a quarter as far per entry), hvp_every to
+    local_steps (one exact hypergradient step a round) and refit_steps to 3; pf2lora_exact has J = K
+    and every step exact.
     Each can be set on its own, and what a client receives is resolved (no interpolation left)."""
     exp = load(["algorithm.lr=0.005", "local_steps=7"])
     p = exp.algorithm.params
-    assert (p.inner_lr, p.refit_steps, p.hvp_every, p.reuse_inner_grad) == (0.005, 3, 7, True)
+    assert (p.inner_lr, p.refit_steps, p.hvp_every, p.reuse_inner_grad) == (0.00125, 3, 7, True)
     p = load(["algorithm=pf2lora_exact", "local_steps=7"]).algorithm.params
     assert (p.refit_steps, p.hvp_every, p.reuse_inner_grad, p.inner_step) == (7, 1, False, "rms")
     exp = load(["algorithm.lr=0.005", "algorithm.inner_lr=0.001", "algorithm.refit_steps=0"])
