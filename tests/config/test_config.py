@@ -94,6 +94,7 @@ def test_pf2lora_steps_follow_the_common_step_and_the_round() -> None:
     assert (p.inner_lr, p.refit_steps, p.hvp_every, p.reuse_inner_grad) == (0.00125, 3, 7, True)
     p = load(["algorithm=pf2lora_exact", "local_steps=7"]).algorithm.params
     assert (p.refit_steps, p.hvp_every, p.reuse_inner_grad, p.inner_step) == (7, 1, False, "rms")
+    assert p.inner_lr == p.lr  # pf2lora.yaml before issue 29, as results/ ran it
     exp = load(["algorithm.lr=0.005", "algorithm.inner_lr=0.001", "algorithm.refit_steps=0"])
     assert (exp.algorithm.params.lr, exp.algorithm.params.inner_lr, exp.algorithm.params.refit_steps) == (
         0.005,
