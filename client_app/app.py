@@ -241,7 +241,8 @@ def _refit_key(common: Mapping[str, Any], base: Mapping[str, Any] | None) -> dic
 def _keep_refit(context: Context, common: Mapping[str, Any], base: Mapping[str, Any] | None, refit: Mapping) -> None:
     """Keep the private level an evaluation re-fitted to ``common`` (from ``base``) for the next training.
 
-    In ``context.state`` only: a restarted node re-fits again, which costs passes and loses nothing.
+    In ``context.state`` only: a restarted node re-fits again (J passes), to the same tensors
+    (``ClientRuntime.refit`` draws from one stream per common level), so nothing differs but the cost.
     """
     context.state[REFIT_STATE_KEY] = ArrayRecord(dict(refit))
     context.state[REFIT_META_KEY] = ConfigRecord(_refit_key(common, base))
