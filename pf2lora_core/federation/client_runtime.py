@@ -166,18 +166,21 @@ class ClientRuntime:
         with self.model.only(COMMON):
             return {name: self._evaluate_split(ds) for name, ds in splits.items()}
 
-    def refit(self, client: int, x_round: int) -> int:
+    def refit(self, client: int, x_round: int) -> tuple[int, data.CountedBatches]:
         """Re-fit the private level loaded to the common level loaded (``Algorithm.refit_private``).
 
         Its minibatches and dropout masks come from a stream of (run seed, client, ``x_round``: the
         round that produced this common level), so one common level and one private level give the
         same re-fit bit for bit wherever it is made: at the evaluation of round r, before the
         training of round r + 1 when that evaluation's re-fit is not at hand (a restarted node, a
-        round not evaluated), and in a resumed run. Returns the gradient passes it took.
+        round not evaluated), and in a resumed run. Returns the gradient passes it took and the
+        minibatches it drew (from the training split: J of them).
         """
         self.model.model.train()
         seed = derived_seed(self.exp.seed, client, REFIT_STREAM, x_round)
-        return self.exp.algorithm.refit_private(self._context(client, seed, self.exp.local_steps))
+        ctx = self._context(client, seed, self.exp.local_steps)
+        drawn = data.CountedBatches(ctx.batches)
+        return self.exp.algorithm.refit_private(dataclasses.replace(ctx, batches=drawn)), drawn
 
     def _evaluate_personalized(
         self, client: int, splits: Mapping[str, datasets.Dataset], x_round: int = 0
@@ -244,8 +247,13 @@ class ClientRuntime:
         refits = self.exp.algorithm.refits_private and not fitted
         ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted or refits)
 
+        refit_drawn: list[data.CountedBatches] = []  # the re-fit's minibatches, where training makes it
+
         def work() -> dict[str, float]:
-            passes = self.refit(client, server_round - 1) if refits else 0
+            passes = 0
+            if refits:
+                passes, got = self.refit(client, server_round - 1)
+                refit_drawn.append(got)
             self.model.model.train()
             out = self.exp.algorithm.train(ctx)
             if passes:
@@ -259,8 +267,9 @@ class ClientRuntime:
         else:
             metrics = work()
         # what this round consumed (equal-budget accounting): one pass per step unless the algorithm says
-        metrics[BATCHES_SEEN] = float(drawn.batches)
-        metrics[EXAMPLES_SEEN] = float(drawn.examples)
+        # (a re-fit made here, with no evaluation's at hand, reads J more from the training split)
+        metrics[BATCHES_SEEN] = float(drawn.batches + sum(r.batches for r in refit_drawn))
+        metrics[EXAMPLES_SEEN] = float(drawn.examples + sum(r.examples for r in refit_drawn))
         metrics.setdefault(GRADIENT_PASSES, float(steps))
         metrics[COMPUTE_SECONDS] = time.perf_counter() - start
         return TrainOutcome(

@@ -60,6 +60,8 @@ def test_one_round_reads_k_minibatches_of_the_batch_size(
     handed = Handed(monkeypatch)
     out = rt.train(0, 1, down, None)
     steps = K * (CLIENTS if algo.pooled_training else 1)  # centralized: the federation's K x N steps
+    # PF2LoRA's round 1 (no evaluation's re-fit at hand) also reads its re-fit's J, and counts them
+    steps += algo.params.refit_steps if algo.refits_private else 0
     assert handed.sizes == [BATCH] * steps
     assert out.metrics[BATCHES_SEEN] == steps and out.metrics[EXAMPLES_SEEN] == steps * BATCH
     assert out.metrics[GRADIENT_PASSES] >= steps
