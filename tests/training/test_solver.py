@@ -358,3 +358,15 @@ def test_hvp_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="hvp_every must be >= 1"):
         opt = torch.optim.AdamW(x.values())
         BilevelSolver(x, model.parameters(PRIVATE), make_hvp("exact"), ALPHA, opt, hvp_every=0)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "reuse_band", "shipped_band"), [(0.5, (0.04, 0.34), (0.12, 0.38)), (0.1, (0.005, 0.06), (0.005, 0.09))]
+)
+def test_reuse_inner_grad_error_is_measured(alpha: float, reuse_band: tuple, shipped_band: tuple) -> None:
+    """The errors README.md quotes for ``reuse_inner_grad`` alone and with ``hvp_every = K`` (the
+    shipped pair) against the exact h at the same point (float64 problem, 5 steps)."""
+    reuse, _, _ = _truncated_run(m=1, steps=5, reuse=True, alpha=alpha)
+    shipped, _, _ = _truncated_run(m=5, steps=5, reuse=True, alpha=alpha)
+    assert all(reuse_band[0] <= e <= reuse_band[1] for e in reuse), reuse
+    assert all(shipped_band[0] <= e <= shipped_band[1] for e in shipped), shipped
