@@ -43,10 +43,10 @@ class PF2LoRAParams(LoRAParams):
     exact_ad: str  # reverse (reverse-over-reverse) | forward (forward-over-reverse)
     mode: str  # bilevel | joint
     reuse_inner_grad: bool
-    inner_step: str = SGD
-    # m: the hypergradient's HVP term computed every m-th local step, the last one reused between
-    # (amortised, solver module docstring); 1 = every step, the exact rule
-    hvp_every: int = 1  # the private level's preconditioner (solver.INNER_STEPS)
+    inner_step: str = SGD  # the private level's preconditioner (solver.INNER_STEPS)
+    # m: the hypergradient's HVP term at every m-th local step, dropped (first order) between
+    # (solver module docstring, "hvp_every"); 1 = every step, the exact rule
+    hvp_every: int = 1
     # J: lower-level steps re-fitting the private level to each common level the client receives,
     # before a round's bilevel steps and before evaluating (0: never, the paper's algorithm)
     refit_steps: int = 0

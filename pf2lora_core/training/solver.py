@@ -261,11 +261,6 @@ class BilevelSolver:
             return self._step_reuse(ev, y, fresh)
         return self._step_exact_rule(ev, y, fresh)
 
-    @staticmethod
-    def _hvp_term(fresh: bool, compute: Callable[[], list[Tensor] | None]) -> list[Tensor] | None:
-        """This step's HVP term: computed when ``fresh``, else dropped (``hvp_every``, module docstring)."""
-        return compute() if fresh else None
-
     # ------------------------------------------ the rule of docs/DESIGN.md, "The update rule"
     def _step_exact_rule(self, ev: Evaluator, y: list[Tensor], fresh: bool = True) -> StepStats:
         # grad_y f(x,y) (+ grad_x f(x,y) only where the method needs it: the forward-difference base)
@@ -273,7 +268,7 @@ class BilevelSolver:
         phi = self.precond(y, inner.grad_y)
         y_new = _step(y, phi.direction(inner.grad_y), self.alpha)
         outer = ev.grads(y_new)  # grad_x f(x,y'), v = J_phi^T grad_y f(x,y')
-        hv = self._hvp_term(fresh, lambda: self.hvp.hvp(ev, y, phi.transpose(outer.grad_y), inner))
+        hv = self.hvp.hvp(ev, y, phi.transpose(outer.grad_y), inner) if fresh else None  # hvp_every: dropped
         ratio = _ratio(y, y_new)  # before the update: ``y`` shares the parameters' storage
         self._update(outer.grad_x, hv, y_new)
         return StepStats(float(inner.loss), _hvp_norm(hv), 3 if hv is not None else 2, ratio)
@@ -286,8 +281,8 @@ class BilevelSolver:
         phi = self.precond(y, self._carried)
         y_new = _step(y, phi.direction(self._carried), self.alpha)
         outer: GradPass = self.hvp.gradient_pass(ev, y_new) if fresh else ev.grads(y_new)
-        # HVP at y' (see module docstring)
-        hv = self._hvp_term(fresh, lambda: self.hvp.hvp(ev, y_new, phi.transpose(outer.grad_y), outer))
+        # HVP at y' (see module docstring); none between hvp_every's exact steps
+        hv = self.hvp.hvp(ev, y_new, phi.transpose(outer.grad_y), outer) if fresh else None
         self._carried = outer.grad_y
         ratio = _ratio(y, y_new)
         self._update(outer.grad_x, hv, y_new)
