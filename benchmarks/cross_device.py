@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks import results
 from benchmarks.federated import CACHE, DATASETS, Job, RunLog, Sizes, mean
 from benchmarks.results import (
+    PF2LORA,
     RESULTS,
     SEEDS,
     algorithm_overrides,
@@ -49,7 +50,7 @@ from pf2lora_core.analysis.tables import cell, markdown_table
 
 OUT = RESULTS / "cross_device"
 PRESET = "cross_device"
-ALGORITHMS = ("pf2lora", "homlora", "fedsa_lora", "perfedavg", "local")
+ALGORITHMS = (PF2LORA, "homlora", "fedsa_lora", "perfedavg", "local")
 S_VALUES = (0.5, 0.3)
 STAGES = tuple(f"{d}_s{s}" for s in S_VALUES for d in DATASETS)  # rt2_s0.5, rt3_s0.5, rt2_s0.3, rt3_s0.3
 # rounds a client trained, grouped: (label, lowest, highest)
@@ -116,7 +117,7 @@ def rarely_table(log: RunLog, setting: str, tuned: Mapping[str, list[str]], seed
     for name in ALGORITHMS:
         runs = runs_of(log, setting, algorithm_overrides(name, tuned), seeds)
         lines.append([name, *(bucket_cell(runs, "test", lo, hi) for _, lo, hi in BUCKETS)])
-        if name == "pf2lora":  # its common adapter alone: what the private level adds is the difference
+        if name == PF2LORA:  # its common adapter alone: what the private level adds is the difference
             lines.append(
                 ["pf2lora, common adapter alone", *(bucket_cell(runs, "test_global", lo, hi) for _, lo, hi in BUCKETS)]
             )

@@ -19,6 +19,8 @@ import bz2
 import contextlib
 import csv
 import dataclasses
+import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -203,11 +205,19 @@ class Job:
 
 
 class RunLog:
-    """Finished runs of one ``Sizes`` by job key, appended to a JSONL file and read back by a re-run."""
+    """Finished runs of one ``Sizes`` by job key, appended to a JSONL file and read back by a re-run.
+
+    Each row also records the digest of the algorithm configuration its overrides resolved to
+    (``algorithm_digest``): a row whose configuration differs from what the same overrides
+    resolve to today (a default changed since, as PF2LoRA's did in issue 29) is not reused, so a
+    table never mixes runs of an old default with new ones under one name. A row without a digest
+    is from before the digest was kept and is never reused either.
+    """
 
     def __init__(self, path: Path, sizes: Sizes) -> None:
         self.path, self.sizes = path, sizes
-        self.done: dict[str, dict] = {}
+        self.done: dict[str, dict] = {}  # key -> the latest row's result, whatever its configuration
+        self._digest: dict[str, str | None] = {}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -216,19 +226,43 @@ class RunLog:
                     continue
                 if row.get("sizes") == dataclasses.asdict(sizes):
                     self.done[row["key"]] = row["result"]
+                    self._digest[row["key"]] = row.get(DIGEST)
 
     def add(self, job: Job, result: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         sizes = dataclasses.asdict(self.sizes)
-        row = {"key": job.key, "job": dataclasses.asdict(job), "sizes": sizes, "result": result}
+        digest = algorithm_digest(job.overrides)
+        row = {"key": job.key, "job": dataclasses.asdict(job), "sizes": sizes, DIGEST: digest, "result": result}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[job.key] = dict(result)
+        self.done[job.key], self._digest[job.key] = dict(result), digest
 
     def result(self, job: Job) -> dict | None:
-        return self.done.get(job.key)
+        """The job's result if it ran with the configuration its overrides resolve to today, else None."""
+        if job.key not in self.done or self._digest.get(job.key) != algorithm_digest(job.overrides):
+            return None
+        return self.done[job.key]
+
+
+DIGEST = "algorithm_digest"
+
+
+@functools.cache
+def algorithm_digest(overrides: tuple[str, ...]) -> str:
+    """16 hex digits of the resolved ``algorithm`` section that a job's ``algorithm...`` overrides compose to.
+
+    Only the algorithm's own overrides are composed (a setting's data and sizes are keyed apart), and
+    interpolations are resolved, so ``inner_lr: ${.lr}`` and an explicit equal value agree.
+    """
+    from omegaconf import OmegaConf
+
+    from pf2lora_core.config import experiment
+
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] == "algorithm"]
+    section = OmegaConf.to_container(experiment.compose(own).algorithm, resolve=True)
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _init_worker(threads: int) -> None:
@@ -253,7 +287,7 @@ def run_all(
     One failed run is reported on stderr and the others go on; it is simply run again next time.
     """
     unique = {j.key: j for j in jobs}
-    todo = [j for key, j in unique.items() if key not in log.done]
+    todo = [j for j in unique.values() if log.result(j) is None]
     print(f"{len(unique) - len(todo)} of {len(unique)} runs already in {log.path}; {len(todo)} to run", flush=True)
     failed: list[Job] = []
     if not todo:

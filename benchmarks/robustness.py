@@ -174,12 +174,15 @@ def synthetic_result(overrides: Sequence[str], large: bool, seed: int) -> dict[s
             name = value
         else:
             params[key.removeprefix("algorithm.")] = value
-    if name == PF2:  # PF2LoRA's lower level as in Flower runs (the task's own default is plain SGD)
-        d = algorithm_defaults(PF2)
-        refit = cfg.local_steps if int(d.get("refit_steps") or 0) else 0  # J = K, as refit_steps: ${local_steps}
-        params = {"inner_step": d["inner_step"], "inner_lr": d["inner_lr"], "refit_steps": refit, **params}
+    if name == PF2:  # PF2LoRA's solver options as in Flower runs (the task's own default is the exact rule)
+        from pf2lora_core.config import experiment
+
+        # resolved at the task's K, so hvp_every: ${local_steps} is one exact step a round here too
+        d = experiment.compose([f"algorithm={PF2}", f"local_steps={cfg.local_steps}"]).algorithm
+        shipped = ("inner_step", "inner_lr", "refit_steps", "reuse_inner_grad", "hvp_every")
+        params = {**{k: d[k] for k in shipped}, **params}
     fields = {f.name for f in dataclasses.fields(cfg)}
-    cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in params.items() if k in fields})
+    cfg = dataclasses.replace(cfg, **{k: _typed(getattr(cfg, k), v) for k, v in params.items() if k in fields})
     t0 = time.perf_counter()
     w0, clients = synthetic.make_clients(cfg)
     try:
@@ -198,6 +201,13 @@ def synthetic_result(overrides: Sequence[str], large: bool, seed: int) -> dict[s
         "true_rank": [c.true_rank for c in clients],
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _typed(like: Any, value: Any) -> Any:
+    """``value`` (an override's text or a composed value) as the type of the field it sets."""
+    if isinstance(like, bool) and isinstance(value, str):  # bool("false") is True
+        return value.strip().lower() in ("true", "1", "yes")
+    return type(like)(value)
 
 
 def synthetic_runs(setting: str, jobs: Sequence[Job], log: RunLog) -> None:

@@ -108,6 +108,7 @@ class SyntheticConfig:
     inner_step: str = "sgd"  # the private level's rule (solver.INNER_STEPS)
     hvp: str = "exact"  # exact hypergradient (reverse-over-reverse): cheap at this size
     reuse_inner_grad: bool = False  # the two-pass approximation of the solver (off: the exact rule)
+    hvp_every: int = 1  # the HVP term every m-th local step, first order between (1: the exact rule)
     # lower-level steps re-fitting each private level to the common level it receives (0: the paper's
     # algorithm; Flower runs default to local_steps, see conf/algorithm/pf2lora.yaml)
     refit_steps: int = 0
@@ -229,7 +230,7 @@ def _algorithm(name: str, cfg: SyntheticConfig, lr: float) -> Algorithm:
             **common, private_rank=cfg.private_rank, private_alpha=cfg.private_scaling * cfg.private_rank,
             inner_lr=cfg.inner_lr, hvp=cfg.hvp, fd_eps=1e-3, fd_scheme="forward", exact_ad="reverse",
             mode="bilevel", reuse_inner_grad=cfg.reuse_inner_grad, inner_step=cfg.inner_step,
-            refit_steps=cfg.refit_steps,
+            refit_steps=cfg.refit_steps, hvp_every=cfg.hvp_every,
         )  # fmt: skip
     elif cls.Params is HETLoRAParams:
         r_max = cfg.rank + cfg.private_rank
@@ -398,7 +399,7 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pf2lora-synthetic", description=__doc__.splitlines()[0])
     defaults = SyntheticConfig()
-    for f in ("rounds", "local_steps", "seed", "rank", "private_rank", "dim", "samples", "refit_steps"):
+    for f in ("rounds", "local_steps", "seed", "rank", "private_rank", "dim", "samples", "refit_steps", "hvp_every"):
         parser.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(defaults, f))
     for f in (
         "lr",

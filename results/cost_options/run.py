@@ -41,11 +41,11 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def run(variant: str) -> None:
     from benchmarks.federated import Job, RunLog, Sizes, run_all
-    from benchmarks.results import algorithm_overrides, tuned_overrides
+    from benchmarks.results import PF2LORA, algorithm_overrides, tuned_overrides
 
     name, extra = VARIANTS[variant]
     log = RunLog(HERE / name, Sizes())
-    base = algorithm_overrides("pf2lora", tuned_overrides())
+    base = algorithm_overrides(PF2LORA, tuned_overrides())  # every variant on top of the exact rule
     jobs = [Job(s, (*base, "eval_every=1", *extra), seed) for seed in SEEDS for s in reversed(SETTINGS)]
     run_all(jobs, log, workers=2)
 
@@ -61,11 +61,11 @@ def _scores(path: Path, keep) -> dict[str, list[float]]:
 
 
 def table() -> str:
-    from benchmarks.results import algorithm_overrides, tuned_overrides
+    from benchmarks.results import PF2LORA, algorithm_overrides, tuned_overrides
     from pf2lora_core.analysis.statistics import welch_interval
     from pf2lora_core.analysis.tables import cell
 
-    tuned = list(algorithm_overrides("pf2lora", tuned_overrides()))
+    tuned = list(algorithm_overrides(PF2LORA, tuned_overrides()))
     exact = _scores(HERE.parent / "runs.jsonl", lambda job: list(job["overrides"]) == tuned)
     lines = ["| variant | " + " | ".join(f"{s} personalized test" for s in SETTINGS) + " |", "|---" * 3 + "|"]
     lines.append("| exact rule (results/) | " + " | ".join(cell(exact.get(s, [])) for s in SETTINGS) + " |")

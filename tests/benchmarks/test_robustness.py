@@ -157,7 +157,7 @@ def test_results_mark_the_lowest_perplexity_best(tmp_path: Path) -> None:
     table = {row[0]: row for row in table_rows("\n".join(results.setting_table(log, "rt2_s0.5", rows, [0, 1])))}
     column = results.settings().index("rt2_s0.5") + 1
     summary = {row[0]: row for row in table_rows("\n".join(results.summary_table(log, {}, [0, 1])))}
-    for cells in (table["pf2lora"][2], summary["pf2lora"][column]):
+    for cells in (table[results.PF2LORA][2], summary[results.PF2LORA][column]):
         assert cells.endswith(" *")
     for name in results.ALGORITHMS[1:]:
         assert not table[name][2].endswith(("*", "≈")) and not summary[name][column].endswith(("*", "≈")), name
@@ -175,13 +175,13 @@ def test_prior_rows_read_every_seed_any_row_has(tmp_path: Path) -> None:
 
 
 def test_results_jobs_cover_every_algorithm_and_ablation() -> None:
-    tuned = {"pf2lora": ["algorithm.lr=0.002"]}
+    tuned = {results.PF2LORA: ["algorithm.lr=0.002"]}
     jobs = results.jobs_of("rt3_s0.9", tuned, [0, 1, 2])
     assert {j.overrides[0] for j in jobs} == {f"algorithm={a}" for a in results.ALGORITHMS}
     assert len(jobs) == 3 * len(results.ALGORITHMS)
     ablations = results.jobs_of("ablations", tuned, [0])
     assert len(ablations) == len(results.ABLATIONS) * len(results.ABLATION_SETTINGS)
-    assert all(j.overrides[:2] == ("algorithm=pf2lora", "algorithm.lr=0.002") for j in ablations)
+    assert all(j.overrides[:2] == (f"algorithm={results.PF2LORA}", "algorithm.lr=0.002") for j in ablations)
     with pytest.raises(SystemExit, match="unknown stage"):
         results.jobs_of("rt5_s0.5", tuned, [0])
 
@@ -223,3 +223,25 @@ def test_grid_grows_past_an_edge_optimum(tmp_path: Path) -> None:
     assert len(robustness.grids("rt2_s0.5", log, [0, 1], max_extra=1)["homlora"]) == 4
     line = robustness.setting_line("rt2_s0.5", log, [0, 1])
     assert line["homlora_tuned"]["config"] == f"algorithm=homlora algorithm.lr={lr * 4:g}"  # x8 not run yet
+
+
+def test_a_logged_run_is_reused_only_at_the_configuration_it_ran(tmp_path: Path) -> None:
+    # A row records the digest of its resolved algorithm section; when a default changes (as
+    # PF2LoRA's did in issue 29) the same overrides resolve differently and the row is not reused.
+    job = Job("rt2_s0.5", ("algorithm=pf2lora",), 0)
+    log = RunLog(tmp_path / "runs.jsonl", Sizes())
+    log.add(job, _fake(0.5, 0.5))
+    assert RunLog(log.path, Sizes()).result(job) is not None  # read back: same configuration
+    rows = [json.loads(line) for line in log.path.read_text().splitlines()]
+    rows[0][federated.DIGEST] = federated.algorithm_digest(("algorithm=pf2lora_exact",))  # ran the old default
+    log.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stale = RunLog(log.path, Sizes())
+    assert stale.result(job) is None and job.key in stale.done  # kept on file, never reused
+    del rows[0][federated.DIGEST]  # a row from before digests were kept: never reused either
+    log.path.write_text(json.dumps(rows[0]) + "\n")
+    assert RunLog(log.path, Sizes()).result(job) is None
+    # interpolations are resolved: an explicit value equal to the default is the same configuration
+    lr = float(robustness.algorithm_defaults("pf2lora_exact")["lr"])
+    same = ("algorithm=pf2lora_exact", f"algorithm.inner_lr={lr}")
+    assert federated.algorithm_digest(same) == federated.algorithm_digest(("algorithm=pf2lora_exact",))
+    assert federated.algorithm_digest(("algorithm=pf2lora",)) != federated.algorithm_digest(same)
