@@ -47,6 +47,8 @@ from typing import Any
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from pf2lora_core.training.cost import flop_counter
+
 ALGORITHMS = ("homlora", "pf2lora")
 TRAIN, EVALUATE = "training", "evaluation"
 REFIT_TRAIN, REFIT_EVAL = "re-fit before training", "re-fit before evaluating"
@@ -182,7 +184,7 @@ def measure(algorithm: str, overrides: Sequence[str], first_round: bool = False)
     private, fitted = None, False
     if not first_round and exp.algorithm.refits_private:  # the previous round's evaluation, not counted
         private, fitted = runtime.evaluate(0, common, None).private, True
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         ledger = Ledger(counter)
         with instrumented(ledger):
             trained = runtime.train(0, 1, common, private, fitted=fitted)

@@ -100,6 +100,9 @@ class Algorithm(ABC):
     #: True where the private level is re-fitted to the common level before evaluation
     #: (PF2LoRA's lower level re-solved at the received x); see ``refit_private``.
     refits_private: bool = False
+    #: True where a client's first round re-fits the private level's initialization too (before
+    #: any bilevel step); False: a fresh private level starts its first round as initialized.
+    refits_initial: bool = False
 
     def __init__(self, params: LoRAParams) -> None:
         params.validate()

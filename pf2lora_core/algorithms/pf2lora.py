@@ -13,7 +13,8 @@ receives, ``refit_steps`` lower-level steps at that fixed x (``solver.refit_lowe
 the evaluation of round r re-fits y to the x round r produced, and round r + 1's bilevel steps
 start from that re-fit (``ClientRuntime.refit`` makes it from one seeded stream per x, so it is
 the same re-fit wherever it is made: a node that restarted, or a round not evaluated, makes it
-again before training). The evaluated y is the client's model (``refit_private``; what
+again before training; a client's first round starts from the initialization unless
+``refit_initial``). The evaluated y is the client's model (``refit_private``; what
 ``pf2lora-export`` writes). ``train`` called on its own (benchmarks) re-fits on the round's own K
 minibatches unless ``LocalContext.private_fitted`` says the runtime did.
 """
@@ -50,6 +51,11 @@ class PF2LoRAParams(LoRAParams):
     # J: lower-level steps re-fitting the private level to each common level the client receives,
     # before a round's bilevel steps and before evaluating (0: never, the paper's algorithm)
     refit_steps: int = 0
+    # re-fit the private initialization before a client's first bilevel steps too (pf2lora_exact,
+    # PF2LoRA before issue 29); false: the first round starts from the initialization, as the paper's
+    # rule does every round, so round 1 costs what a later round does (each later one starts from
+    # its evaluation's re-fit)
+    refit_initial: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -97,6 +103,10 @@ class PF2LoRA(Algorithm):
     @property
     def refits_private(self) -> bool:  # type: ignore[override]
         return self.params.refit_steps > 0
+
+    @property
+    def refits_initial(self) -> bool:  # type: ignore[override]
+        return self.refits_private and self.params.refit_initial
 
     def refit_private(self, ctx: LocalContext, batches: list | None = None) -> int:
         """``refit_steps`` lower-level steps at the loaded common level, x fixed (``solver.refit_lower_level``).

@@ -235,7 +235,8 @@ class ClientRuntime:
         fitted: bool = False,
     ) -> TrainOutcome:
         """``fitted``: ``private`` is already re-fitted to ``common`` (``LocalContext.private_fitted``);
-        else an algorithm that re-fits does it here first (``refit``: the same re-fit the evaluation
+        else an algorithm that re-fits does it here first, unless ``private`` is None (a fresh private
+        level; see ``Algorithm.refits_initial``) (``refit``: the same re-fit the evaluation
         of round ``server_round - 1`` made, so a resumed or restarted client trains bit for bit alike)."""
         start = time.perf_counter()
         self._load(common, private)
@@ -244,8 +245,12 @@ class ClientRuntime:
             steps *= self.exp.federation.num_clients
         ctx = self._context(client, derived_seed(self.exp.seed, client, server_round), steps)
         drawn = data.CountedBatches(ctx.batches)
-        refits = self.exp.algorithm.refits_private and not fitted
-        ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted or refits)
+        algorithm = self.exp.algorithm
+        # a fresh private level (the client's first round, or its state lost) is the initialization:
+        # re-fitted only where the algorithm asks (``refits_initial``)
+        due = algorithm.refits_private and not fitted
+        refits = due and (bool(private) or algorithm.refits_initial)
+        ctx = dataclasses.replace(ctx, batches=drawn, private_fitted=fitted or due)
 
         refit_drawn: list[data.CountedBatches] = []  # the re-fit's minibatches, where training makes it
 
