@@ -36,6 +36,17 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
             f"algorithm.inner_lr={TUNED_LR / 4}",
         ),
     ),
+    # and round 1 from the private initialization (no re-fit before a client's first bilevel steps)
+    "shipped: cheap, inner_lr = lr / 4, round 1 from the initialization": (
+        "shipped.jsonl",
+        (
+            "algorithm.reuse_inner_grad=true",
+            "algorithm.hvp_every=5",
+            "algorithm.refit_steps=3",
+            f"algorithm.inner_lr={TUNED_LR / 4}",
+            "algorithm.refit_initial=false",
+        ),
+    ),
 }
 
 
