@@ -65,6 +65,7 @@ work in it). Exit status 1 and ``SMOKE step_cost: FAILED ...`` when a check fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -158,6 +159,9 @@ class Call:
     steps: list[float]  # seconds of each step after the first (one end-of-step stamp to the next)
     total: float  # seconds of the whole call: set-up, re-fit, every step
     cpu_steps: list[float]  # the same steps in this process's CPU seconds (the smoke checks')
+    # seconds from the call's first objective evaluation to its last end-of-step stamp: every step,
+    # the first included, without what ``train`` does before any work (drawing its K batches)
+    work: float = 0.0
 
 
 @dataclass
@@ -200,6 +204,9 @@ class _CudaPeak:
         peak = torch.cuda.max_memory_allocated(self.device)
         return peak, peak - self.base
 
+    def close(self) -> None:
+        """Nothing to stop (``_CpuPeak.close``'s counterpart)."""
+
 
 class _CpuPeak:
     def __init__(self, module: nn.Module) -> None:
@@ -209,6 +216,13 @@ class _CpuPeak:
     def start(self) -> None:
         self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         self.prof.start()
+
+    def close(self) -> None:
+        """Stop without reading (the call it measured failed)."""
+        if self.prof is not None:
+            with contextlib.suppress(Exception):
+                self.prof.stop()
+            self.prof = None
 
     def stop(self) -> tuple[int, int]:
         assert self.prof is not None
@@ -269,7 +283,12 @@ def run_call(
     arm.reset()
     module = arm.model.model
 
+    began: list[float] = []
+
     def objective(batch: dict[str, Tensor], params: dict[str, Tensor] | None) -> Tensor:
+        if not began:  # the first work of the call (Call.work)
+            _sync(device)
+            began.append(time.perf_counter())
         return task.loss(module, batch, params)  # the client's objective (pf2lora_core.federation.client_runtime)
 
     ctx = LocalContext(
@@ -277,14 +296,19 @@ def run_call(
     )
     _sync(device)
     start = time.perf_counter()
-    arm.algorithm.train(ctx)
+    try:
+        arm.algorithm.train(ctx)
+    except BaseException:
+        if meter is not None:
+            meter.close()  # a profiler left running crashes the interpreter at exit
+        raise
     _sync(device)
     total = time.perf_counter() - start
     if meter is not None:
         arm.peak, arm.working_set = meter.stop()
     if len(stamps) != steps:
         raise RuntimeError(f"{arm.name}: train ended {len(stamps)} local steps (LocalContext.on_step) for {steps}")
-    return Call(_gaps(stamps), total, _gaps(cpu))
+    return Call(_gaps(stamps), total, _gaps(cpu), stamps[-1] - began[0] if began and stamps else 0.0)
 
 
 def _gaps(stamps: list[float]) -> list[float]:
