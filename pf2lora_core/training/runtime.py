@@ -34,14 +34,24 @@ def resolve_device(spec: str) -> torch.device:
         if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and machine_has_nvidia_gpu():
             log.warning("device=auto: no GPU visible to this process (CUDA_VISIBLE_DEVICES is empty); %s", RAY_GPU_HINT)
         return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ValueError(f"device: {spec!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
+    device = parse_device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device: {spec!r} asked for CUDA but torch sees no GPU (use device=auto or cpu; {RAY_GPU_HINT})"
         )
+    return device
+
+
+def parse_device(spec: str) -> torch.device:
+    """``spec`` as a device without asking whether this machine has it (``auto`` stays CPU here)."""
+    if spec == "auto":
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"device: {spec!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {spec!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -61,7 +71,26 @@ def simulation_gpu_problem(device: str, client_gpus: float, gpus_here: int | Non
         )
     if device.startswith("cuda") and client_gpus == 0:
         return f"device={device} with federation.client_gpus=0: {RAY_GPU_HINT}"
+    index = device.partition(":")[2]
+    if device.startswith("cuda") and index and index != "0" and client_gpus > 0:
+        return (
+            f"device={device} under Ray: each client process sees only the GPU Ray gives it, as cuda:0; "
+            "use device=cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     return None
+
+
+def free_device_memory() -> None:
+    """Give the caching allocator's free blocks back after an out-of-memory error.
+
+    ``gc.collect`` first: the failed step's tensors can sit in reference cycles (the dropout tape,
+    a model's bound forward) that nothing else frees, and ``empty_cache`` releases unused blocks only.
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def seed_everything(seed: int) -> None:

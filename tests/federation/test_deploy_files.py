@@ -183,3 +183,40 @@ def test_check_command_catches_a_wrong_flag() -> None:
         check_command("flower-supernode", ["--superlink", "x:1", "--no-such-flag"], "self-test")
     with pytest.raises(pytest.fail.Exception, match="rejected"):
         check_command("flower-superlink", ["--isolation", "threads"], "self-test")
+
+
+def test_gpu_compose_gives_each_supernode_its_own_gpu() -> None:
+    # issue 30: `count: 1` reserved "one GPU" for every container, and each got the first one
+    doc = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
+    ids = []
+    for name, service in doc["services"].items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device and device["capabilities"] == ["gpu"], name
+        ids.append(device["device_ids"])
+    assert len({str(i) for i in ids}) == len(ids) == 3  # distinct by default (SUPERNODE_<k>_GPU, default k)
+
+
+@pytest.mark.parametrize(
+    ("url", "cuda", "found"),
+    [
+        ("https://download.pytorch.org/whl/cu128", "12.8", None),
+        ("https://download.pytorch.org/whl/cu126/", "12.6", None),
+        ("https://download.pytorch.org/whl/cpu", None, None),
+        ("https://download.pytorch.org/whl/cu126", "13.0", "is CUDA 13.0, but"),  # PyPI's build slipped in
+        ("https://download.pytorch.org/whl/cu128", None, "is a CPU build"),
+        ("https://download.pytorch.org/whl/cpu", "12.8", "the CPU index"),
+    ],
+)
+def test_the_images_refuse_a_torch_build_other_than_their_index_names(url: str, cuda: str | None, found: str | None):
+    sys.path.insert(0, str(DOCKER))
+    try:
+        import install_torch
+    finally:
+        sys.path.remove(str(DOCKER))
+    got = install_torch.problem(url, "2.13.0", cuda)
+    assert got is None if found is None else found in got
+    with pytest.raises(ValueError, match="ending in /cpu or /cuXYZ"):
+        install_torch.expected_cuda("https://pypi.org/simple")
+    for dockerfile in ("supernode.Dockerfile", "superexec.Dockerfile"):
+        text = (DOCKER / dockerfile).read_text()
+        assert "--extra-index-url" not in text and 'install_torch.py "${TORCH_INDEX_URL}" "${TORCH_VERSION}"' in text

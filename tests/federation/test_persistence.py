@@ -420,3 +420,38 @@ def test_evaluated_private_level_is_kept_apart_from_training_state(tmp_path: Pat
     with caplog.at_level("WARNING"):
         assert store.load_evaluated(3) is None
     assert "unreadable" in caplog.text and list(store.dir.glob("private.evaluated.safetensors.torn-*"))
+
+
+def test_an_out_of_memory_error_frees_the_cache_and_says_what_to_lower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30: an OOM in a round left the allocator full, so every later round on that node failed
+    the same way; the reply now names what to lower, after the cache is freed (the failed step's
+    tensors released with the traceback first)."""
+    import uuid
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    import client_app.app as client
+    from pf2lora_core.federation.node_policy import CLIENT_FAILED
+    from pf2lora_core.training import runtime
+
+    held: list[torch.Tensor] = []
+    freed: list[int] = []
+
+    def out_of_memory(msg: Message, context: Context) -> Message:
+        held.append(torch.zeros(4))  # a tensor the failed step held, gone with the traceback
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runtime, "free_device_memory", lambda: freed.append(1))
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    context = Context(run_id=42, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = client.guarded(out_of_memory)(msg, context)
+    assert reply.has_error() and reply.error.code == CLIENT_FAILED and freed == [1]
+    assert "out of GPU memory" in reply.error.reason and "task.batch_size" in reply.error.reason
+    assert "2.00 GiB" not in reply.error.reason  # fixed words only, as for every failure
+
+    def other(msg: Message, context: Context) -> Message:
+        raise ValueError("boom")
+
+    reply = client.guarded(other)(msg, context)
+    assert reply.error.reason == client.FAILED_REASON.format(handler="other") and freed == [1]

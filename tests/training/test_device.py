@@ -24,6 +24,8 @@ from pf2lora_core.training.runtime import resolve_device, simulation_gpu_problem
         ("cuda:0", 0.0, 1, "client_gpus > 0"),
         ("auto", 0.5, 0, "never start a client"),  # Ray waits for a GPU that does not exist
         ("cpu", -1.0, 1, "must be >= 0"),
+        ("cuda:1", 0.5, 2, "as cuda:0"),  # inside a Ray actor the one visible GPU is cuda:0
+        ("cuda:0", 0.5, 2, None),
     ],
 )
 def test_simulation_gpu_settings(device: str, client_gpus: float, gpus: int, problem: str | None) -> None:
@@ -54,3 +56,15 @@ def test_auto_on_a_process_whose_gpus_are_hidden_says_why(
     assert "client_gpus > 0" in caplog.text
     with pytest.raises(ValueError, match="client_gpus > 0"):
         resolve_device("cuda")
+
+
+def test_deployment_leaves_the_device_to_the_supernodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30: the ServerApp ran on a CPU-only SuperExec refused device=cuda meant for GPU SuperNodes."""
+    from pf2lora_core.config.experiment import preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    preflight(load(["federation=deployment", "device=cuda"]), check_data=False)  # each client resolves it
+    with pytest.raises(ConfigError, match="not a torch device"):
+        preflight(load(["federation=deployment", "device=gpu0"]), check_data=False)
+    with pytest.raises(ConfigError, match="torch sees no GPU"):  # a simulation's clients run here
+        preflight(load(["device=cuda"]), check_data=False)
