@@ -200,9 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     from pf2lora_core.config.schema import ConfigError
     from pf2lora_core.tools.launch import sigterm_as_interrupt
 
+    items = list(sys.argv[1:] if argv is None else argv)
     try:
+        from pf2lora_core.config.experiment import load
+        from pf2lora_core.training.runtime import device_report
+
+        print(f"device: {device_report(str(load(items).cfg.device), None)}")  # every client runs in this process
         with sigterm_as_interrupt():
-            run(list(sys.argv[1:] if argv is None else argv))
+            run(items)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

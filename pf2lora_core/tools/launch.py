@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 from pf2lora_core.config.experiment import Experiment, load, preflight
 from pf2lora_core.config.schema import ConfigError
-from pf2lora_core.training.runtime import simulation_gpu_problem
+from pf2lora_core.training.runtime import device_report, simulation_gpu_problem
 
 
 def federation_config(exp: Experiment) -> str:
@@ -409,13 +409,14 @@ def demo(overrides: list[str], app_dir: Path, flwr_home: Path) -> int:
     try:
         exp = load(overrides)
         fed = exp.federation
+        fed_config = federation_config(exp) if fed.kind != "deployment" else None
+        where = device_report(str(exp.cfg.device), float(fed.client_gpus)) if fed_config else None
+        print(f"device: {where or 'each SuperNode resolves device=' + str(exp.cfg.device) + ' where it trains'}")
         with sigterm_as_interrupt():
             if fed.kind == "deployment":
                 proc = flwr_run(text, None, None, app_dir, timeout=None, connection=fed.connection, echo=sys.stdout)
             else:
-                proc = flwr_run(
-                    text, federation_config(exp), flwr_home, app_dir, None, simulation_env(exp), echo=sys.stdout
-                )
+                proc = flwr_run(text, fed_config, flwr_home, app_dir, None, simulation_env(exp), echo=sys.stdout)
     except (ConfigError, LaunchError) as err:
         print(err, file=sys.stderr)
         return 2

@@ -42,6 +42,34 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def device_report(spec: str, client_gpus: float | None) -> str:
+    """Where a run's clients will compute and why, for the console at start.
+
+    ``client_gpus``: each Ray client's GPU share in a simulation; None where clients run in this
+    process (the in-process engine). The usual surprises get their cause: a CPU build of torch on
+    a GPU machine, a CUDA build the driver is too old for, GPUs hidden from Ray's clients.
+    """
+    build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", a CPU build")
+    if spec == "cpu":
+        return f"clients on the CPU (device=cpu; {build})"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if client_gpus == 0:  # only auto reaches here (preflight refuses cuda with client_gpus=0)
+            return f"clients on the CPU: this machine has {name}, but federation.client_gpus=0 hides it; {RAY_GPU_HINT}"
+        share = f", {client_gpus} of a GPU each" if client_gpus else ""
+        return f"clients on the GPU: {name} ({build}{share})"
+    if torch.version.cuda is None:
+        why = "an NVIDIA GPU is here: install a CUDA build (README, On GPU)" if machine_has_nvidia_gpu() else "no GPU"
+        return f"clients on the CPU ({build}; {why})"
+    if machine_has_nvidia_gpu():
+        return (
+            f"clients on the CPU: {build} sees no GPU although the driver lists one: the driver is likely older "
+            f"than CUDA {torch.version.cuda} needs (`nvidia-smi` shows the highest CUDA it supports); install the "
+            "torch build for that CUDA (README, On GPU)"
+        )
+    return f"clients on the CPU ({build}; no GPU on this machine)"
+
+
 def parse_device(spec: str) -> torch.device:
     """``spec`` as a device without asking whether this machine has it (``auto`` stays CPU here)."""
     if spec == "auto":

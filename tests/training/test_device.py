@@ -68,3 +68,24 @@ def test_deployment_leaves_the_device_to_the_supernodes(monkeypatch: pytest.Monk
         preflight(load(["federation=deployment", "device=gpu0"]), check_data=False)
     with pytest.raises(ConfigError, match="torch sees no GPU"):  # a simulation's clients run here
         preflight(load(["device=cuda"]), check_data=False)
+
+
+def test_the_start_line_says_where_clients_compute_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pf2lora_core.training import runtime
+
+    gpu = {"is_available": True, "name": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu["is_available"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpu["name"])
+    assert "GPU: NVIDIA H100" in runtime.device_report("auto", 0.125) and "0.125 of a GPU" in runtime.device_report(
+        "auto", 0.125
+    )
+    assert "client_gpus=0 hides it" in runtime.device_report("auto", 0.0)  # Ray hides the GPU
+    assert runtime.device_report("cpu", 0.125).startswith("clients on the CPU (device=cpu")
+    gpu["is_available"] = False
+    monkeypatch.setattr(runtime, "machine_has_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "install a CUDA build" in runtime.device_report("auto", 0.125)  # a CPU wheel on a GPU machine
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert "driver is likely older than CUDA 13.0" in runtime.device_report("auto", None)
+    monkeypatch.setattr(runtime, "machine_has_nvidia_gpu", lambda: False)
+    assert runtime.device_report("auto", None).endswith("no GPU on this machine)")
