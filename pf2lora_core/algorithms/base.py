@@ -73,8 +73,14 @@ class LocalContext:
             self.on_step()
 
     def loss_for(self, batch: Any, step: int) -> LossFn:
-        """The batch's loss with one fixed random stream for every pass of this step."""
+        """The batch's loss with one fixed random stream for every pass of this step.
+
+        The batch moves to the device here, once: a PF2LoRA step evaluates it 3-4 times (inner,
+        outer, finite-difference probe), and the task's own move is then a no-op.
+        """
         seed = derived_seed(self.seed, step)
+        if isinstance(batch, dict):
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         return SeededLoss(lambda params: self.objective(batch, params), seed, self.device, self.model.dropout_tape)
 
 

@@ -42,3 +42,31 @@ def test_each_local_step_ends_with_one_call_after_its_update(name: str) -> None:
     assert len(states) == 1 + expected
     for before, after in itertools.pairwise(states):
         assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_every_pass_of_a_step_reads_one_device_copy_of_its_batch() -> None:
+    """Issue 30: a PF2LoRA step evaluates its batch 3-4 times; it moves to the device once, in
+    ``LocalContext.loss_for``, so each pass's own move (the task's) finds it there already."""
+    from pf2lora_core.algorithms.pf2lora import PF2LoRA
+
+    algorithm = _build_algorithm(compose(["algorithm=pf2lora_exact", f"local_steps={STEPS}"]).algorithm)
+    assert isinstance(algorithm, PF2LoRA)
+    torch.manual_seed(0)
+    common, private = algorithm.adapters()
+    model = TwoLevelModel(MLP().double(), ["fc1", "fc2"], common, private, ["head"], COMMON)
+    model.model.double()
+    x, y = _batches(1)[0]
+    seen: list[int] = []
+
+    def objective(batch: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        seen.append(id(batch))
+        call = torch.func.functional_call
+        out = model.model(batch["x"]) if params is None else call(model.model, params, (batch["x"],), strict=False)
+        return ((out - batch["y"]) ** 2).mean()
+
+    drawn = {"x": x, "y": y}
+    ctx = LocalContext(model, objective, itertools.repeat(drawn), 1, seed=0, device=torch.device("cpu"),
+                       private_fitted=True)  # fmt: skip
+    algorithm.train(ctx)
+    # inner, outer, probe: every pass reads the one copy made for the device, none the host batch
+    assert len(seen) >= 3 and len(set(seen)) == 1 and seen[0] != id(drawn)
