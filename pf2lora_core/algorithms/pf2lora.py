@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pf2lora_core.algorithms.base import Algorithm, LocalContext, LoRAParams, _positive
 from pf2lora_core.config.keys import COMMON, GRADIENT_PASSES, PRIVATE, TRAIN_LOSS
 from pf2lora_core.training.adapters import AdapterSpec
@@ -128,7 +130,8 @@ class PF2LoRA(Algorithm):
             passes += self.refit_private(ctx, batches)
         for step in range(ctx.steps):
             stats = solver.step(ctx.loss_for(batches[step], step))
-            losses.append(stats.loss)
+            losses.append(stats.loss_tensor)  # read once, after the round (no GPU sync a step)
             passes += stats.passes
             ctx.step_done()
-        return {TRAIN_LOSS: sum(losses) / len(losses), GRADIENT_PASSES: float(passes)}
+        values = torch.stack(losses).tolist()  # one transfer for the round
+        return {TRAIN_LOSS: sum(values) / len(values), GRADIENT_PASSES: float(passes)}

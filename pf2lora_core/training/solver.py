@@ -200,12 +200,29 @@ def make_inner_step(name: str) -> Preconditioner:
 
 @dataclass
 class StepStats:
-    """What a local step reports (averaged over the round by the caller)."""
+    """What a local step reports (averaged over the round by the caller).
 
-    loss: float
-    hvp_norm: float = 0.0
+    The values stay 0-dim tensors on the device and become floats where they are read (``loss``,
+    ``hvp_norm``, ``inner_step_ratio``): a step never waits for the GPU to report them, and a
+    round syncs once, for its mean loss (``loss_tensor``).
+    """
+
+    loss_tensor: Tensor
+    hvp_norm_tensor: Tensor | None = None
     passes: int = 0
-    inner_step_ratio: float = 0.0  # ||y' - y|| / ||y||: how far the lower level moved, relatively
+    ratio_tensor: Tensor | None = None  # ||y' - y|| / ||y||: how far the lower level moved, relatively
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def hvp_norm(self) -> float:
+        return 0.0 if self.hvp_norm_tensor is None else float(self.hvp_norm_tensor)
+
+    @property
+    def inner_step_ratio(self) -> float:
+        return 0.0 if self.ratio_tensor is None else float(self.ratio_tensor)
 
 
 class BilevelSolver:
@@ -271,7 +288,7 @@ class BilevelSolver:
         hv = self.hvp.hvp(ev, y, phi.transpose(outer.grad_y), inner) if fresh else None  # hvp_every: dropped
         ratio = _ratio(y, y_new)  # before the update: ``y`` shares the parameters' storage
         self._update(outer.grad_x, hv, y_new)
-        return StepStats(float(inner.loss), _hvp_norm(hv), 3 if hv is not None else 2, ratio)
+        return StepStats(inner.loss.detach(), _hvp_norm(hv), 3 if hv is not None else 2, ratio)
 
     def _step_reuse(self, ev: Evaluator, y: list[Tensor], fresh: bool = True) -> StepStats:
         passes = 0
@@ -287,14 +304,14 @@ class BilevelSolver:
         ratio = _ratio(y, y_new)
         self._update(outer.grad_x, hv, y_new)
         passes += 2 if hv is not None else 1
-        return StepStats(float(outer.loss), _hvp_norm(hv), passes, ratio)
+        return StepStats(outer.loss.detach(), _hvp_norm(hv), passes, ratio)
 
     def _joint(self, ev: Evaluator, y: list[Tensor]) -> StepStats:
         g = ev.grads(y)
         y_new = _step(y, self.precond(y, g.grad_y).direction(g.grad_y), self.alpha)
         ratio = _ratio(y, y_new)
         self._update(g.grad_x, None, y_new)
-        return StepStats(float(g.loss), passes=1, inner_step_ratio=ratio)
+        return StepStats(g.loss.detach(), passes=1, ratio_tensor=ratio)
 
     def _update(self, grad_x: list[Tensor], hv: list[Tensor] | None, y_new: list[Tensor]) -> None:
         """Outer AdamW step with h = grad_x - alpha * hv, then commit y <- y'."""
@@ -313,10 +330,10 @@ def _step(y: list[Tensor], direction: list[Tensor], lr: float) -> list[Tensor]:
     return torch._foreach_add(y, direction, alpha=-lr)
 
 
-def _ratio(y: list[Tensor], y_new: list[Tensor]) -> float:
-    """``||y' - y|| / ||y||`` (0 for a zero ``y``)."""
-    den = float(_norm(y))
-    return float(_norm(torch._foreach_sub(y_new, y))) / den if den > 0 else 0.0
+def _ratio(y: list[Tensor], y_new: list[Tensor]) -> Tensor:
+    """``||y' - y|| / ||y||`` (0 for a zero ``y``), a 0-dim tensor: no host sync."""
+    den = _norm(y)
+    return torch.where(den > 0, _norm(torch._foreach_sub(y_new, y)) / den, torch.zeros_like(den))
 
 
 def refit_lower_level(
@@ -369,8 +386,8 @@ def hypergradient(
     return torch._foreach_add(outer.grad_x, hv, alpha=-alpha)
 
 
-def _hvp_norm(hv: list[Tensor] | None) -> float:
-    return 0.0 if hv is None else float(_norm(hv))
+def _hvp_norm(hv: list[Tensor] | None) -> Tensor | None:
+    return None if hv is None else _norm(hv).detach()
 
 
 def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[None]:
