@@ -123,6 +123,7 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         _setup_logging()
+        oom = False
         try:
             return handler(msg, context)
         except PolicyError as err:  # our own text: rule names, numbers, the server's own key paths
