@@ -60,11 +60,17 @@ def test_one_round_reads_k_minibatches_of_the_batch_size(
     handed = Handed(monkeypatch)
     out = rt.train(0, 1, down, None)
     steps = K * (CLIENTS if algo.pooled_training else 1)  # centralized: the federation's K x N steps
-    # PF2LoRA's round 1 (no evaluation's re-fit at hand) also reads its re-fit's J, and counts them
-    steps += algo.params.refit_steps if algo.refits_private else 0
+    # round 1 starts from the private initialization (PF2LoRA's ``refit_initial`` is off by default)
+    assert not algo.refits_initial
     assert handed.sizes == [BATCH] * steps
     assert out.metrics[BATCHES_SEEN] == steps and out.metrics[EXAMPLES_SEEN] == steps * BATCH
     assert out.metrics[GRADIENT_PASSES] >= steps
+    if algo.refits_private:  # a trained private level with no evaluation's re-fit at hand: J more, counted
+        handed.sizes.clear()
+        out = rt.train(0, 2, down, out.private)
+        steps += algo.params.refit_steps
+        assert handed.sizes == [BATCH] * steps
+        assert out.metrics[BATCHES_SEEN] == steps and out.metrics[EXAMPLES_SEEN] == steps * BATCH
 
 
 def test_paper_schedules_stay_behind_their_flags(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
