@@ -63,6 +63,7 @@ from benchmarks.federated import (
     run_arguments,
     setting_overrides,
 )
+from pf2lora_core.analysis.loading import lower_is_better
 from pf2lora_core.analysis.statistics import summarize
 from pf2lora_core.analysis.tables import markdown_table
 
@@ -458,6 +459,8 @@ def summary_rows(lines: Sequence[Mapping[str, Any]]) -> list[str]:
                 se = "" if not math.isfinite(c["test_se"]) else f" ± {100 * c['test_se']:.3f}"
                 return f"{-100 * c['test']:.3f}{se} % left"
             se = "" if not math.isfinite(c["test_se"]) else f" ± {c['test_se']:.3f}"
+            if lower_is_better(c["metric"]):  # the line negates it (higher is better): shown as measured
+                return f"{-c['test']:.3f}{se} {c['metric']}"
             return f"{c['test']:.3f}{se}"
 
         def config(c: Mapping[str, Any]) -> str:
